@@ -1,0 +1,121 @@
+//! The listener redirected pods reach. Each accepted connection is resolved to its caller once
+//! (the identity holds for every request on a keep-alive connection); a connection the kernel
+//! did not bind a record to is refused, never guessed from its address.
+//!
+//! For now every request is answered with the caller's identity as JSON; the instance-metadata
+//! API replaces this.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use http_body_util::Full;
+use hyper::{
+    Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    header,
+    service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::resolver::{Caller, RecordSource, ResolveError, Resolver};
+
+/// Serves until the listener fails for good. Accept errors such as `EMFILE` pause briefly
+/// instead of ending the loop.
+pub async fn serve<S: RecordSource>(listener: TcpListener, resolver: Arc<Resolver<S>>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                // Nothing slower than accept() happens on this loop: resolution runs per task.
+                let resolver = resolver.clone();
+                tokio::spawn(async move { handle(stream, peer, resolver).await });
+            }
+            Err(error) => {
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle<S: RecordSource>(stream: TcpStream, peer: SocketAddr, resolver: Arc<Resolver<S>>) {
+    let caller = match socket2::SockRef::from(&stream).cookie() {
+        Ok(cookie) => resolver.resolve(cookie).await,
+        Err(error) => {
+            tracing::error!(%error, %peer, "getsockopt(SO_COOKIE) failed");
+            return;
+        }
+    };
+    match &caller {
+        Ok(c) => tracing::debug!(
+            %peer,
+            pod_uid = %c.pod.pod_uid,
+            container_id = c.pod.container_id.as_deref().unwrap_or(""),
+            cgroup_id = c.cgroup_id,
+            pid = c.pid,
+            "caller identified"
+        ),
+        Err(error) => tracing::warn!(%peer, %error, "refusing connection"),
+    }
+    let caller = Arc::new(caller);
+    let service = service_fn(move |req| {
+        let caller = caller.clone();
+        async move { Ok::<_, Infallible>(respond(&req, &caller)) }
+    });
+    if let Err(error) = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+    {
+        tracing::debug!(%peer, %error, "connection ended with an error");
+    }
+}
+
+fn respond(
+    _req: &Request<Incoming>,
+    caller: &Result<Caller, ResolveError>,
+) -> Response<Full<Bytes>> {
+    match caller {
+        Ok(caller) => match serde_json::to_vec(caller) {
+            Ok(body) => reply(StatusCode::OK, "application/json", body, false),
+            Err(e) => reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                format!("kiam: {e}\n").into_bytes(),
+                true,
+            ),
+        },
+        Err(error) => {
+            let status = match error {
+                ResolveError::Map(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                _ => StatusCode::FORBIDDEN,
+            };
+            reply(
+                status,
+                "text/plain",
+                format!("kiam: {error}\n").into_bytes(),
+                true,
+            )
+        }
+    }
+}
+
+fn reply(
+    status: StatusCode,
+    content_type: &'static str,
+    body: Vec<u8>,
+    close: bool,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    if close {
+        headers.insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+    }
+    response
+}

@@ -1,0 +1,601 @@
+//! Loads the kernel programs, attaches them with bpf links and pins everything under one
+//! bpffs directory, so the redirect outlives the agent (fail closed: with the agent gone, pods
+//! get "connection refused", never the node's metadata service).
+//!
+//! Layout: `<pin dir>/maps/KIAM_*` and `<pin dir>/links/kiam_*`. A restarted agent loads the
+//! object again with the pinned maps, then for each program either re-adopts the pinned link
+//! (same program tag) or swaps in the new program: the new link is attached and pinned beside
+//! the old one, then renamed over it, so the hook is never empty.
+
+use std::{
+    fs, io,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
+    pin::PinError,
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, SockOps,
+        links::{FdLink, LinkError, PinnedLink},
+        loaded_programs,
+    },
+};
+use kiam_common::{CONFIG_READY, Config, ConnRecord, map_names, program_names, stat};
+
+/// The eBPF object built by `cargo xtask build-ebpf`, embedded at build time (empty when the
+/// agent was built without it).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kiam-ebpf.o"));
+
+/// bpffs super-block magic, from `linux/magic.h`.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// Cgroup bpf links always attach in multi mode (beside Cilium's and others' programs); the
+/// kernel rejects `BPF_LINK_CREATE` with any attach flag, so "single" is what asks for that.
+const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
+/// Where bpffs is mounted when it is missing.
+const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    #[error(
+        "this kiam-agent was built without its eBPF object: run `cargo xtask build-ebpf`, then rebuild the agent"
+    )]
+    NoObject,
+    #[error(
+        "{} is not on a bpf file system and cannot be mounted there (set --bpffs-dir under a bpffs mount)",
+        .0.display()
+    )]
+    NotBpffs(PathBuf),
+    #[error("mounting bpffs at {BPFFS_MOUNT} (the agent needs CAP_SYS_ADMIN for this)")]
+    Mount(#[source] nix::Error),
+    #[error(
+        "loading the eBPF programs (the agent needs root or CAP_BPF + CAP_NET_ADMIN, and a kernel with cgroup sock_addr, sock_ops and cgroup_skb programs, 5.8 or newer)"
+    )]
+    Load(#[source] aya::EbpfError),
+    #[error("program {name}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("program {0} missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("map {0} missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("pinned link {}", path.display())]
+    Link {
+        path: PathBuf,
+        #[source]
+        source: LinkError,
+    },
+    #[error("pinning {}", path.display())]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: PinError,
+    },
+    #[error(
+        "the programs pinned at {} are attached to another cgroup (id {pinned}, not {wanted}); run `kiam-agent uninstall` first",
+        dir.display()
+    )]
+    OtherCgroup {
+        dir: PathBuf,
+        pinned: u64,
+        wanted: u64,
+    },
+    #[error("opening cgroup {}", path.display())]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What the agent wants attached, and where.
+#[derive(Debug, Clone)]
+pub struct InstallOptions {
+    pub pin_dir: PathBuf,
+    pub attach_cgroup: PathBuf,
+    pub attach_cgroup_id: u64,
+    /// The agent's own cgroup; covered by sock_ops too when it is outside `attach_cgroup`.
+    pub own_cgroup: PathBuf,
+    pub own_cgroup_covered: bool,
+    /// Written to `KIAM_CONFIG` with `attach_cgroup_id` filled in and `CONFIG_READY` set.
+    pub config: Config,
+    /// Cgroup ids whose connections are left alone (the agent's own first).
+    pub exempt: Vec<u64>,
+}
+
+/// What happened to each program's link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkAction {
+    Attached,
+    Readopted,
+    Replaced,
+}
+
+/// The programs, attached and pinned, and the maps the agent uses while it runs.
+pub struct Installed {
+    /// Keeps the per-run sock_ops link on the agent's own cgroup (if any) attached.
+    _ebpf: Ebpf,
+    _links: Vec<PinnedLink>,
+    pub accepted: HashMap<MapData, u64, ConnRecord>,
+    pub program_ids: Vec<(&'static str, u32)>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LoaderError + '_ {
+    move |source| LoaderError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> LoaderError {
+    move |source| LoaderError::Map { name, source }
+}
+
+fn prog_err(name: &'static str) -> impl FnOnce(ProgramError) -> LoaderError {
+    move |source| LoaderError::Program { name, source }
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .map(|fs| fs.filesystem_type().0 == BPF_FS_MAGIC)
+        .unwrap_or(false)
+}
+
+/// Makes sure `dir` can be created on bpffs, mounting bpffs at `/sys/fs/bpf` when that is
+/// where it should be and nothing is mounted yet.
+fn ensure_bpffs(dir: &Path) -> Result<(), LoaderError> {
+    let parent = dir.parent().unwrap_or(dir);
+    if is_bpffs(parent) {
+        return Ok(());
+    }
+    if parent == Path::new(BPFFS_MOUNT) {
+        fs::create_dir_all(parent).map_err(io_err(parent))?;
+        nix::mount::mount(
+            Some("bpf"),
+            BPFFS_MOUNT,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(LoaderError::Mount)?;
+        tracing::info!(path = BPFFS_MOUNT, "mounted bpffs");
+        return Ok(());
+    }
+    Err(LoaderError::NotBpffs(dir.to_owned()))
+}
+
+pub fn maps_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("maps")
+}
+
+pub fn links_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("links")
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, LoaderError> {
+    ebpf.take_map(name).ok_or(LoaderError::MissingMap(name))
+}
+
+/// Program tag of whatever the pinned link at `path` runs.
+fn pinned_link_tag(link: &FdLink) -> Option<(u32, u64)> {
+    let prog_id = link.info().ok()?.program_id();
+    loaded_programs()
+        .flatten()
+        .find(|p| p.id() == prog_id)
+        .map(|p| (prog_id, p.tag()))
+}
+
+/// Loads the object (re-using pinned maps), attaches or re-adopts every program, writes the
+/// configuration and the exempt set.
+pub fn install(opts: &InstallOptions) -> Result<Installed, LoaderError> {
+    if OBJECT.is_empty() {
+        return Err(LoaderError::NoObject);
+    }
+    ensure_bpffs(&opts.pin_dir)?;
+    let maps = maps_dir(&opts.pin_dir);
+    let links = links_dir(&opts.pin_dir);
+    for dir in [&opts.pin_dir, &maps, &links] {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+    }
+
+    let map_paths: Vec<(&'static str, PathBuf)> = map_names::ALL
+        .iter()
+        .map(|name| (*name, maps.join(name)))
+        .collect();
+    let mut loader = EbpfLoader::new();
+    for (name, path) in &map_paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader.load(OBJECT).map_err(LoaderError::Load)?;
+
+    let mut config: Array<MapData, Config> =
+        Array::try_from(take_map(&mut ebpf, map_names::CONFIG)?)
+            .map_err(map_err(map_names::CONFIG))?;
+    let previous = config.get(&0, 0).map_err(map_err(map_names::CONFIG))?;
+    let any_link_pinned = program_names::ALL.iter().any(|p| links.join(p).exists());
+    if any_link_pinned
+        && previous.attach_cgroup_id != 0
+        && previous.attach_cgroup_id != opts.attach_cgroup_id
+    {
+        return Err(LoaderError::OtherCgroup {
+            dir: opts.pin_dir.clone(),
+            pinned: previous.attach_cgroup_id,
+            wanted: opts.attach_cgroup_id,
+        });
+    }
+
+    // Exempt set before the configuration: the agent must never be redirected to itself.
+    let mut exempt: HashMap<MapData, u64, u32> =
+        HashMap::try_from(take_map(&mut ebpf, map_names::EXEMPT)?)
+            .map_err(map_err(map_names::EXEMPT))?;
+    for id in &opts.exempt {
+        exempt
+            .insert(id, 1, 0)
+            .map_err(map_err(map_names::EXEMPT))?;
+    }
+    let stale: Vec<u64> = exempt
+        .keys()
+        .flatten()
+        .filter(|id| !opts.exempt.contains(id))
+        .collect();
+    for id in stale {
+        exempt.remove(&id).map_err(map_err(map_names::EXEMPT))?;
+    }
+
+    let mut cfg = opts.config;
+    cfg.attach_cgroup_id = opts.attach_cgroup_id;
+    cfg.flags |= CONFIG_READY;
+    config.set(0, cfg, 0).map_err(map_err(map_names::CONFIG))?;
+
+    let cgroup = fs::File::open(&opts.attach_cgroup).map_err(|source| LoaderError::Cgroup {
+        path: opts.attach_cgroup.clone(),
+        source,
+    })?;
+    let mut pinned = Vec::new();
+    let mut program_ids = Vec::new();
+    for name in program_names::ALL {
+        let (link, action, prog_id) = attach_one(&mut ebpf, name, &cgroup, &links.join(name))?;
+        tracing::info!(
+            program = name,
+            ?action,
+            program_id = prog_id,
+            "program ready"
+        );
+        pinned.push(link);
+        program_ids.push((name, prog_id));
+    }
+
+    if !opts.own_cgroup_covered {
+        // The agent's side of the handshake must run sock_ops too. This link is not pinned:
+        // it is only useful while this agent is alive to accept connections.
+        let own = fs::File::open(&opts.own_cgroup).map_err(|source| LoaderError::Cgroup {
+            path: opts.own_cgroup.clone(),
+            source,
+        })?;
+        let prog = sock_ops(&mut ebpf)?;
+        // Unloaded again when the pinned sock_ops link was re-adopted; any real load error
+        // shows up as the attach error below.
+        let _ = prog.load();
+        prog.attach(own.as_fd(), LINK_MODE)
+            .map_err(prog_err(program_names::SOCK_OPS))?;
+        tracing::info!(cgroup = %opts.own_cgroup.display(), "sock_ops attached to the agent's own cgroup");
+    }
+
+    let accepted = HashMap::try_from(take_map(&mut ebpf, map_names::ACCEPTED)?)
+        .map_err(map_err(map_names::ACCEPTED))?;
+    Ok(Installed {
+        _ebpf: ebpf,
+        _links: pinned,
+        accepted,
+        program_ids,
+    })
+}
+
+fn sock_ops(ebpf: &mut Ebpf) -> Result<&mut SockOps, LoaderError> {
+    let name = program_names::SOCK_OPS;
+    let prog: &mut SockOps = ebpf
+        .program_mut(name)
+        .ok_or(LoaderError::MissingProgram(name))?
+        .try_into()
+        .map_err(prog_err(name))?;
+    Ok(prog)
+}
+
+/// One of the program types kiam uses.
+enum Prog<'a> {
+    SockAddr(&'a mut CgroupSockAddr),
+    SockOps(&'a mut SockOps),
+    Skb(&'a mut CgroupSkb),
+}
+
+impl<'a> Prog<'a> {
+    fn of(ebpf: &'a mut Ebpf, name: &'static str) -> Result<Self, LoaderError> {
+        let program = ebpf
+            .program_mut(name)
+            .ok_or(LoaderError::MissingProgram(name))?;
+        let prog = match name {
+            program_names::CONNECT4 | program_names::CONNECT6 => {
+                Self::SockAddr(program.try_into().map_err(prog_err(name))?)
+            }
+            program_names::SOCK_OPS => Self::SockOps(program.try_into().map_err(prog_err(name))?),
+            _ => Self::Skb(program.try_into().map_err(prog_err(name))?),
+        };
+        Ok(prog)
+    }
+
+    fn load(&mut self) -> Result<aya::programs::ProgramInfo, ProgramError> {
+        match self {
+            Self::SockAddr(p) => {
+                p.load()?;
+                p.info()
+            }
+            Self::SockOps(p) => {
+                p.load()?;
+                p.info()
+            }
+            Self::Skb(p) => {
+                p.load()?;
+                p.info()
+            }
+        }
+    }
+
+    fn unload(&mut self) -> Result<(), ProgramError> {
+        match self {
+            Self::SockAddr(p) => p.unload(),
+            Self::SockOps(p) => p.unload(),
+            Self::Skb(p) => p.unload(),
+        }
+    }
+
+    fn attach(&mut self, cgroup: &fs::File, name: &'static str) -> Result<FdLink, LoaderError> {
+        let fd = cgroup.as_fd();
+        let mode = LINK_MODE;
+        let link = match self {
+            Self::SockAddr(p) => {
+                let id = p.attach(fd, mode).map_err(prog_err(name))?;
+                FdLink::try_from(p.take_link(id).map_err(prog_err(name))?)
+            }
+            Self::SockOps(p) => {
+                let id = p.attach(fd, mode).map_err(prog_err(name))?;
+                FdLink::try_from(p.take_link(id).map_err(prog_err(name))?)
+            }
+            Self::Skb(p) => {
+                let id = p
+                    .attach(fd, CgroupSkbAttachType::Egress, mode)
+                    .map_err(prog_err(name))?;
+                FdLink::try_from(p.take_link(id).map_err(prog_err(name))?)
+            }
+        };
+        link.map_err(|source| LoaderError::Link {
+            path: PathBuf::from(name),
+            source,
+        })
+    }
+}
+
+fn open_pinned_link(pin: &Path) -> Result<PinnedLink, LoaderError> {
+    PinnedLink::from_pin(pin).map_err(|source| LoaderError::Link {
+        path: pin.to_owned(),
+        source,
+    })
+}
+
+fn pin_link(link: FdLink, pin: &Path) -> Result<PinnedLink, LoaderError> {
+    link.pin(pin).map_err(|source| LoaderError::Pin {
+        path: pin.to_owned(),
+        source,
+    })
+}
+
+/// Loads `name` and attaches it to `cgroup`, unless the pinned link at `pin` already runs the
+/// same code.
+fn attach_one(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: &fs::File,
+    pin: &Path,
+) -> Result<(PinnedLink, LinkAction, u32), LoaderError> {
+    let mut prog = Prog::of(ebpf, name)?;
+    // Loaded first: the tag tells whether a pinned link runs this very code.
+    let info = prog.load().map_err(prog_err(name))?;
+    if !pin.exists() {
+        let link = prog.attach(cgroup, name)?;
+        return Ok((pin_link(link, pin)?, LinkAction::Attached, info.id()));
+    }
+    let existing: FdLink = open_pinned_link(pin)?.into();
+    if let Some((prog_id, tag)) = pinned_link_tag(&existing)
+        && tag == info.tag()
+    {
+        // Same code already attached: keep it, and do not leave an idle copy loaded.
+        prog.unload().map_err(prog_err(name))?;
+        return Ok((open_pinned_link(pin)?, LinkAction::Readopted, prog_id));
+    }
+    // Different code: attach the new program beside the old one, then swap the pins, so the
+    // hook is never empty. Dropping the last reference to the old link detaches it.
+    let staged = pin.with_extension("new");
+    let _ = fs::remove_file(&staged);
+    let new = pin_link(prog.attach(cgroup, name)?, &staged)?;
+    fs::rename(&staged, pin).map_err(io_err(pin))?;
+    drop(new);
+    drop(existing);
+    Ok((open_pinned_link(pin)?, LinkAction::Replaced, info.id()))
+}
+
+/// Removes every pin under `pin_dir` (links first, so the hooks go before their maps).
+/// Returns the paths removed. Links held open by a running agent stay attached until it exits.
+pub fn uninstall(pin_dir: &Path) -> Result<Vec<PathBuf>, LoaderError> {
+    let mut removed = Vec::new();
+    let links = links_dir(pin_dir);
+    let maps = maps_dir(pin_dir);
+    for dir in [&links, &maps] {
+        let entries = match fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_err(dir)(e)),
+        };
+        for entry in entries {
+            let path = entry.map_err(io_err(dir))?.path();
+            fs::remove_file(&path).map_err(io_err(&path))?;
+            removed.push(path);
+        }
+        fs::remove_dir(dir).map_err(io_err(dir))?;
+    }
+    match fs::remove_dir(pin_dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(pin_dir)(e)),
+    }
+    Ok(removed)
+}
+
+/// A pinned link, as `status` reports it.
+#[derive(Debug, serde::Serialize)]
+pub struct LinkStatus {
+    pub program: String,
+    pub link_id: u32,
+    pub program_id: u32,
+    pub program_tag: String,
+    pub run_count: u64,
+}
+
+/// Everything `kiam-agent status` shows.
+#[derive(Debug, serde::Serialize)]
+pub struct Status {
+    pub pin_dir: PathBuf,
+    pub links: Vec<LinkStatus>,
+    pub missing_links: Vec<String>,
+    pub config: Option<ConfigStatus>,
+    pub exempt_cgroups: Vec<u64>,
+    pub map_entries: Vec<(String, usize)>,
+    pub counters: Vec<(String, u64)>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct ConfigStatus {
+    pub attach_cgroup_id: u64,
+    pub agent_addr4: String,
+    pub agent_addr6: String,
+    pub agent_port: u32,
+    pub ready: bool,
+}
+
+/// Reads the pinned state without loading or changing anything.
+pub fn status(pin_dir: &Path) -> Result<Status, LoaderError> {
+    let links_dir = links_dir(pin_dir);
+    let maps_dir = maps_dir(pin_dir);
+    let mut links = Vec::new();
+    let mut missing_links = Vec::new();
+    for name in program_names::ALL {
+        let path = links_dir.join(name);
+        if !path.exists() {
+            missing_links.push(name.to_owned());
+            continue;
+        }
+        let link: FdLink = PinnedLink::from_pin(&path)
+            .map_err(|source| LoaderError::Link {
+                path: path.clone(),
+                source,
+            })?
+            .into();
+        let info = link.info().map_err(|source| LoaderError::Link {
+            path: path.clone(),
+            source,
+        })?;
+        let prog = loaded_programs()
+            .flatten()
+            .find(|p| p.id() == info.program_id());
+        links.push(LinkStatus {
+            program: name.to_owned(),
+            link_id: info.id(),
+            program_id: info.program_id(),
+            program_tag: prog
+                .as_ref()
+                .map(|p| format!("{:016x}", p.tag()))
+                .unwrap_or_default(),
+            run_count: prog.map(|p| p.run_count()).unwrap_or(0),
+        });
+    }
+
+    let open = |name: &'static str| -> Result<Option<MapData>, LoaderError> {
+        let path = maps_dir.join(name);
+        if !path.exists() {
+            return Ok(None);
+        }
+        MapData::from_pin(&path).map(Some).map_err(map_err(name))
+    };
+    let config = match open(map_names::CONFIG)? {
+        Some(data) => {
+            let array: Array<MapData, Config> =
+                Array::try_from(Map::Array(data)).map_err(map_err(map_names::CONFIG))?;
+            let c = array.get(&0, 0).map_err(map_err(map_names::CONFIG))?;
+            Some(ConfigStatus {
+                attach_cgroup_id: c.attach_cgroup_id,
+                agent_addr4: kiam_common::addr::from_words(kiam_common::v4_mapped(c.agent_addr4))
+                    .to_string(),
+                agent_addr6: kiam_common::addr::from_words(c.agent_addr6).to_string(),
+                agent_port: c.agent_port,
+                ready: c.flags & CONFIG_READY != 0,
+            })
+        }
+        None => None,
+    };
+    let exempt_cgroups = match open(map_names::EXEMPT)? {
+        Some(data) => {
+            let map: HashMap<MapData, u64, u32> =
+                HashMap::try_from(Map::HashMap(data)).map_err(map_err(map_names::EXEMPT))?;
+            map.keys().flatten().collect()
+        }
+        None => Vec::new(),
+    };
+    let mut map_entries = Vec::new();
+    for name in [map_names::CONNECT, map_names::ACCEPTED] {
+        if let Some(data) = open(name)? {
+            let map: HashMap<MapData, u64, ConnRecord> =
+                HashMap::try_from(Map::LruHashMap(data)).map_err(map_err(name))?;
+            map_entries.push((name.to_owned(), map.keys().flatten().count()));
+        }
+    }
+    if let Some(data) = open(map_names::TUPLES)? {
+        let map: HashMap<MapData, kiam_common::TupleKey, ConnRecord> =
+            HashMap::try_from(Map::LruHashMap(data)).map_err(map_err(map_names::TUPLES))?;
+        map_entries.push((map_names::TUPLES.to_owned(), map.keys().flatten().count()));
+    }
+    let mut counters = Vec::new();
+    if let Some(data) = open(map_names::STATS)? {
+        let stats: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_err(map_names::STATS))?;
+        for (index, name) in stat::NAMES.iter().enumerate() {
+            let values = stats
+                .get(&(index as u32), 0)
+                .map_err(map_err(map_names::STATS))?;
+            counters.push(((*name).to_owned(), values.iter().sum()));
+        }
+    }
+    Ok(Status {
+        pin_dir: pin_dir.to_owned(),
+        links,
+        missing_links,
+        config,
+        exempt_cgroups,
+        map_entries,
+        counters,
+    })
+}

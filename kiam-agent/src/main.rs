@@ -1,0 +1,202 @@
+//! `kiam-agent`: the per-node half of kiam. See the modules for what each part owns.
+#![forbid(unsafe_code)]
+
+mod api;
+mod cgroup;
+mod config;
+mod identity;
+mod loader;
+mod resolver;
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use tokio::net::TcpListener;
+
+use config::{Cli, Command, LogArgs, LogFormat, PinArgs, RunArgs};
+
+fn init_logging(args: &LogArgs) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
+        .with_context(|| format!("--log-level {:?} is not a valid filter", args.log_level))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // `try_init` also bridges the `log` crate (aya and aya-log log through it).
+    let result = match args.log_format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    result.map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = init_logging(&cli.log) {
+        eprintln!("kiam-agent: {e:#}");
+        return std::process::ExitCode::from(2);
+    }
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Status(args) => status(&args),
+        Command::Uninstall(args) => uninstall(&args.bpffs_dir),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kiam-agent: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let net = config::network(&args)?;
+    let root = cgroup::find_root(args.cgroup_root.as_deref())?;
+    let attach = cgroup::find_attach_cgroup(&root, args.attach_cgroup.as_deref())?;
+    let attach_id = cgroup::cgroup_id(&attach)?;
+    let own = cgroup::own_cgroup(&root)?;
+    let mut exempt = vec![cgroup::cgroup_id(&own)?];
+    for path in &args.exempt_cgroup {
+        let path = root.join(path);
+        exempt.push(cgroup::cgroup_id(&path).with_context(|| "--exempt-cgroup")?);
+    }
+    tracing::info!(
+        cgroup_root = %root.display(),
+        attach_cgroup = %attach.display(),
+        own_cgroup = %own.display(),
+        "cgroups found"
+    );
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        // Listen before the redirect is configured, so the first redirected pod finds us.
+        let listener = TcpListener::bind(net.listen)
+            .await
+            .with_context(|| format!("listening on {} (--bind/--port)", net.listen))?;
+        raise_memlock_limit();
+        let installed = loader::install(&loader::InstallOptions {
+            pin_dir: args.bpffs_dir.clone(),
+            attach_cgroup: attach.clone(),
+            attach_cgroup_id: attach_id,
+            own_cgroup_covered: own.starts_with(&attach),
+            own_cgroup: own,
+            config: net.kernel,
+            exempt,
+        })?;
+        start_kernel_logs(&installed);
+        let resolver = Arc::new(resolver::Resolver::new(
+            resolver::AcceptedMap::new(installed.accepted),
+            root,
+            attach,
+        ));
+        tokio::spawn(resolver.clone().prune_forever(Duration::from_secs(60)));
+        tracing::info!(listen = %net.listen, pin_dir = %args.bpffs_dir.display(), "kiam-agent ready");
+        tokio::select! {
+            () = api::serve(listener, resolver) => {}
+            () = shutdown_signal() => tracing::info!("shutting down; the pinned redirect stays in place"),
+        }
+        // The rest of `installed` (links, maps) is dropped here; the pins keep the programs
+        // attached.
+        Ok(())
+    })
+}
+
+/// Follows the kernel programs' aya-log output (only written with
+/// `--ebpf-log-connections`, so a slow poll is enough).
+fn start_kernel_logs(installed: &loader::Installed) {
+    let Some((_, id)) = installed.program_ids.first() else {
+        return;
+    };
+    match aya_log::EbpfLogger::init_from_id(*id) {
+        Ok(mut logger) => {
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(250));
+                loop {
+                    tick.tick().await;
+                    logger.flush();
+                }
+            });
+        }
+        Err(error) => tracing::debug!(%error, "no kernel log records will be shown"),
+    }
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones use memcg accounting,
+/// so failing to raise it (no CAP_SYS_RESOURCE) is only worth a note.
+fn raise_memlock_limit() {
+    use nix::sys::resource::{Resource, setrlimit};
+    if let Err(error) = setrlimit(
+        Resource::RLIMIT_MEMLOCK,
+        nix::sys::resource::RLIM_INFINITY,
+        nix::sys::resource::RLIM_INFINITY,
+    ) {
+        tracing::debug!(%error, "could not raise RLIMIT_MEMLOCK (harmless on kernels >= 5.11)");
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn status(args: &PinArgs) -> anyhow::Result<()> {
+    if !args.bpffs_dir.exists() {
+        anyhow::bail!(
+            "nothing pinned at {} (--bpffs-dir): the agent has not run here, or was uninstalled",
+            args.bpffs_dir.display()
+        );
+    }
+    let status = loader::status(&args.bpffs_dir)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(());
+    }
+    println!("pinned at {}", status.pin_dir.display());
+    for link in &status.links {
+        println!(
+            "  link {:<14} link_id={} prog_id={} tag={} runs={}",
+            link.program, link.link_id, link.program_id, link.program_tag, link.run_count
+        );
+    }
+    for name in &status.missing_links {
+        println!("  link {name:<14} MISSING");
+    }
+    match &status.config {
+        Some(c) => println!(
+            "  config: agent {}:{} / [{}]:{} attach_cgroup_id={} ready={}",
+            c.agent_addr4, c.agent_port, c.agent_addr6, c.agent_port, c.attach_cgroup_id, c.ready
+        ),
+        None => println!("  config: MISSING"),
+    }
+    println!("  exempt cgroups: {:?}", status.exempt_cgroups);
+    for (name, entries) in &status.map_entries {
+        println!("  map {name:<14} entries={entries}");
+    }
+    for (name, value) in &status.counters {
+        println!("  counter {name:<22} {value}");
+    }
+    Ok(())
+}
+
+fn uninstall(dir: &Path) -> anyhow::Result<()> {
+    let removed = loader::uninstall(dir)?;
+    if removed.is_empty() {
+        println!("nothing pinned at {}", dir.display());
+    }
+    for path in removed {
+        println!("removed {}", path.display());
+    }
+    Ok(())
+}

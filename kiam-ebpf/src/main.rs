@@ -1,0 +1,411 @@
+//! kiam's kernel programs. Attached (multi mode) to the kubelet's pods cgroup, they send every
+//! TCP connection to the instance-metadata service to the local kiam agent, remember who made
+//! it, and drop anything else addressed to the metadata service.
+//!
+//! How the agent learns who is calling, without trusting the source IP:
+//! 1. `kiam_connect4`/`kiam_connect6` run in the caller's context: they record the caller's
+//!    cgroup id and tgid under the client socket's cookie and rewrite the destination.
+//! 2. `kiam_sock_ops` at `TCP_CONNECT_CB` (client side, source port now known) moves that
+//!    record under the connection's 4-tuple and asks for state callbacks, so the tuple entry is
+//!    removed when the client socket closes.
+//! 3. `kiam_sock_ops` at `PASSIVE_ESTABLISHED_CB` (agent side, the agent's cgroup must be
+//!    covered) moves the record under the cookie of the agent's new socket. The agent reads it
+//!    after `accept()` with `getsockopt(SO_COOKIE)`. The record is bound to the agent's socket
+//!    before the agent runs, so a client that connects, sends and closes before `accept()` is
+//!    still identified.
+//!
+//! Minimum kernel: 5.8 (bpf links for cgroups 5.7; `bpf_get_socket_cookie` and
+//! `bpf_get_current_cgroup_id` for sock_addr programs; `bpf_skb_cgroup_id` in cgroup_skb).
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_addr,
+    },
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_socket_cookie,
+        bpf_skb_cgroup_id,
+    },
+    macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
+};
+use aya_log_ebpf::info;
+use kiam_common::{
+    CONFIG_LOG_CONNECTIONS, CONFIG_READY, Config, ConnRecord, IMDS_ADDR4, IMDS_ADDR6, IMDS_PORT,
+    TupleKey, V4_MAPPED_WORD, limits, stat, v4_mapped,
+};
+
+const AF_INET6: u32 = 10;
+const SOCK_STREAM: u32 = 1;
+const ETH_P_IP_NET: u32 = (0x0800u16).to_be() as u32;
+const ETH_P_IPV6_NET: u32 = (0x86ddu16).to_be() as u32;
+/// `user_port` holds the network-order port in its low 16 bits.
+const IMDS_PORT_NET: u32 = IMDS_PORT.to_be() as u32;
+
+/// connect4/6 return values: 1 lets `connect()` proceed, 0 makes it fail with `EPERM`.
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+
+#[map(name = "KIAM_CONFIG")]
+static KIAM_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+#[map(name = "KIAM_EXEMPT")]
+static KIAM_EXEMPT: HashMap<u64, u32> = HashMap::with_max_entries(limits::EXEMPT_ENTRIES, 0);
+
+#[map(name = "KIAM_CONNECT")]
+static KIAM_CONNECT: LruHashMap<u64, ConnRecord> =
+    LruHashMap::with_max_entries(limits::CONNECT_ENTRIES, 0);
+
+#[map(name = "KIAM_TUPLES")]
+static KIAM_TUPLES: LruHashMap<TupleKey, ConnRecord> =
+    LruHashMap::with_max_entries(limits::TUPLES_ENTRIES, 0);
+
+#[map(name = "KIAM_ACCEPTED")]
+static KIAM_ACCEPTED: LruHashMap<u64, ConnRecord> =
+    LruHashMap::with_max_entries(limits::ACCEPTED_ENTRIES, 0);
+
+// Per-CPU because the bpfel target has no atomic read-modify-write.
+#[map(name = "KIAM_STATS")]
+static KIAM_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(counter) = KIAM_STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, not shared with a concurrent writer; the pointer comes from a
+        // successful map lookup.
+        unsafe { *counter += 1 };
+    }
+}
+
+#[inline(always)]
+fn config() -> Option<Config> {
+    // Copied out so no reference outlives a concurrent update by the agent.
+    KIAM_CONFIG.get(0).copied()
+}
+
+/// Redirects a TCP `connect()` to `169.254.169.254:80`.
+#[cgroup_sock_addr(connect4)]
+pub fn kiam_connect4(ctx: SockAddrContext) -> i32 {
+    try_connect4(&ctx)
+}
+
+#[inline(always)]
+fn try_connect4(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: `sa` is the kernel-provided context; each field is read with a 4-byte load at a
+    // constant offset, as the verifier requires.
+    let (dst, port, sock_type) = unsafe { ((*sa).user_ip4, (*sa).user_port, (*sa).type_) };
+    // Anything else to the metadata address (other ports, UDP) is dropped by the egress guard.
+    if dst != IMDS_ADDR4 || port != IMDS_PORT_NET || sock_type != SOCK_STREAM {
+        return ALLOW;
+    }
+    match redirect(ctx, v4_mapped(dst), stat::REDIRECTED4) {
+        Redirect::To(config) => {
+            // SAFETY: constant-offset 4-byte stores into the context.
+            unsafe {
+                (*sa).user_ip4 = config.agent_addr4;
+                (*sa).user_port = agent_port_net(&config);
+            }
+            ALLOW
+        }
+        Redirect::Exempt => ALLOW,
+        Redirect::Deny => DENY,
+    }
+}
+
+/// Redirects a TCP `connect()` to `[fd00:ec2::254]:80` or `[::ffff:169.254.169.254]:80`.
+/// An AF_INET6 socket runs only this hook, even for an IPv4-mapped destination.
+#[cgroup_sock_addr(connect6)]
+pub fn kiam_connect6(ctx: SockAddrContext) -> i32 {
+    try_connect6(&ctx)
+}
+
+#[inline(always)]
+fn try_connect6(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: constant-offset 4-byte loads from the kernel-provided context.
+    let (dst, port, sock_type) = unsafe { (read_user_ip6(sa), (*sa).user_port, (*sa).type_) };
+    if port != IMDS_PORT_NET || sock_type != SOCK_STREAM {
+        return ALLOW;
+    }
+    let mapped = dst == v4_mapped(IMDS_ADDR4);
+    if !mapped && dst != IMDS_ADDR6 {
+        return ALLOW;
+    }
+    match redirect(ctx, dst, stat::REDIRECTED6) {
+        Redirect::To(config) => {
+            // An IPv4-mapped destination must stay IPv4-mapped: the socket is talking IPv4.
+            let to = if mapped {
+                v4_mapped(config.agent_addr4)
+            } else {
+                config.agent_addr6
+            };
+            // SAFETY: constant-offset 4-byte stores into the context.
+            unsafe {
+                (*sa).user_ip6[0] = to[0];
+                (*sa).user_ip6[1] = to[1];
+                (*sa).user_ip6[2] = to[2];
+                (*sa).user_ip6[3] = to[3];
+                (*sa).user_port = agent_port_net(&config);
+            }
+            ALLOW
+        }
+        Redirect::Exempt => ALLOW,
+        Redirect::Deny => DENY,
+    }
+}
+
+/// # Safety
+/// `sa` must be the program's context pointer.
+#[inline(always)]
+unsafe fn read_user_ip6(sa: *mut bpf_sock_addr) -> [u32; 4] {
+    // SAFETY: per the contract; one 4-byte load per word (a 16-byte copy is rejected).
+    unsafe {
+        [
+            (*sa).user_ip6[0],
+            (*sa).user_ip6[1],
+            (*sa).user_ip6[2],
+            (*sa).user_ip6[3],
+        ]
+    }
+}
+
+#[inline(always)]
+fn agent_port_net(config: &Config) -> u32 {
+    (config.agent_port as u16).to_be() as u32
+}
+
+enum Redirect {
+    To(Config),
+    Exempt,
+    Deny,
+}
+
+#[inline(always)]
+fn redirect(ctx: &SockAddrContext, orig_addr: [u32; 4], counter: u32) -> Redirect {
+    // SAFETY: helper without arguments, valid in sock_addr programs.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    if KIAM_EXEMPT.get_ptr(cgroup_id).is_some() {
+        count(stat::EXEMPT);
+        return Redirect::Exempt;
+    }
+    // Fail closed: without a configured agent nobody gets through to the real service.
+    let config = match config() {
+        Some(config) if config.flags & CONFIG_READY != 0 => config,
+        _ => {
+            count(stat::DENIED_UNCONFIGURED);
+            return Redirect::Deny;
+        }
+    };
+    let record = ConnRecord {
+        cgroup_id,
+        // The upper half is the tgid.
+        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        orig_port: IMDS_PORT as u32,
+        orig_addr,
+    };
+    // SAFETY: the context pointer is what the helper expects for sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    if KIAM_CONNECT.insert(cookie, record, 0).is_err() {
+        // Without a record the agent could not tell who is asking: refuse rather than guess.
+        count(stat::DENIED_NO_RECORD);
+        return Redirect::Deny;
+    }
+    count(counter);
+    if config.flags & CONFIG_LOG_CONNECTIONS != 0 {
+        info!(
+            ctx,
+            "redirect cookie={} cgroup={} tgid={}", cookie, cgroup_id, record.tgid
+        );
+    }
+    Redirect::To(config)
+}
+
+/// Binds a redirected connection's record to the agent's accepted socket.
+#[sock_ops]
+pub fn kiam_sock_ops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_tcp_connect(&ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(&ctx),
+        BPF_SOCK_OPS_STATE_CB => on_state_change(&ctx),
+        _ => {}
+    }
+    1
+}
+
+/// Client side, in the caller's context, source port assigned, SYN not yet sent.
+#[inline(always)]
+fn on_tcp_connect(ctx: &SockOpsContext) {
+    // SAFETY: the sock_ops context is a valid argument for the helper.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    // Runs for every TCP connect of every pod: one lookup and out for the common case.
+    let Some(record) = KIAM_CONNECT.get_ptr(cookie) else {
+        return;
+    };
+    // SAFETY: pointer from a successful lookup; copied out at once.
+    let record = unsafe { *record };
+    let key = client_side_key(ctx);
+    let _ = KIAM_CONNECT.remove(cookie);
+    if KIAM_TUPLES.insert(key, record, 0).is_ok() {
+        // Ask for STATE_CB so the tuple entry goes away when this socket closes, whether or
+        // not the agent ever completed the handshake: a later connection reusing the tuple
+        // must never inherit this record.
+        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    }
+}
+
+/// Client side: the redirected socket changed state.
+#[inline(always)]
+fn on_state_change(ctx: &SockOpsContext) {
+    if ctx.arg(1) == BPF_TCP_CLOSE {
+        let _ = KIAM_TUPLES.remove(client_side_key(ctx));
+    }
+}
+
+/// Agent side, softirq: the handshake completed and the socket waits in the accept queue.
+#[inline(always)]
+fn on_passive_established(ctx: &SockOpsContext) {
+    let Some(config) = config() else {
+        return;
+    };
+    // Only the agent's listener carries redirected connections; skip the lookup for others.
+    let server_port = local_port(ctx);
+    if server_port != config.agent_port {
+        return;
+    }
+    let key = TupleKey {
+        client_addr: remote_addr(ctx),
+        server_addr: local_addr(ctx),
+        client_port: remote_port(ctx),
+        server_port,
+    };
+    let Some(record) = KIAM_TUPLES.get_ptr(key) else {
+        return;
+    };
+    // SAFETY: pointer from a successful lookup; copied out at once.
+    let record = unsafe { *record };
+    // SAFETY: the sock_ops context is a valid argument for the helper.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    if KIAM_ACCEPTED.insert(cookie, record, 0).is_ok() {
+        let _ = KIAM_TUPLES.remove(key);
+        count(stat::BOUND);
+    }
+}
+
+#[inline(always)]
+fn client_side_key(ctx: &SockOpsContext) -> TupleKey {
+    TupleKey {
+        client_addr: local_addr(ctx),
+        server_addr: remote_addr(ctx),
+        client_port: local_port(ctx),
+        server_port: remote_port(ctx),
+    }
+}
+
+/// Reads one 4-byte context field. Volatile so that LLVM keeps every access a separate load at
+/// a constant offset: merged loads through a computed pointer are rejected by the verifier
+/// ("dereference of modified ctx ptr").
+macro_rules! ctx_field {
+    ($ctx:expr, $($field:tt)+) => {
+        // SAFETY: `ops` is the program's context pointer; the field is a 4-byte member.
+        unsafe { core::ptr::read_volatile(&raw const (*$ctx.ops).$($field)+) }
+    };
+}
+
+#[inline(always)]
+fn local_port(ctx: &SockOpsContext) -> u32 {
+    // Host order.
+    ctx_field!(ctx, local_port)
+}
+
+#[inline(always)]
+fn remote_port(ctx: &SockOpsContext) -> u32 {
+    // Network order in the upper 16 bits.
+    u32::from_be(ctx_field!(ctx, remote_port))
+}
+
+// Both forms are loaded unconditionally and the *values* selected: selecting between two
+// field addresses makes LLVM emit one load through a computed pointer, which is rejected.
+#[inline(always)]
+fn local_addr(ctx: &SockOpsContext) -> [u32; 4] {
+    let v4 = ctx_field!(ctx, local_ip4);
+    let v6 = [
+        ctx_field!(ctx, local_ip6[0]),
+        ctx_field!(ctx, local_ip6[1]),
+        ctx_field!(ctx, local_ip6[2]),
+        ctx_field!(ctx, local_ip6[3]),
+    ];
+    if ctx_field!(ctx, family) == AF_INET6 {
+        v6
+    } else {
+        v4_mapped(v4)
+    }
+}
+
+#[inline(always)]
+fn remote_addr(ctx: &SockOpsContext) -> [u32; 4] {
+    let v4 = ctx_field!(ctx, remote_ip4);
+    let v6 = [
+        ctx_field!(ctx, remote_ip6[0]),
+        ctx_field!(ctx, remote_ip6[1]),
+        ctx_field!(ctx, remote_ip6[2]),
+        ctx_field!(ctx, remote_ip6[3]),
+    ];
+    if ctx_field!(ctx, family) == AF_INET6 {
+        v6
+    } else {
+        v4_mapped(v4)
+    }
+}
+
+/// Drops packets still addressed to the metadata service: raw sockets and anything the
+/// connect hooks let pass (other ports, UDP). Only exempt cgroups (the agent) get through.
+#[cgroup_skb(egress)]
+pub fn kiam_egress(ctx: SkBuffContext) -> i32 {
+    if is_metadata_packet(&ctx) {
+        // SAFETY: the skb context is a valid argument for the helper.
+        let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+        if KIAM_EXEMPT.get_ptr(cgroup_id).is_none() {
+            count(stat::GUARD_DROPPED);
+            return 0;
+        }
+    }
+    1
+}
+
+#[inline(always)]
+fn is_metadata_packet(ctx: &SkBuffContext) -> bool {
+    // cgroup_skb data starts at the network header.
+    let protocol = ctx.skb.protocol();
+    if protocol == ETH_P_IP_NET {
+        // IPv4 destination address at offset 16.
+        matches!(ctx.load::<u32>(16), Ok(dst) if dst == IMDS_ADDR4)
+    } else if protocol == ETH_P_IPV6_NET {
+        // IPv6 destination address at offset 24.
+        let (Ok(w0), Ok(w1), Ok(w2), Ok(w3)) = (
+            ctx.load::<u32>(24),
+            ctx.load::<u32>(28),
+            ctx.load::<u32>(32),
+            ctx.load::<u32>(36),
+        ) else {
+            return false;
+        };
+        let dst = [w0, w1, w2, w3];
+        dst == IMDS_ADDR6 || (w0 == 0 && w1 == 0 && w2 == V4_MAPPED_WORD && w3 == IMDS_ADDR4)
+    } else {
+        false
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
