@@ -62,6 +62,8 @@ async fn handle<S: RecordSource>(stream: TcpStream, peer: SocketAddr, resolver: 
         async move { Ok::<_, Infallible>(respond(&req, &caller)) }
     });
     if let Err(error) = hyper::server::conn::http1::Builder::new()
+        // A client may shut down its sending side and wait for the answer.
+        .half_close(true)
         .serve_connection(TokioIo::new(stream), service)
         .await
     {

@@ -8,6 +8,7 @@
 //! the old one, then renamed over it, so the hook is never empty.
 
 use std::{
+    collections::BTreeMap,
     fs, io,
     os::fd::AsFd,
     path::{Path, PathBuf},
@@ -484,8 +485,8 @@ pub struct Status {
     pub missing_links: Vec<String>,
     pub config: Option<ConfigStatus>,
     pub exempt_cgroups: Vec<u64>,
-    pub map_entries: Vec<(String, usize)>,
-    pub counters: Vec<(String, u64)>,
+    pub map_entries: BTreeMap<String, usize>,
+    pub counters: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -565,20 +566,20 @@ pub fn status(pin_dir: &Path) -> Result<Status, LoaderError> {
         }
         None => Vec::new(),
     };
-    let mut map_entries = Vec::new();
+    let mut map_entries = BTreeMap::new();
     for name in [map_names::CONNECT, map_names::ACCEPTED] {
         if let Some(data) = open(name)? {
             let map: HashMap<MapData, u64, ConnRecord> =
                 HashMap::try_from(Map::LruHashMap(data)).map_err(map_err(name))?;
-            map_entries.push((name.to_owned(), map.keys().flatten().count()));
+            map_entries.insert(name.to_owned(), map.keys().flatten().count());
         }
     }
     if let Some(data) = open(map_names::TUPLES)? {
         let map: HashMap<MapData, kiam_common::TupleKey, ConnRecord> =
             HashMap::try_from(Map::LruHashMap(data)).map_err(map_err(map_names::TUPLES))?;
-        map_entries.push((map_names::TUPLES.to_owned(), map.keys().flatten().count()));
+        map_entries.insert(map_names::TUPLES.to_owned(), map.keys().flatten().count());
     }
-    let mut counters = Vec::new();
+    let mut counters = BTreeMap::new();
     if let Some(data) = open(map_names::STATS)? {
         let stats: PerCpuArray<MapData, u64> =
             PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_err(map_names::STATS))?;
@@ -586,7 +587,7 @@ pub fn status(pin_dir: &Path) -> Result<Status, LoaderError> {
             let values = stats
                 .get(&(index as u32), 0)
                 .map_err(map_err(map_names::STATS))?;
-            counters.push(((*name).to_owned(), values.iter().sum()));
+            counters.insert((*name).to_owned(), values.iter().sum());
         }
     }
     Ok(Status {

@@ -8,7 +8,7 @@ mod identity;
 mod loader;
 mod resolver;
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{io::IsTerminal as _, path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser as _;
@@ -19,7 +19,9 @@ use config::{Cli, Command, LogArgs, LogFormat, PinArgs, RunArgs};
 fn init_logging(args: &LogArgs) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
         .with_context(|| format!("--log-level {:?} is not a valid filter", args.log_level))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal());
     // `try_init` also bridges the `log` crate (aya and aya-log log through it).
     let result = match args.log_format {
         LogFormat::Text => builder.try_init(),

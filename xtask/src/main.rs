@@ -1,1 +1,190 @@
-fn main() {}
+//! Developer commands for kiam-rs: `cargo xtask <command>`.
+//!
+//! - `setup`: installs what building and testing need, skipping what is already there.
+//! - `build-ebpf`: builds the kernel programs into `target/bpfel-unknown-none/release/kiam-ebpf`.
+//! - `test`: setup, build-ebpf, formatting, lints, unit tests, then the privileged
+//!   end-to-end tests (one at a time).
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+mod setup;
+
+#[derive(Debug, Parser)]
+#[command(name = "xtask", about = "kiam-rs developer commands")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Install build and test requirements (apt packages, nightly rust-src, bpf-linker).
+    /// Idempotent: skips what is installed.
+    Setup,
+    /// Build the eBPF object with nightly and bpf-linker.
+    BuildEbpf,
+    /// Everything CI runs: setup, build-ebpf, fmt, clippy, unit tests, privileged tests.
+    Test {
+        /// Skip the set-up step (when you know the machine is ready).
+        #[arg(long)]
+        no_setup: bool,
+        /// Only run the privileged end-to-end tests whose name contains this.
+        #[arg(long)]
+        e2e_filter: Option<String>,
+    },
+}
+
+/// Where `build-ebpf` leaves the object; `kiam-agent/build.rs` embeds it from here.
+pub const EBPF_OBJECT: &str = "target/bpfel-unknown-none/release/kiam-ebpf";
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_owned)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Runs a command in the workspace root, echoing it, failing on a non-zero exit.
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    cmd.current_dir(workspace_root());
+    eprintln!("+ {}", display(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {}", display(cmd)))?;
+    if !status.success() {
+        bail!("{} failed ({status})", display(cmd));
+    }
+    Ok(())
+}
+
+fn display(cmd: &Command) -> String {
+    let mut out = cmd.get_program().to_string_lossy().into_owned();
+    for arg in cmd.get_args() {
+        out.push(' ');
+        out.push_str(&arg.to_string_lossy());
+    }
+    out
+}
+
+fn cargo() -> Command {
+    Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// `cargo +nightly <subcommand>` for the eBPF crate. It needs rustup's proxy from PATH, not the
+/// toolchain cargo in $CARGO, and none of the variables the outer stable `cargo xtask` set.
+fn nightly_ebpf(subcommand: &str) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.args([
+        "+nightly",
+        subcommand,
+        "--package",
+        "kiam-ebpf",
+        "--release",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+    ])
+    // BTF is only emitted with debug info and the linker's --btf.
+    .env(
+        "CARGO_ENCODED_RUSTFLAGS",
+        ["-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f"),
+    )
+    .env("PATH", setup::path_with_cargo_bin());
+    for var in [
+        "RUSTC",
+        "RUSTDOC",
+        "RUSTUP_TOOLCHAIN",
+        "CARGO",
+        "RUSTC_WRAPPER",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+fn build_ebpf() -> anyhow::Result<()> {
+    run(&mut nightly_ebpf("build"))?;
+    eprintln!(
+        "eBPF object: {}",
+        workspace_root().join(EBPF_OBJECT).display()
+    );
+    Ok(())
+}
+
+fn is_root() -> bool {
+    nix_like_geteuid() == 0
+}
+
+/// The effective uid, from `/proc/self/status` (no unsafe, no extra dependency).
+fn nix_like_geteuid() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|rest| rest.split_whitespace().nth(1).map(str::to_owned))
+        })
+        .and_then(|uid| uid.parse().ok())
+        .unwrap_or(u32::MAX)
+}
+
+fn test(no_setup: bool, e2e_filter: Option<String>) -> anyhow::Result<()> {
+    if !no_setup {
+        setup::setup()?;
+    }
+    build_ebpf()?;
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "kiam-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(nightly_ebpf("clippy").args(["--", "-D", "warnings"]))?;
+    // Unit tests of the default members (no root needed).
+    run(cargo().args(["test"]))?;
+    // Privileged tests: real eBPF, cgroups and network namespaces, one at a time.
+    run(cargo().args(["build", "--package", "kiam-agent"]))?;
+    let mut e2e = cargo();
+    e2e.args(["test", "--package", "kiam-e2e", "--"])
+        .arg("--test-threads=1")
+        .env(
+            "KIAM_AGENT_BIN",
+            workspace_root().join("target/debug/kiam-agent"),
+        );
+    if let Some(filter) = e2e_filter {
+        e2e.arg(filter);
+    }
+    if is_root() {
+        // As root nothing may be skipped: a skip would hide a broken environment.
+        e2e.env("KIAM_E2E_REQUIRE_PRIVILEGED", "1");
+    } else {
+        eprintln!(
+            "!!! not root: the privileged end-to-end tests will SKIP (run `sudo -E cargo xtask test`)"
+        );
+    }
+    run(&mut e2e)
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => setup::setup(),
+        Cmd::BuildEbpf => build_ebpf(),
+        Cmd::Test {
+            no_setup,
+            e2e_filter,
+        } => test(no_setup, e2e_filter),
+    }
+}

@@ -1,0 +1,307 @@
+//! Small programs the end-to-end tests run inside their "pods" (a network namespace and a
+//! cgroup): HTTP clients with precise control over the connection, a raw-socket SYN sender
+//! and sniffer, and a stand-in for the node's real metadata service.
+//!
+//! The HTTP client is deliberately minimal: tests need to send, half-close or abandon a
+//! connection at exact moments, which ordinary clients hide. Real AWS SDKs are tested
+//! elsewhere.
+
+use std::{
+    fs::OpenOptions,
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use clap::{Parser, Subcommand};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// GET a URL; print one line per response: `<status> <body>` or `ERROR <reason>`.
+    Get {
+        url: String,
+        /// Requests to make, each on its own connection.
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// Connections in flight at once.
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        /// Half-close (shutdown write) after sending, then read the answer.
+        #[arg(long)]
+        half_close: bool,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+    /// Connect, send a request and close at once without reading; print own pid first.
+    SendAndClose { url: String },
+    /// Send one hand-made TCP SYN through a raw socket.
+    RawSyn {
+        #[arg(long)]
+        src: Ipv4Addr,
+        #[arg(long)]
+        dst: Ipv4Addr,
+        #[arg(long, default_value_t = 80)]
+        dst_port: u16,
+        #[arg(long)]
+        seq: u32,
+    },
+    /// Count TCP packets to `dst:dst_port` carrying sequence number `seq`; prints `ready`
+    /// once listening, then the count after `duration_ms`.
+    Sniff {
+        #[arg(long)]
+        dst: Ipv4Addr,
+        #[arg(long, default_value_t = 80)]
+        dst_port: u16,
+        #[arg(long)]
+        seq: u32,
+        #[arg(long, default_value_t = 1500)]
+        duration_ms: u64,
+    },
+    /// The node's "real" metadata service: logs every connection to `log`, answers `real-imds`.
+    FakeImds {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        log: std::path::PathBuf,
+    },
+}
+
+struct Url {
+    addr: SocketAddr,
+    host: String,
+    path: String,
+}
+
+fn parse_url(url: &str) -> anyhow::Result<Url> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| anyhow!("only http:// URLs: {url}"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let with_port = if authority.ends_with(']') || !authority.contains(':') {
+        format!("{authority}:80")
+    } else {
+        authority.to_owned()
+    };
+    let addr = with_port
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| anyhow!("no address for {authority}"))?;
+    Ok(Url {
+        addr,
+        host: authority.to_owned(),
+        path: path.to_owned(),
+    })
+}
+
+fn request(url: &Url) -> String {
+    format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        url.path, url.host
+    )
+}
+
+fn get_once(url: &Url, half_close: bool, timeout: Duration) -> anyhow::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&url.addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(request(url).as_bytes())?;
+    if half_close {
+        stream.shutdown(Shutdown::Write)?;
+    }
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .ok_or_else(|| anyhow!("no status line in {text:?}"))?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    Ok(format!("{status} {}", body.trim().replace('\n', " ")))
+}
+
+fn get(
+    url: &str,
+    count: usize,
+    concurrency: usize,
+    half_close: bool,
+    timeout_ms: u64,
+) -> anyhow::Result<()> {
+    let url = Arc::new(parse_url(url)?);
+    let next = Arc::new(AtomicUsize::new(0));
+    let timeout = Duration::from_millis(timeout_ms);
+    let workers: Vec<_> = (0..concurrency.max(1))
+        .map(|_| {
+            let (url, next) = (url.clone(), next.clone());
+            thread::spawn(move || {
+                let mut lines = Vec::new();
+                while next.fetch_add(1, Ordering::SeqCst) < count {
+                    lines.push(match get_once(&url, half_close, timeout) {
+                        Ok(line) => line,
+                        Err(e) => format!("ERROR {e}"),
+                    });
+                }
+                lines
+            })
+        })
+        .collect();
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for worker in workers {
+        let lines = worker.join().map_err(|_| anyhow!("worker panicked"))?;
+        for line in lines {
+            writeln!(out, "{line}")?;
+        }
+    }
+    Ok(())
+}
+
+fn send_and_close(url: &str) -> anyhow::Result<()> {
+    println!("{}", std::process::id());
+    std::io::stdout().flush()?;
+    let url = parse_url(url)?;
+    let mut stream = TcpStream::connect_timeout(&url.addr, Duration::from_secs(3))?;
+    stream.write_all(request(&url).as_bytes())?;
+    drop(stream);
+    Ok(())
+}
+
+fn checksum(data: &[u8], mut sum: u32) -> u16 {
+    for chunk in data.chunks(2) {
+        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
+        sum += u32::from(word);
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn raw_syn(src: Ipv4Addr, dst: Ipv4Addr, dst_port: u16, seq: u32) -> anyhow::Result<()> {
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&40_000u16.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dst_port.to_be_bytes());
+    tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+    tcp[12] = 5 << 4; // data offset: 5 words
+    tcp[13] = 0x02; // SYN
+    tcp[14..16].copy_from_slice(&64_240u16.to_be_bytes());
+    let mut pseudo = Vec::with_capacity(12);
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    let mut sum = 0u32;
+    for chunk in pseudo.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([chunk[0], chunk[1]]));
+    }
+    let csum = checksum(&tcp, sum);
+    tcp[16..18].copy_from_slice(&csum.to_be_bytes());
+    let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::TCP))
+        .context("raw socket (needs CAP_NET_RAW)")?;
+    let target = SockAddr::from(SocketAddr::new(IpAddr::V4(dst), 0));
+    match socket.send_to(&tcp, &target) {
+        Ok(_) => println!("sent"),
+        // The egress guard drops the packet: the kernel reports EPERM to the sender.
+        Err(e) => println!("send failed: {e}"),
+    }
+    Ok(())
+}
+
+fn sniff(dst: Ipv4Addr, dst_port: u16, seq: u32, duration: Duration) -> anyhow::Result<()> {
+    let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::TCP))
+        .context("raw socket (needs CAP_NET_RAW)")?;
+    socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    let deadline = Instant::now() + duration;
+    let mut seen = 0;
+    let mut buf = [0u8; 2048];
+    while Instant::now() < deadline {
+        let Ok(n) = (&socket).read(&mut buf) else {
+            continue;
+        };
+        let packet = &buf[..n];
+        if packet.len() < 20 {
+            continue;
+        }
+        let ihl = usize::from(packet[0] & 0x0f) * 4;
+        if packet.len() < ihl + 8 || packet[16..20] != dst.octets() {
+            continue;
+        }
+        let port = u16::from_be_bytes([packet[ihl + 2], packet[ihl + 3]]);
+        let got_seq = u32::from_be_bytes([
+            packet[ihl + 4],
+            packet[ihl + 5],
+            packet[ihl + 6],
+            packet[ihl + 7],
+        ]);
+        if port == dst_port && got_seq == seq {
+            seen += 1;
+        }
+    }
+    println!("{seen}");
+    Ok(())
+}
+
+fn fake_imds(listen: SocketAddr, log: &std::path::Path) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        let peer = stream
+            .peer_addr()
+            .map(|p| p.to_string())
+            .unwrap_or_default();
+        let mut file = OpenOptions::new().create(true).append(true).open(log)?;
+        writeln!(file, "connection from {peer}")?;
+        thread::spawn(move || {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf);
+            let _ = stream.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nConnection: close\r\n\r\nreal-imds",
+            );
+        });
+    }
+    bail!("listener closed")
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Get {
+            url,
+            count,
+            concurrency,
+            half_close,
+            timeout_ms,
+        } => get(&url, count, concurrency, half_close, timeout_ms),
+        Cmd::SendAndClose { url } => send_and_close(&url),
+        Cmd::RawSyn {
+            src,
+            dst,
+            dst_port,
+            seq,
+        } => raw_syn(src, dst, dst_port, seq),
+        Cmd::Sniff {
+            dst,
+            dst_port,
+            seq,
+            duration_ms,
+        } => sniff(dst, dst_port, seq, Duration::from_millis(duration_ms)),
+        Cmd::FakeImds { listen, log } => fake_imds(listen, &log),
+    }
+}

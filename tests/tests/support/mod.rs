@@ -1,0 +1,535 @@
+//! Test "nodes" for the privileged end-to-end tests: a node network namespace with a fake real
+//! metadata service on `169.254.169.254` (on its loopback: this kernel has no dummy driver),
+//! pod namespaces joined by veth pairs, a kubelet-shaped cgroup tree under a test cgroup, and
+//! the real `kiam-agent` with its eBPF programs attached to that tree.
+//!
+//! Nothing is added to the machine's root network namespace. Every name carries a unique
+//! `ke…` prefix, and `Drop` removes exactly what the node created.
+#![allow(dead_code)]
+
+use std::{
+    fs,
+    io::{BufRead, BufReader},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+pub const HELPER: &str = env!("CARGO_BIN_EXE_kiam-e2e-helper");
+/// Address of the node that pods are redirected to (on the node namespace's loopback).
+pub const AGENT_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
+pub const AGENT_PORT: u16 = 8181;
+pub const IMDS: &str = "169.254.169.254";
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// True when the test can run. Otherwise prints a loud SKIP, or fails when
+/// `KIAM_E2E_REQUIRE_PRIVILEGED=1` (set by `cargo xtask test` when running as root).
+pub fn privileged(test: &str) -> bool {
+    let uid = fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|r| r.split_whitespace().nth(1).map(str::to_owned))
+        })
+        .and_then(|u| u.parse::<u32>().ok());
+    let root = uid == Some(0);
+    let required = std::env::var("KIAM_E2E_REQUIRE_PRIVILEGED").as_deref() == Ok("1");
+    if root {
+        return true;
+    }
+    assert!(
+        !required,
+        "{test}: needs root (BPF, cgroups, network namespaces) but KIAM_E2E_REQUIRE_PRIVILEGED=1"
+    );
+    eprintln!(
+        "\n!!!!!!!! SKIPPED {test}: needs root for BPF, cgroups and network namespaces !!!!!!!!\n"
+    );
+    false
+}
+
+fn sh(args: &[&str]) -> Output {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn unique() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    format!("{:04x}{:x}", (std::process::id() ^ nanos) & 0xffff, n % 16)
+}
+
+fn uuid(seed: &str, n: u32) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in seed.bytes().chain(n.to_le_bytes()) {
+        h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+    }
+    let g = h ^ (h >> 29);
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        (h >> 32) as u32,
+        (h >> 16) as u16,
+        (g >> 4) as u16 & 0xfff,
+        (g >> 20) as u16 & 0xfff,
+        g & 0xffff_ffff_ffff
+    )
+}
+
+fn container_id(uid: &str) -> String {
+    let hex: String = uid.chars().filter(char::is_ascii_hexdigit).collect();
+    format!("{hex}{hex}").chars().take(64).collect()
+}
+
+/// The cgroup v2 mount: `/sys/fs/cgroup` on a unified host, `/sys/fs/cgroup/unified` on a
+/// hybrid one like this test machine.
+pub fn cgroup_root() -> PathBuf {
+    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.join("cgroup.controllers").exists())
+        .expect("no cgroup v2 mount")
+}
+
+pub fn agent_bin() -> PathBuf {
+    let path = std::env::var_os("KIAM_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/kiam-agent")
+        });
+    assert!(
+        path.is_file(),
+        "{} missing: run `cargo xtask test` (or `cargo build -p kiam-agent`)",
+        path.display()
+    );
+    path
+}
+
+/// A pod: a cgroup shaped like the kubelet's (systemd driver, containerd) and a network
+/// namespace (its own, or the node's for a host-network pod).
+#[derive(Debug, Clone)]
+pub struct Pod {
+    pub uid: String,
+    pub container_id: String,
+    pub cgroup: PathBuf,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+}
+
+pub struct Agent {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+pub struct Node {
+    pub id: String,
+    pub cgroup_root: PathBuf,
+    pub test_cgroup: PathBuf,
+    pub kubepods: PathBuf,
+    pub netns: String,
+    pub pin_dir: PathBuf,
+    pub dir: PathBuf,
+    pub agent_pod: Pod,
+    pub agent: Option<Agent>,
+    fake_imds: Option<Child>,
+    pod_netns: Vec<String>,
+    pods: u32,
+    agent_starts: u32,
+}
+
+impl Node {
+    /// A node with its fake real metadata service running and no agent yet.
+    pub fn new() -> Node {
+        let id = format!("ke{}", unique());
+        let cgroup_root = cgroup_root();
+        let test_cgroup = cgroup_root.join(format!("kiam-e2e-{id}"));
+        let kubepods = test_cgroup.join("kubepods.slice");
+        for qos in ["burstable", "besteffort"] {
+            fs::create_dir_all(kubepods.join(format!("kubepods-{qos}.slice")))
+                .expect("create cgroups");
+        }
+        let dir = std::env::temp_dir().join(format!("kiam-e2e-{id}"));
+        fs::create_dir_all(&dir).expect("temp dir");
+        let netns = format!("{id}-node");
+        sh(&["ip", "netns", "add", &netns]);
+        let mut node = Node {
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/kiam-e2e-{id}")),
+            agent_pod: Pod {
+                uid: String::new(),
+                container_id: String::new(),
+                cgroup: PathBuf::new(),
+                netns: netns.clone(),
+                ip: AGENT_IP,
+            },
+            id,
+            cgroup_root,
+            test_cgroup,
+            kubepods,
+            netns,
+            dir,
+            agent: None,
+            fake_imds: None,
+            pod_netns: Vec::new(),
+            pods: 0,
+            agent_starts: 0,
+        };
+        let ns = node.netns.clone();
+        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{IMDS}/32"),
+            "dev",
+            "lo",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{AGENT_IP}/32"),
+            "dev",
+            "lo",
+        ]);
+        // The agent runs as a (host-network) pod itself, like the DaemonSet: exempt by cgroup.
+        node.agent_pod = node.add_pod_cgroup("besteffort", ns.clone(), AGENT_IP);
+        let outside = node.outside_cgroup();
+        let log = node.fake_imds_log();
+        let child = node.spawn_in(
+            &outside,
+            &ns,
+            &[
+                HELPER,
+                "fake-imds",
+                "--listen",
+                &format!("{IMDS}:80"),
+                "--log",
+                log.to_str().expect("utf-8"),
+            ],
+        );
+        node.fake_imds = Some(wait_ready(child, "fake-imds"));
+        node
+    }
+
+    pub fn fake_imds_log(&self) -> PathBuf {
+        self.dir.join("fake-imds.log")
+    }
+
+    /// Connections the fake real metadata service has accepted.
+    pub fn fake_imds_connections(&self) -> usize {
+        fs::read_to_string(self.fake_imds_log())
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    }
+
+    /// A cgroup outside the attach point (a system service, not a pod).
+    pub fn outside_cgroup(&self) -> PathBuf {
+        let path = self.test_cgroup.join("outside");
+        fs::create_dir_all(&path).expect("create cgroup");
+        path
+    }
+
+    fn add_pod_cgroup(&mut self, qos: &str, netns: String, ip: Ipv4Addr) -> Pod {
+        self.pods += 1;
+        let uid = uuid(&self.id, self.pods);
+        let container_id = container_id(&uid);
+        let cgroup = self
+            .kubepods
+            .join(format!("kubepods-{qos}.slice"))
+            .join(format!(
+                "kubepods-{qos}-pod{}.slice/cri-containerd-{container_id}.scope",
+                uid.replace('-', "_")
+            ));
+        fs::create_dir_all(&cgroup).expect("create pod cgroup");
+        Pod {
+            uid,
+            container_id,
+            cgroup,
+            netns,
+            ip,
+        }
+    }
+
+    /// A pod with its own network namespace, joined to the node by a veth pair.
+    pub fn add_pod(&mut self) -> Pod {
+        let n = self.pod_netns.len() + 1;
+        let netns = format!("{}-p{n}", self.id);
+        sh(&["ip", "netns", "add", &netns]);
+        self.pod_netns.push(netns.clone());
+        let (host_if, pod_if) = (format!("{}h{n}", self.id), format!("{}p{n}", self.id));
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            &host_if,
+            "netns",
+            &self.netns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &pod_if,
+            "netns",
+            &netns,
+        ]);
+        let host_ip = format!("198.18.{n}.1");
+        let pod_ip = Ipv4Addr::new(198, 18, n as u8, 2);
+        sh(&[
+            "ip",
+            "-n",
+            &self.netns,
+            "addr",
+            "add",
+            &format!("{host_ip}/24"),
+            "dev",
+            &host_if,
+        ]);
+        sh(&["ip", "-n", &self.netns, "link", "set", &host_if, "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{pod_ip}/24"),
+            "dev",
+            &pod_if,
+        ]);
+        sh(&["ip", "-n", &netns, "link", "set", &pod_if, "up"]);
+        sh(&["ip", "-n", &netns, "link", "set", "lo", "up"]);
+        sh(&[
+            "ip", "-n", &netns, "route", "add", "default", "via", &host_ip,
+        ]);
+        self.add_pod_cgroup("burstable", netns, pod_ip)
+    }
+
+    /// A host-network pod: a pod cgroup in the node's namespace.
+    pub fn add_host_network_pod(&mut self) -> Pod {
+        let ns = self.netns.clone();
+        self.add_pod_cgroup("burstable", ns, AGENT_IP)
+    }
+
+    /// `cmd` in `cgroup` and network namespace `netns`: the shell moves itself into the cgroup,
+    /// then execs nsenter (which keeps the cgroup, and unlike `ip netns exec` keeps /sys).
+    pub fn command_in(&self, cgroup: &Path, netns: &str, cmd: &[&str]) -> Command {
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > '{}/cgroup.procs' && exec \"$@\"",
+                cgroup.display()
+            ))
+            .arg("sh")
+            .arg("nsenter")
+            .arg(format!("--net=/var/run/netns/{netns}"))
+            .arg("--")
+            .args(cmd);
+        command
+    }
+
+    pub fn spawn_in(&self, cgroup: &Path, netns: &str, cmd: &[&str]) -> Child {
+        self.command_in(cgroup, netns, cmd)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn")
+    }
+
+    pub fn run_in(&self, cgroup: &Path, netns: &str, cmd: &[&str]) -> String {
+        let out = self
+            .command_in(cgroup, netns, cmd)
+            .output()
+            .expect("run in pod");
+        assert!(
+            out.status.success(),
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The helper's `get` from inside `pod`: one line per response.
+    pub fn get(&self, pod: &Pod, url: &str) -> String {
+        self.run_in(&pod.cgroup, &pod.netns, &[HELPER, "get", url])
+            .trim()
+            .to_owned()
+    }
+
+    /// Starts the agent (as the agent pod) and waits until it serves.
+    pub fn start_agent(&mut self) {
+        assert!(self.agent.is_none(), "agent already running");
+        self.agent_starts += 1;
+        let log = self.dir.join(format!("agent-{}.log", self.agent_starts));
+        let file = fs::File::create(&log).expect("agent log");
+        let attach = self
+            .kubepods
+            .strip_prefix(&self.cgroup_root)
+            .expect("under root")
+            .to_owned();
+        let agent = agent_bin();
+        let child = self
+            .command_in(
+                &self.agent_pod.cgroup,
+                &self.netns,
+                &[
+                    agent.to_str().expect("utf-8"),
+                    "--log-format",
+                    "json",
+                    "--log-level",
+                    "info,kiam_agent=debug",
+                    "run",
+                    "--agent-ip",
+                    &AGENT_IP.to_string(),
+                    "--port",
+                    &AGENT_PORT.to_string(),
+                    "--cgroup-root",
+                    self.cgroup_root.to_str().expect("utf-8"),
+                    "--attach-cgroup",
+                    attach.to_str().expect("utf-8"),
+                    "--bpffs-dir",
+                    self.pin_dir.to_str().expect("utf-8"),
+                ],
+            )
+            .stdout(file.try_clone().expect("dup"))
+            .stderr(file)
+            .spawn()
+            .expect("spawn agent");
+        let mut agent = Agent { child, log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = fs::read_to_string(&agent.log).unwrap_or_default();
+            if text.contains("kiam-agent ready") {
+                break;
+            }
+            if let Ok(Some(status)) = agent.child.try_wait() {
+                panic!("agent exited ({status}) before ready:\n{text}");
+            }
+            assert!(Instant::now() < deadline, "agent not ready:\n{text}");
+            thread::sleep(Duration::from_millis(50));
+        }
+        self.agent = Some(agent);
+    }
+
+    pub fn agent_pid(&self) -> u32 {
+        self.agent.as_ref().expect("agent running").child.id()
+    }
+
+    pub fn agent_log(&self) -> String {
+        self.agent
+            .as_ref()
+            .map(|a| fs::read_to_string(&a.log).unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    /// The agent's JSON log records.
+    pub fn agent_records(&self) -> Vec<serde_json::Value> {
+        self.agent_log()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    pub fn signal_agent(&self, signal: &str) {
+        sh(&["kill", &format!("-{signal}"), &self.agent_pid().to_string()]);
+    }
+
+    /// SIGKILL: nothing runs on the way out, as when the agent crashes or is OOM-killed.
+    pub fn kill_agent(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            let _ = agent.child.kill();
+            let _ = agent.child.wait();
+        }
+    }
+
+    /// `bpftool cgroup tree` below the test cgroup.
+    pub fn bpftool_cgroup_tree(&self) -> String {
+        let out = sh(&[
+            "bpftool",
+            "cgroup",
+            "tree",
+            self.test_cgroup.to_str().expect("utf-8"),
+        ]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn agent_command(&self, args: &[&str]) -> Output {
+        Command::new(agent_bin())
+            .args(args)
+            .args(["--bpffs-dir", self.pin_dir.to_str().expect("utf-8")])
+            .output()
+            .expect("run kiam-agent")
+    }
+}
+
+fn wait_ready(mut child: Child, what: &str) -> Child {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read ready line");
+    assert_eq!(line.trim(), "ready", "{what} did not start");
+    child
+}
+
+/// Removes a cgroup subtree, killing anything still in it.
+fn remove_cgroup_tree(path: &Path) {
+    if !path.exists() {
+        return;
+    }
+    let _ = fs::write(path.join("cgroup.kill"), "1");
+    let mut dirs = Vec::new();
+    let mut stack = vec![path.to_owned()];
+    while let Some(dir) = stack.pop() {
+        if let Ok(entries) = fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    stack.push(entry.path());
+                }
+            }
+        }
+        dirs.push(dir);
+    }
+    for dir in dirs.iter().rev() {
+        for _ in 0..50 {
+            match fs::remove_dir(dir) {
+                Ok(()) => break,
+                Err(_) => thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill_agent();
+        if let Some(mut imds) = self.fake_imds.take() {
+            let _ = imds.kill();
+            let _ = imds.wait();
+        }
+        let _ = self.agent_command(&["uninstall"]);
+        let _ = fs::remove_dir_all(&self.pin_dir);
+        remove_cgroup_tree(&self.test_cgroup);
+        for ns in self.pod_netns.iter().chain(std::iter::once(&self.netns)) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}

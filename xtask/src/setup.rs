@@ -1,0 +1,136 @@
+//! `cargo xtask setup`: installs what building and testing kiam-rs needs on a Debian-like
+//! machine, and skips every step that is already done.
+
+use std::{env, ffi::OsString, path::PathBuf, process::Command};
+
+use anyhow::{Context as _, bail};
+
+use crate::run;
+
+/// Debian packages: LLVM 22 for bpf-linker (must match nightly's LLVM), bpftool for
+/// inspection and the tests, iproute2/util-linux/curl for the test topology.
+const APT_PACKAGES: [&str; 6] = [
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "bpftool",
+    "iproute2",
+    "util-linux",
+    "curl",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// `$PATH` with `~/.cargo/bin` in front (where `cargo install` puts bpf-linker).
+pub fn path_with_cargo_bin() -> OsString {
+    let mut paths: Vec<PathBuf> = env::var_os("PATH")
+        .map(|p| env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+    {
+        let bin = home.join("bin");
+        if !paths.contains(&bin) {
+            paths.insert(0, bin);
+        }
+    }
+    env::join_paths(paths).unwrap_or_default()
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    cmd.env("PATH", path_with_cargo_bin());
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn apt_installed(package: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
+        .is_some_and(|s| s.contains("install ok installed"))
+}
+
+fn rustup(args: &[&str]) -> Command {
+    let mut cmd = Command::new("rustup");
+    cmd.args(args).env_remove("RUSTUP_TOOLCHAIN");
+    cmd
+}
+
+pub fn setup() -> anyhow::Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !apt_installed(p))
+        .collect();
+    if missing.is_empty() {
+        eprintln!("setup: apt packages present");
+    } else {
+        if !crate::is_root() {
+            bail!(
+                "setup needs these Debian packages: {} (run as root, or `sudo apt-get install` them)",
+                missing.join(" ")
+            );
+        }
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+
+    let toolchains = output(&mut rustup(&["toolchain", "list"])).unwrap_or_default();
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        run(&mut rustup(&[
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))
+        .context("the eBPF programs need a nightly toolchain")?;
+    }
+    let components = output(&mut rustup(&[
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .unwrap_or_default();
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        run(&mut rustup(&[
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    let stable = output(&mut rustup(&["component", "list", "--installed"])).unwrap_or_default();
+    for component in ["clippy", "rustfmt"] {
+        if !stable.lines().any(|l| l.starts_with(component)) {
+            run(&mut rustup(&["component", "add", component]))?;
+        }
+    }
+
+    let linker = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if linker.contains(BPF_LINKER_VERSION) {
+        eprintln!("setup: bpf-linker {BPF_LINKER_VERSION} present");
+    } else {
+        // The default features want LLVM 23; nightly 1.97 is LLVM 22.
+        run(Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+            .env("PATH", path_with_cargo_bin())
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("CARGO"))?;
+    }
+    Ok(())
+}
