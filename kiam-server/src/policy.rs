@@ -1,0 +1,410 @@
+//! Role policy: which role a pod asks for, and whether its namespace permits it.
+//!
+//! Pure functions over plain data (no Kubernetes or AWS types), so every rule is table-tested.
+//!
+//! - The pod annotation (`iam.amazonaws.com/role` by default) names a role: a name, optionally
+//!   with a path (`team/app`), joined to the base ARN; or a full role ARN (cross-account).
+//! - The namespace permits roles with kiam's `iam.amazonaws.com/permitted` regular expression
+//!   (anchored at both ends) and/or kube2iam's `iam.amazonaws.com/allowed-roles` JSON list.
+//!   No rule permits nothing; a rule that does not parse denies and says why.
+
+use std::fmt;
+
+use regex::Regex;
+
+pub const ANNOTATION_ROLE: &str = "iam.amazonaws.com/role";
+pub const ANNOTATION_PERMITTED: &str = "iam.amazonaws.com/permitted";
+pub const ANNOTATION_ALLOWED_ROLES: &str = "iam.amazonaws.com/allowed-roles";
+pub const ANNOTATION_EXTERNAL_ID: &str = "iam.amazonaws.com/external-id";
+pub const ANNOTATION_SESSION_NAME: &str = "iam.amazonaws.com/session-name";
+
+/// A role ARN, split into the parts the policy needs.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RoleArn {
+    /// `arn:<partition>:iam::<account>:role/<path/name>`.
+    pub arn: String,
+    pub partition: String,
+    pub account: String,
+    /// Path and name without the leading `role/`, e.g. `team/app`.
+    pub name: String,
+}
+
+impl fmt::Display for RoleArn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.arn)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ArnError {
+    #[error("{0:?} is not a role ARN (want arn:<partition>:iam::<12-digit account>:role/<name>)")]
+    NotARoleArn(String),
+    #[error("role name {0:?} is empty or has characters IAM does not allow")]
+    BadName(String),
+}
+
+/// Characters IAM allows in role names and paths (`[\w+=,.@-]`, and `/` between path parts).
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 512
+        && !name.starts_with('/')
+        && !name.ends_with('/')
+        && !name.contains("//")
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+=,.@-_/".contains(c))
+}
+
+impl RoleArn {
+    /// Parses a full role ARN.
+    pub fn parse(arn: &str) -> Result<Self, ArnError> {
+        let bad = || ArnError::NotARoleArn(arn.to_owned());
+        let mut parts = arn.splitn(6, ':');
+        let (Some("arn"), Some(partition), Some("iam"), Some(""), Some(account), Some(resource)) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Err(bad());
+        };
+        if !partition.starts_with("aws")
+            || account.len() != 12
+            || !account.bytes().all(|b| b.is_ascii_digit())
+        {
+            return Err(bad());
+        }
+        let name = resource.strip_prefix("role/").ok_or_else(bad)?;
+        if !valid_name(name) {
+            return Err(ArnError::BadName(name.to_owned()));
+        }
+        Ok(Self {
+            arn: arn.to_owned(),
+            partition: partition.to_owned(),
+            account: account.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// Where role names without an account are looked up: `arn:<partition>:iam::<account>:role/`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BaseArn {
+    pub partition: String,
+    pub account: String,
+}
+
+impl BaseArn {
+    /// Accepts `arn:aws:iam::123456789012:role/` (the trailing `/` optional) or a bare
+    /// 12-digit account id.
+    pub fn parse(base: &str) -> Result<Self, ArnError> {
+        if base.len() == 12 && base.bytes().all(|b| b.is_ascii_digit()) {
+            return Ok(Self {
+                partition: "aws".into(),
+                account: base.into(),
+            });
+        }
+        let probe = format!("{}/x", base.trim_end_matches('/'));
+        let parsed = RoleArn::parse(&probe).map_err(|_| ArnError::NotARoleArn(base.into()))?;
+        if parsed.name != "x" {
+            return Err(ArnError::NotARoleArn(base.into()));
+        }
+        Ok(Self {
+            partition: parsed.partition,
+            account: parsed.account,
+        })
+    }
+
+    /// The base of the account of an STS caller ARN, for `--role-base-arn-autodetect`:
+    /// `arn:aws:sts::123456789012:assumed-role/kiam/i-0abc` or an IAM user/role ARN.
+    pub fn from_caller_arn(arn: &str) -> Result<Self, ArnError> {
+        let parts: Vec<&str> = arn.splitn(6, ':').collect();
+        match parts.as_slice() {
+            ["arn", partition, "sts" | "iam", "", account, _]
+                if account.len() == 12 && account.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                Ok(Self {
+                    partition: (*partition).to_owned(),
+                    account: (*account).to_owned(),
+                })
+            }
+            _ => Err(ArnError::NotARoleArn(arn.to_owned())),
+        }
+    }
+
+    /// Resolves an annotation value: a full ARN stays as it is, a name (with optional path,
+    /// optional leading `/`) joins this base.
+    pub fn resolve(&self, role: &str) -> Result<RoleArn, ArnError> {
+        let role = role.trim();
+        if role.starts_with("arn:") {
+            return RoleArn::parse(role);
+        }
+        let name = role.trim_start_matches('/');
+        if !valid_name(name) {
+            return Err(ArnError::BadName(role.to_owned()));
+        }
+        RoleArn::parse(&format!(
+            "arn:{}:iam::{}:role/{name}",
+            self.partition, self.account
+        ))
+    }
+}
+
+/// A namespace's rules, parsed once per namespace version.
+#[derive(Clone, Debug)]
+pub struct NamespaceRules {
+    permitted: Option<Result<Regex, String>>,
+    allowed: Option<Result<Vec<String>, String>>,
+}
+
+/// Why a role is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    #[error(
+        "namespace {namespace} has no {ANNOTATION_PERMITTED} or {ANNOTATION_ALLOWED_ROLES} annotation, so it permits no role"
+    )]
+    NoRule { namespace: String },
+    #[error("namespace {namespace} does not permit role {role}")]
+    NotPermitted { namespace: String, role: String },
+    #[error(
+        "namespace {namespace} has an invalid {annotation} annotation ({reason}); no role is permitted until it is fixed"
+    )]
+    InvalidRule {
+        namespace: String,
+        annotation: &'static str,
+        reason: String,
+    },
+    #[error("role annotation {value:?}: {reason}")]
+    BadRole { value: String, reason: String },
+}
+
+impl NamespaceRules {
+    /// From the namespace's annotations (`permitted`, `allowed_roles`: their values, if set).
+    pub fn parse(permitted: Option<&str>, allowed_roles: Option<&str>) -> Self {
+        let permitted = permitted.map(|expr| {
+            Regex::new(&format!("^(?:{expr})$")).map_err(|e| {
+                // The regex error is multi-line; its last line says what is wrong.
+                e.to_string()
+                    .lines()
+                    .last()
+                    .unwrap_or("invalid")
+                    .trim()
+                    .to_owned()
+            })
+        });
+        let allowed = allowed_roles.map(|json| {
+            serde_json::from_str::<Vec<String>>(json)
+                .map_err(|e| format!("want a JSON list of role names or ARNs: {e}"))
+        });
+        Self { permitted, allowed }
+    }
+
+    /// Whether `role` is permitted in `namespace`. The `permitted` expression matches the
+    /// role's name (path included, as annotated relative to the base) or its full ARN; an
+    /// `allowed-roles` entry matches when it resolves to the same ARN.
+    pub fn check(&self, namespace: &str, role: &RoleArn, base: &BaseArn) -> Result<(), Denied> {
+        if self.permitted.is_none() && self.allowed.is_none() {
+            return Err(Denied::NoRule {
+                namespace: namespace.to_owned(),
+            });
+        }
+        let invalid = |annotation, reason: &String| Denied::InvalidRule {
+            namespace: namespace.to_owned(),
+            annotation,
+            reason: reason.clone(),
+        };
+        let mut permitted = false;
+        if let Some(rule) = &self.permitted {
+            let re = rule
+                .as_ref()
+                .map_err(|e| invalid(ANNOTATION_PERMITTED, e))?;
+            permitted |= re.is_match(&role.name) || re.is_match(&role.arn);
+        }
+        if let Some(rule) = &self.allowed {
+            let list = rule
+                .as_ref()
+                .map_err(|e| invalid(ANNOTATION_ALLOWED_ROLES, e))?;
+            permitted |= list
+                .iter()
+                .any(|entry| base.resolve(entry).is_ok_and(|arn| arn.arn == role.arn));
+        }
+        match permitted {
+            true => Ok(()),
+            false => Err(Denied::NotPermitted {
+                namespace: namespace.to_owned(),
+                role: role.arn.clone(),
+            }),
+        }
+    }
+}
+
+/// STS session names: `[\w+=,.@-]`, 2 to 64 characters.
+pub fn session_name(raw: &str) -> String {
+    let mut name: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_+=,.@-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(64)
+        .collect();
+    while name.len() < 2 {
+        name.push('-');
+    }
+    name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> BaseArn {
+        BaseArn::parse("arn:aws:iam::123456789012:role/").expect("base")
+    }
+
+    #[test]
+    fn role_annotations_resolve() {
+        let cases: &[(&str, Result<&str, ()>)] = &[
+            ("app", Ok("arn:aws:iam::123456789012:role/app")),
+            ("/app", Ok("arn:aws:iam::123456789012:role/app")),
+            ("team/app", Ok("arn:aws:iam::123456789012:role/team/app")),
+            (" app ", Ok("arn:aws:iam::123456789012:role/app")),
+            (
+                "arn:aws:iam::999999999999:role/other",
+                Ok("arn:aws:iam::999999999999:role/other"),
+            ),
+            (
+                "arn:aws-cn:iam::999999999999:role/p/q",
+                Ok("arn:aws-cn:iam::999999999999:role/p/q"),
+            ),
+            ("", Err(())),
+            ("team//app", Err(())),
+            ("app/", Err(())),
+            ("bad name", Err(())),
+            ("arn:aws:iam::123:role/short-account", Err(())),
+            ("arn:aws:iam::123456789012:user/bob", Err(())),
+            ("arn:aws:s3:::bucket", Err(())),
+            ("arn:aws:iam::123456789012:role/", Err(())),
+        ];
+        for (value, want) in cases {
+            let got = base().resolve(value).map(|a| a.arn).map_err(|_| ());
+            assert_eq!(got.as_deref(), want.as_ref().map(|s| *s), "{value:?}");
+        }
+    }
+
+    #[test]
+    fn base_arns() {
+        assert_eq!(BaseArn::parse("123456789012"), Ok(base()));
+        assert_eq!(BaseArn::parse("arn:aws:iam::123456789012:role"), Ok(base()));
+        assert!(BaseArn::parse("arn:aws:iam::123456789012:role/path/").is_err());
+        assert!(BaseArn::parse("nonsense").is_err());
+        assert_eq!(
+            BaseArn::from_caller_arn("arn:aws:sts::123456789012:assumed-role/kiam/i-0abc"),
+            Ok(base())
+        );
+        assert!(BaseArn::from_caller_arn("arn:aws:sts::12:assumed-role/kiam/x").is_err());
+    }
+
+    fn check(permitted: Option<&str>, allowed: Option<&str>, role: &str) -> Result<(), Denied> {
+        let role = base().resolve(role).expect("role");
+        NamespaceRules::parse(permitted, allowed).check("ns", &role, &base())
+    }
+
+    #[test]
+    fn namespace_rules() {
+        use Denied::*;
+        // Anchored regex against the name (with path) or the full ARN.
+        assert_eq!(check(Some("app"), None, "app"), Ok(()));
+        assert!(matches!(
+            check(Some("app"), None, "app2"),
+            Err(NotPermitted { .. })
+        ));
+        assert!(matches!(
+            check(Some("app"), None, "myapp"),
+            Err(NotPermitted { .. })
+        ));
+        assert_eq!(check(Some("team/.*"), None, "team/app"), Ok(()));
+        assert!(matches!(
+            check(Some("team/.*"), None, "other/app"),
+            Err(NotPermitted { .. })
+        ));
+        assert_eq!(
+            check(Some(".*"), None, "arn:aws:iam::999999999999:role/x"),
+            Ok(())
+        );
+        assert_eq!(
+            check(
+                Some(r"arn:aws:iam::999999999999:role/x"),
+                None,
+                "arn:aws:iam::999999999999:role/x"
+            ),
+            Ok(())
+        );
+        // Alternation stays inside the anchors.
+        assert!(matches!(
+            check(Some("a|b"), None, "ab"),
+            Err(NotPermitted { .. })
+        ));
+        assert_eq!(check(Some("a|b"), None, "b"), Ok(()));
+        // kube2iam's list, by resolved ARN.
+        let list = r#"["app", "arn:aws:iam::999999999999:role/x"]"#;
+        assert_eq!(check(None, Some(list), "app"), Ok(()));
+        assert_eq!(check(None, Some(list), "/app"), Ok(()));
+        assert_eq!(
+            check(None, Some(list), "arn:aws:iam::123456789012:role/app"),
+            Ok(())
+        );
+        assert_eq!(
+            check(None, Some(list), "arn:aws:iam::999999999999:role/x"),
+            Ok(())
+        );
+        assert!(matches!(
+            check(None, Some(list), "x"),
+            Err(NotPermitted { .. })
+        ));
+        // Either rule may permit.
+        assert_eq!(check(Some("nope"), Some(list), "app"), Ok(()));
+        // No rule, bad rules: denied with the reason.
+        assert!(matches!(check(None, None, "app"), Err(NoRule { .. })));
+        let err = check(Some("("), None, "app").expect_err("bad regex");
+        assert!(
+            matches!(
+                err,
+                InvalidRule {
+                    annotation: ANNOTATION_PERMITTED,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = check(None, Some("app"), "app").expect_err("bad json");
+        assert!(
+            matches!(
+                err,
+                InvalidRule {
+                    annotation: ANNOTATION_ALLOWED_ROLES,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // An invalid rule denies even when the other one would permit.
+        assert!(matches!(
+            check(Some("("), Some(list), "app"),
+            Err(InvalidRule { .. })
+        ));
+    }
+
+    #[test]
+    fn session_names_fit_sts() {
+        assert_eq!(session_name("default/web-1"), "default-web-1");
+        assert_eq!(session_name("a"), "a-");
+        assert_eq!(session_name(&"x".repeat(100)).len(), 64);
+        assert_eq!(session_name("ns:pod@x"), "ns-pod@x");
+    }
+}
