@@ -16,7 +16,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, MapError, MapInfo, PerCpuArray},
     pin::PinError,
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, SockOps,
@@ -24,7 +24,9 @@ use aya::{
         loaded_programs,
     },
 };
-use kiam_common::{CONFIG_READY, Config, ConnRecord, map_names, program_names, stat};
+use kiam_common::{
+    CONFIG_READY, Config, ConnRecord, LAYOUT_VERSION, map_names, program_names, stat,
+};
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at build time (empty when the
 /// agent was built without it).
@@ -161,6 +163,10 @@ fn is_bpffs(path: &Path) -> bool {
 
 /// Makes sure `dir` can be created on bpffs, mounting bpffs at `/sys/fs/bpf` when that is
 /// where it should be and nothing is mounted yet.
+///
+/// A bpffs mounted by the agent inside a container lives in the container's mount namespace
+/// unless `/sys/fs/bpf` is a host path with bidirectional propagation; its pins, and with them
+/// the redirect, would vanish with the container. That is logged loudly.
 fn ensure_bpffs(dir: &Path) -> Result<(), LoaderError> {
     let parent = dir.parent().unwrap_or(dir);
     if is_bpffs(parent) {
@@ -176,14 +182,23 @@ fn ensure_bpffs(dir: &Path) -> Result<(), LoaderError> {
             None::<&str>,
         )
         .map_err(LoaderError::Mount)?;
-        tracing::info!(path = BPFFS_MOUNT, "mounted bpffs");
+        tracing::warn!(
+            path = BPFFS_MOUNT,
+            "mounted bpffs: the pins outlive this agent only if this mount is the host's (in a \
+             container: hostPath /sys/fs/bpf with mountPropagation: Bidirectional)"
+        );
         return Ok(());
     }
     Err(LoaderError::NotBpffs(dir.to_owned()))
 }
 
+/// Maps of the current layout; other `maps-v*` directories belong to older agents.
 pub fn maps_dir(pin_dir: &Path) -> PathBuf {
-    pin_dir.join("maps")
+    pin_dir.join(format!("maps-v{LAYOUT_VERSION}"))
+}
+
+fn is_maps_dir(name: &str) -> bool {
+    name == "maps" || name.starts_with("maps-v")
 }
 
 pub fn links_dir(pin_dir: &Path) -> PathBuf {
@@ -194,13 +209,22 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, LoaderError> {
     ebpf.take_map(name).ok_or(LoaderError::MissingMap(name))
 }
 
-/// Program tag of whatever the pinned link at `path` runs.
-fn pinned_link_tag(link: &FdLink) -> Option<(u32, u64)> {
+/// Whether the program behind a pinned link is the one just loaded: the same code (tag) using
+/// the maps pinned now (the tag ignores map references, and a program holding maps from an
+/// older layout or a deleted pin would never see the agent's configuration).
+fn pinned_link_runs(link: &FdLink, tag: u64, map_ids: &[u32]) -> Option<u32> {
     let prog_id = link.info().ok()?.program_id();
-    loaded_programs()
-        .flatten()
-        .find(|p| p.id() == prog_id)
-        .map(|p| (prog_id, p.tag()))
+    let prog = loaded_programs().flatten().find(|p| p.id() == prog_id)?;
+    if prog.tag() != tag {
+        return None;
+    }
+    let uses = prog.map_ids().ok()??;
+    let stale = uses.iter().any(|id| {
+        MapInfo::from_id(*id).is_ok_and(|info| {
+            info.name_as_str().is_some_and(|n| n.starts_with("KIAM_")) && !map_ids.contains(id)
+        })
+    });
+    (!stale).then_some(prog_id)
 }
 
 /// Loads the object (re-using pinned maps), attaches or re-adopts every program, writes the
@@ -225,6 +249,10 @@ pub fn install(opts: &InstallOptions) -> Result<Installed, LoaderError> {
         loader.map_pin_path(name, path.as_path());
     }
     let mut ebpf = loader.load(OBJECT).map_err(LoaderError::Load)?;
+    let map_ids: Vec<u32> = map_paths
+        .iter()
+        .filter_map(|(_, path)| MapInfo::from_pin(path).ok().map(|i| i.id()))
+        .collect();
 
     let mut config: Array<MapData, Config> =
         Array::try_from(take_map(&mut ebpf, map_names::CONFIG)?)
@@ -272,7 +300,8 @@ pub fn install(opts: &InstallOptions) -> Result<Installed, LoaderError> {
     let mut pinned = Vec::new();
     let mut program_ids = Vec::new();
     for name in program_names::ALL {
-        let (link, action, prog_id) = attach_one(&mut ebpf, name, &cgroup, &links.join(name))?;
+        let (link, action, prog_id) =
+            attach_one(&mut ebpf, name, &cgroup, &links.join(name), &map_ids)?;
         tracing::info!(
             program = name,
             ?action,
@@ -298,6 +327,9 @@ pub fn install(opts: &InstallOptions) -> Result<Installed, LoaderError> {
             .map_err(prog_err(program_names::SOCK_OPS))?;
         tracing::info!(cgroup = %opts.own_cgroup.display(), "sock_ops attached to the agent's own cgroup");
     }
+
+    // Older layouts' maps are only referenced by programs that were just replaced.
+    remove_stale_maps(&opts.pin_dir);
 
     let accepted = HashMap::try_from(take_map(&mut ebpf, map_names::ACCEPTED)?)
         .map_err(map_err(map_names::ACCEPTED))?;
@@ -332,11 +364,13 @@ impl<'a> Prog<'a> {
             .program_mut(name)
             .ok_or(LoaderError::MissingProgram(name))?;
         let prog = match name {
-            program_names::CONNECT4 | program_names::CONNECT6 => {
-                Self::SockAddr(program.try_into().map_err(prog_err(name))?)
-            }
+            program_names::CONNECT4
+            | program_names::CONNECT6
+            | program_names::BIND4
+            | program_names::BIND6 => Self::SockAddr(program.try_into().map_err(prog_err(name))?),
             program_names::SOCK_OPS => Self::SockOps(program.try_into().map_err(prog_err(name))?),
-            _ => Self::Skb(program.try_into().map_err(prog_err(name))?),
+            program_names::EGRESS => Self::Skb(program.try_into().map_err(prog_err(name))?),
+            _ => return Err(LoaderError::MissingProgram(name)),
         };
         Ok(prog)
     }
@@ -413,6 +447,7 @@ fn attach_one(
     name: &'static str,
     cgroup: &fs::File,
     pin: &Path,
+    map_ids: &[u32],
 ) -> Result<(PinnedLink, LinkAction, u32), LoaderError> {
     let mut prog = Prog::of(ebpf, name)?;
     // Loaded first: the tag tells whether a pinned link runs this very code.
@@ -422,9 +457,7 @@ fn attach_one(
         return Ok((pin_link(link, pin)?, LinkAction::Attached, info.id()));
     }
     let existing: FdLink = open_pinned_link(pin)?.into();
-    if let Some((prog_id, tag)) = pinned_link_tag(&existing)
-        && tag == info.tag()
-    {
+    if let Some(prog_id) = pinned_link_runs(&existing, info.tag(), map_ids) {
         // Same code already attached: keep it, and do not leave an idle copy loaded.
         prog.unload().map_err(prog_err(name))?;
         return Ok((open_pinned_link(pin)?, LinkAction::Readopted, prog_id));
@@ -440,13 +473,39 @@ fn attach_one(
     Ok((open_pinned_link(pin)?, LinkAction::Replaced, info.id()))
 }
 
+fn remove_stale_maps(pin_dir: &Path) {
+    let current = maps_dir(pin_dir);
+    let Ok(entries) = fs::read_dir(pin_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        if path != current && is_maps_dir(&name.to_string_lossy()) {
+            match fs::remove_dir_all(&path) {
+                Ok(()) => tracing::info!(path = %path.display(), "removed maps of an older layout"),
+                Err(error) => {
+                    tracing::warn!(path = %path.display(), %error, "cannot remove old maps")
+                }
+            }
+        }
+    }
+}
+
 /// Removes every pin under `pin_dir` (links first, so the hooks go before their maps).
 /// Returns the paths removed. Links held open by a running agent stay attached until it exits.
 pub fn uninstall(pin_dir: &Path) -> Result<Vec<PathBuf>, LoaderError> {
     let mut removed = Vec::new();
-    let links = links_dir(pin_dir);
-    let maps = maps_dir(pin_dir);
-    for dir in [&links, &maps] {
+    let mut dirs = vec![links_dir(pin_dir)];
+    if let Ok(entries) = fs::read_dir(pin_dir) {
+        dirs.extend(
+            entries
+                .flatten()
+                .filter(|e| is_maps_dir(&e.file_name().to_string_lossy()))
+                .map(|e| e.path()),
+        );
+    }
+    for dir in &dirs {
         let entries = match fs::read_dir(dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,

@@ -73,11 +73,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        // Listen before the redirect is configured, so the first redirected pod finds us.
-        let listener = TcpListener::bind(net.listen)
-            .await
-            .with_context(|| format!("listening on {} (--bind/--port)", net.listen))?;
         raise_memlock_limit();
+        // Install first: pinned programs from a previous run refuse bind() to the agent's port
+        // until this agent's cgroup is in the exempt set. Until the listener is up, redirected
+        // pods get "connection refused".
         let installed = loader::install(&loader::InstallOptions {
             pin_dir: args.bpffs_dir.clone(),
             attach_cgroup: attach.clone(),
@@ -87,6 +86,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             config: net.kernel,
             exempt,
         })?;
+        let listener = TcpListener::bind(net.listen)
+            .await
+            .with_context(|| format!("listening on {} (--bind/--port)", net.listen))?;
         start_kernel_logs(&installed);
         let resolver = Arc::new(resolver::Resolver::new(
             resolver::AcceptedMap::new(installed.accepted),

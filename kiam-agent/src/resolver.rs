@@ -9,7 +9,7 @@
 //! can go stale only by its cgroup disappearing; those are pruned periodically.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fs,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
@@ -18,7 +18,7 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
-use kiam_common::ConnRecord;
+use kiam_common::{ConnRecord, RECORD_POISONED};
 
 use crate::{
     cgroup,
@@ -75,6 +75,8 @@ pub struct Caller {
 pub enum ResolveError {
     #[error("connection did not come through the metadata-address redirect")]
     NoRecord,
+    #[error("another socket claimed this connection's address and port; refusing both")]
+    Collision,
     #[error("reading the connection record")]
     Map(#[source] MapError),
     #[error("cgroup {0} of the caller no longer exists")]
@@ -100,6 +102,8 @@ pub struct Resolver<S> {
     /// Walked on a cache miss: the pods cgroup.
     search_root: PathBuf,
     cache: RwLock<HashMap<u64, Arc<CachedCgroup>>>,
+    /// Ids a walk did not find (removed, or too deep below the pods cgroup).
+    gone: Mutex<HashSet<u64>>,
     walk: tokio::sync::Mutex<()>,
 }
 
@@ -110,6 +114,7 @@ impl<S: RecordSource> Resolver<S> {
             root,
             search_root,
             cache: RwLock::new(HashMap::new()),
+            gone: Mutex::new(HashSet::new()),
             walk: tokio::sync::Mutex::new(()),
         }
     }
@@ -121,6 +126,9 @@ impl<S: RecordSource> Resolver<S> {
             .take(cookie)
             .map_err(ResolveError::Map)?
             .ok_or(ResolveError::NoRecord)?;
+        if record.flags & RECORD_POISONED != 0 {
+            return Err(ResolveError::Collision);
+        }
         let cached = self.cgroup(record.cgroup_id, record.tgid).await?;
         match &cached.pod {
             Ok(pod) => Ok(Caller {
@@ -170,9 +178,18 @@ impl<S: RecordSource> Resolver<S> {
                 }
             }
         }
+        // Cgroup ids are never reused and the cgroup existed when the caller connected, so an
+        // id a walk did not find will never be found: remember that instead of walking again
+        // (a pod creating cgroups must not make the agent walk per connection).
+        if self.is_gone(id) {
+            return Err(ResolveError::CgroupGone(id));
+        }
         let _walking = self.walk.lock().await;
         if let Some(hit) = self.cached(id) {
             return Ok(hit);
+        }
+        if self.is_gone(id) {
+            return Err(ResolveError::CgroupGone(id));
         }
         let search_root = self.search_root.clone();
         let found = tokio::task::spawn_blocking(move || walk(&search_root))
@@ -180,7 +197,22 @@ impl<S: RecordSource> Resolver<S> {
             .unwrap_or_default();
         tracing::debug!(cgroups = found.len(), "walked the pods cgroup");
         self.remember(found);
-        self.cached(id).ok_or(ResolveError::CgroupGone(id))
+        match self.cached(id) {
+            Some(hit) => Ok(hit),
+            None => {
+                let mut gone = self.gone.lock().unwrap_or_else(|e| e.into_inner());
+                if gone.len() >= MAX_CACHED {
+                    gone.clear();
+                }
+                gone.insert(id);
+                Err(ResolveError::CgroupGone(id))
+            }
+        }
+    }
+
+    fn is_gone(&self, id: u64) -> bool {
+        let gone = self.gone.lock().unwrap_or_else(|e| e.into_inner());
+        gone.contains(&id)
     }
 
     /// Drops cached cgroups that no longer exist.
@@ -300,9 +332,14 @@ mod tests {
     async fn unknown_cgroups_and_non_pods_are_refused() {
         let (dir, container) = tree();
         let qos = container.parent().and_then(Path::parent).expect("qos dir");
+        let poisoned = ConnRecord {
+            flags: RECORD_POISONED,
+            ..record(inode(&container).expect("inode"))
+        };
         let records = Records(Mutex::new(HashMap::from([
             (1, record(u64::MAX)),
             (2, record(inode(qos).expect("inode"))),
+            (4, poisoned),
         ])));
         let resolver = Resolver::new(
             records,
@@ -313,6 +350,7 @@ mod tests {
             resolver.resolve(1).await,
             Err(ResolveError::CgroupGone(u64::MAX))
         ));
+        assert!(resolver.is_gone(u64::MAX), "unknown ids are remembered");
         assert!(matches!(
             resolver.resolve(2).await,
             Err(ResolveError::NotAPod { .. })
@@ -320,6 +358,11 @@ mod tests {
         assert!(matches!(
             resolver.resolve(3).await,
             Err(ResolveError::NoRecord)
+        ));
+        // A poisoned record is refused even though its cgroup is a real pod's.
+        assert!(matches!(
+            resolver.resolve(4).await,
+            Err(ResolveError::Collision)
         ));
     }
 }

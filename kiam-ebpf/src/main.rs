@@ -21,8 +21,8 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_addr,
+        BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_addr,
     },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_socket_cookie,
@@ -35,7 +35,7 @@ use aya_ebpf::{
 use aya_log_ebpf::info;
 use kiam_common::{
     CONFIG_LOG_CONNECTIONS, CONFIG_READY, Config, ConnRecord, IMDS_ADDR4, IMDS_ADDR6, IMDS_PORT,
-    TupleKey, V4_MAPPED_WORD, limits, stat, v4_mapped,
+    RECORD_POISONED, TupleKey, V4_MAPPED_WORD, limits, stat, v4_mapped,
 };
 
 const AF_INET6: u32 = 10;
@@ -200,15 +200,18 @@ fn redirect(ctx: &SockAddrContext, orig_addr: [u32; 4], counter: u32) -> Redirec
             return Redirect::Deny;
         }
     };
+    // SAFETY: the context pointer is what the helper expects for sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let record = ConnRecord {
         cgroup_id,
+        client_cookie: cookie,
         // The upper half is the tgid.
         tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
         orig_port: IMDS_PORT as u32,
         orig_addr,
+        flags: 0,
+        _reserved: 0,
     };
-    // SAFETY: the context pointer is what the helper expects for sock_addr programs.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     if KIAM_CONNECT.insert(cookie, record, 0).is_err() {
         // Without a record the agent could not tell who is asking: refuse rather than guess.
         count(stat::DENIED_NO_RECORD);
@@ -247,21 +250,50 @@ fn on_tcp_connect(ctx: &SockOpsContext) {
     };
     // SAFETY: pointer from a successful lookup; copied out at once.
     let record = unsafe { *record };
-    let key = client_side_key(ctx);
     let _ = KIAM_CONNECT.remove(cookie);
-    if KIAM_TUPLES.insert(key, record, 0).is_ok() {
+    let key = client_side_key(ctx);
+    // The record is for a connection to the agent. A socket whose redirected connect() failed
+    // and that then connects elsewhere does not carry it along.
+    let Some(config) = config() else {
+        return;
+    };
+    let to_agent = key.server_port == config.agent_port
+        && (key.server_addr == v4_mapped(config.agent_addr4)
+            || key.server_addr == config.agent_addr6);
+    if !to_agent {
+        return;
+    }
+    // Never overwrite: a second socket claiming the same 4-tuple is either spoofing another
+    // pod's address (IP_TRANSPARENT, given CAP_NET_ADMIN) or being spoofed. Poison the entry so
+    // the agent answers neither, rather than the wrong one.
+    if KIAM_TUPLES.insert(key, record, BPF_NOEXIST as u64).is_ok() {
         // Ask for STATE_CB so the tuple entry goes away when this socket closes, whether or
         // not the agent ever completed the handshake: a later connection reusing the tuple
         // must never inherit this record.
         let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    } else if let Some(existing) = KIAM_TUPLES.get_ptr_mut(key) {
+        // SAFETY: pointer from a successful lookup; a single 4-byte store.
+        unsafe { (*existing).flags |= RECORD_POISONED };
+        count(stat::TUPLE_COLLISION);
     }
 }
 
 /// Client side: the redirected socket changed state.
 #[inline(always)]
 fn on_state_change(ctx: &SockOpsContext) {
-    if ctx.arg(1) == BPF_TCP_CLOSE {
-        let _ = KIAM_TUPLES.remove(client_side_key(ctx));
+    if ctx.arg(1) != BPF_TCP_CLOSE {
+        return;
+    }
+    let key = client_side_key(ctx);
+    // SAFETY: the sock_ops context is a valid argument for the helper.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    // Only the socket that created the entry may remove it, so a spoofer closing its own
+    // socket cannot clear a poisoned entry.
+    if let Some(entry) = KIAM_TUPLES.get_ptr(key)
+        // SAFETY: pointer from a successful lookup.
+        && unsafe { (*entry).client_cookie } == cookie
+    {
+        let _ = KIAM_TUPLES.remove(key);
     }
 }
 
@@ -359,6 +391,39 @@ fn remote_addr(ctx: &SockOpsContext) -> [u32; 4] {
     } else {
         v4_mapped(v4)
     }
+}
+
+/// Refuses `bind()` to the agent's TCP port for everyone but exempt cgroups, so a host-network
+/// pod cannot take the agent's place while it restarts and answer other pods' requests.
+#[cgroup_sock_addr(bind4)]
+pub fn kiam_bind4(ctx: SockAddrContext) -> i32 {
+    guard_bind(&ctx)
+}
+
+/// `bind4` for IPv6 sockets (a dual-stack `[::]` listener receives IPv4 connections too).
+#[cgroup_sock_addr(bind6)]
+pub fn kiam_bind6(ctx: SockAddrContext) -> i32 {
+    guard_bind(&ctx)
+}
+
+#[inline(always)]
+fn guard_bind(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: constant-offset 4-byte loads from the kernel-provided context.
+    let (port, sock_type) = unsafe { ((*sa).user_port, (*sa).type_) };
+    let Some(config) = config() else {
+        return ALLOW;
+    };
+    if sock_type != SOCK_STREAM || port != agent_port_net(&config) {
+        return ALLOW;
+    }
+    // SAFETY: helper without arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    if KIAM_EXEMPT.get_ptr(cgroup_id).is_some() {
+        return ALLOW;
+    }
+    count(stat::BIND_DENIED);
+    DENY
 }
 
 /// Drops packets still addressed to the metadata service: raw sockets and anything the

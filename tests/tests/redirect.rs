@@ -13,6 +13,9 @@ use std::{
 
 use support::{AGENT_IP, AGENT_PORT, HELPER, IMDS, Node, Pod, privileged};
 
+const METADATA_URL6: &str = "http://[fd00:ec2::254]/latest/meta-data/";
+const METADATA_URL_MAPPED: &str = "http://[::ffff:169.254.169.254]/latest/meta-data/";
+
 const METADATA_URL: &str = "http://169.254.169.254/latest/meta-data/";
 
 /// Parses `200 {json}` from the helper; panics with the line otherwise.
@@ -84,16 +87,24 @@ fn outside_the_attach_point_and_the_agent_itself_reach_the_real_metadata_service
     let line = node.run_in(&outside, &pod.netns, &[HELPER, "get", METADATA_URL]);
     assert_eq!(line.trim(), "200 real-imds");
     assert_eq!(node.fake_imds_connections(), 1);
+    // The fake real IMDS answers on IPv6 too, so the pods' zero counts elsewhere mean
+    // something.
+    let line = node.run_in(&outside, &pod.netns, &[HELPER, "get", METADATA_URL6]);
+    assert_eq!(line.trim(), "200 real-imds");
+    let line = node.run_in(&outside, &pod.netns, &[HELPER, "get", METADATA_URL_MAPPED]);
+    assert_eq!(line.trim(), "200 real-imds");
+    assert_eq!(node.fake_imds_connections(), 3);
 
     // The agent's own cgroup is exempt although it sits below the attach point.
     let agent = node.agent_pod.clone();
     let line = node.run_in(&agent.cgroup, &agent.netns, &[HELPER, "get", METADATA_URL]);
     assert_eq!(line.trim(), "200 real-imds");
-    assert_eq!(node.fake_imds_connections(), 2);
+    assert_eq!(node.fake_imds_connections(), 4);
 
     // ... while a pod is still redirected.
     assert_is(&pod, &node.get(&pod, METADATA_URL));
-    assert_eq!(node.fake_imds_connections(), 2);
+    assert_is(&pod, &node.get(&pod, METADATA_URL6));
+    assert_eq!(node.fake_imds_connections(), 4);
 }
 
 #[test]
@@ -267,14 +278,18 @@ fn a_direct_connection_to_the_agent_is_refused_not_guessed() {
     assert_is(&pod, &node.get(&pod, METADATA_URL));
 }
 
+const PROGRAMS: [&str; 6] = [
+    "kiam_egress",
+    "kiam_bind4",
+    "kiam_bind6",
+    "kiam_connect4",
+    "kiam_connect6",
+    "kiam_sock_ops",
+];
+
 fn count_attachments(tree: &str) -> HashMap<&str, usize> {
     let mut counts = HashMap::new();
-    for name in [
-        "kiam_connect4",
-        "kiam_connect6",
-        "kiam_sock_ops",
-        "kiam_egress",
-    ] {
+    for name in PROGRAMS {
         counts.insert(name, tree.lines().filter(|l| l.contains(name)).count());
     }
     counts
@@ -291,7 +306,7 @@ fn a_killed_agent_fails_closed_and_a_restarted_one_readopts_its_pins() {
     assert_is(&pod, &node.get(&pod, METADATA_URL));
 
     node.kill_agent();
-    for url in [METADATA_URL, "http://[fd00:ec2::254]/latest/meta-data/"] {
+    for url in [METADATA_URL, METADATA_URL6, METADATA_URL_MAPPED] {
         let line = node.get(&pod, url);
         assert!(line.starts_with("ERROR"), "agent dead, got {line:?}");
     }
@@ -314,16 +329,11 @@ fn a_killed_agent_fails_closed_and_a_restarted_one_readopts_its_pins() {
             r["fields"]["message"] == "program ready" && r["fields"]["action"] == "Readopted"
         })
         .count();
-    assert_eq!(readopted, 4, "{}", node.agent_log());
+    assert_eq!(readopted, PROGRAMS.len(), "{}", node.agent_log());
     let tree = node.bpftool_cgroup_tree();
     assert_eq!(
         count_attachments(&tree),
-        HashMap::from([
-            ("kiam_connect4", 1),
-            ("kiam_connect6", 1),
-            ("kiam_sock_ops", 1),
-            ("kiam_egress", 1)
-        ]),
+        PROGRAMS.iter().map(|p| (*p, 1)).collect::<HashMap<_, _>>(),
         "one of each after restart:\n{tree}"
     );
     assert_is(&pod, &node.get(&pod, METADATA_URL));
@@ -348,7 +358,7 @@ fn status_reports_the_pins_and_uninstall_removes_them() {
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(
         status["links"].as_array().map(Vec::len),
-        Some(4),
+        Some(PROGRAMS.len()),
         "{status}"
     );
     assert_eq!(status["config"]["ready"], true);
@@ -380,4 +390,90 @@ fn status_reports_the_pins_and_uninstall_removes_them() {
     // Without the programs the pod reaches the fake real IMDS again: the redirect was what
     // kept it away.
     assert_eq!(node.get(&pod, METADATA_URL), "200 real-imds");
+    assert_eq!(node.get(&pod, METADATA_URL6), "200 real-imds");
+}
+
+#[test]
+fn only_the_agent_may_bind_its_port_even_while_it_is_down() {
+    if !privileged("bind guard") {
+        return;
+    }
+    let mut node = Node::new();
+    let pod = node.add_host_network_pod();
+    node.start_agent();
+    node.kill_agent();
+    let ns = node.netns.clone();
+    // A host-network pod would otherwise receive every pod's metadata connections.
+    for addr in ["0.0.0.0:8181", "198.19.0.1:8181", "[::]:8181"] {
+        let line = node.run_in(&pod.cgroup, &ns, &[HELPER, "bind", addr]);
+        assert!(line.starts_with("denied"), "{addr}: {line}");
+    }
+    // Other ports are untouched, and the port itself is free: a system service may bind it.
+    let line = node.run_in(&pod.cgroup, &ns, &[HELPER, "bind", "0.0.0.0:8182"]);
+    assert_eq!(line.trim(), "bound");
+    let outside = node.outside_cgroup();
+    let line = node.run_in(&outside, &ns, &[HELPER, "bind", "0.0.0.0:8181"]);
+    assert_eq!(line.trim(), "bound");
+    // The restarted agent is exempt before it binds.
+    node.start_agent();
+    let client = node.add_pod();
+    assert_is(&client, &node.get(&client, METADATA_URL));
+}
+
+#[test]
+fn a_spoofed_tuple_is_refused_instead_of_answered_for_the_wrong_pod() {
+    if !privileged("tuple spoofing") {
+        return;
+    }
+    let mut node = Node::new();
+    let attacker = node.add_pod();
+    let victim = node.add_pod();
+    node.start_agent();
+    // The attacker (a pod granted CAP_NET_ADMIN) claims the victim's address and a port with
+    // IP_TRANSPARENT and starts a redirected connection from it; its handshake never
+    // completes, but its record waits under the victim's 4-tuple.
+    let port = "41414";
+    let mut spoof = node.spawn_in(
+        &attacker.cgroup,
+        &attacker.netns,
+        &[
+            HELPER,
+            "spoof",
+            "--from",
+            &format!("{}:{port}", victim.ip),
+            METADATA_URL,
+            "--hold-ms",
+            "8000",
+        ],
+    );
+    let mut lines = BufReader::new(spoof.stdout.take().expect("stdout")).lines();
+    assert_eq!(
+        lines.next().and_then(Result::ok).as_deref(),
+        Some("started")
+    );
+    // The victim connects from the same address and port.
+    let line = node.run_in(
+        &victim.cgroup,
+        &victim.netns,
+        &[
+            HELPER,
+            "get",
+            METADATA_URL,
+            "--bind-port",
+            port,
+            "--timeout-ms",
+            "7000",
+        ],
+    );
+    let line = line.trim();
+    assert!(
+        !line.contains(&attacker.uid),
+        "victim was answered as the attacker: {line}"
+    );
+    assert!(line.starts_with("403 "), "{line}");
+    assert!(line.contains("claimed"), "{line}");
+    let _ = spoof.kill();
+    let _ = spoof.wait();
+    // Other connections of the victim are answered normally.
+    assert_is(&victim, &node.get(&victim, METADATA_URL));
 }

@@ -43,10 +43,21 @@ pub mod program_names {
     pub const SOCK_OPS: &str = "kiam_sock_ops";
     /// `cgroup_skb/egress`: drops anything still addressed to the metadata service.
     pub const EGRESS: &str = "kiam_egress";
+    /// `cgroup/bind4`: only the agent may bind the agent's port.
+    pub const BIND4: &str = "kiam_bind4";
+    /// `cgroup/bind6`: the same for IPv6 sockets.
+    pub const BIND6: &str = "kiam_bind6";
 
-    /// Every program, in attach order.
-    pub const ALL: [&str; 4] = [CONNECT4, CONNECT6, SOCK_OPS, EGRESS];
+    /// Every program, in attach order: the guards first, so that an install that fails half
+    /// way leaves pods cut off from the metadata service rather than let through.
+    pub const ALL: [&str; 6] = [EGRESS, BIND4, BIND6, CONNECT4, CONNECT6, SOCK_OPS];
 }
+
+/// Version of the map layouts (types, sizes, bounds). Maps are pinned under
+/// `maps-v<LAYOUT_VERSION>`, so an agent with another layout gets fresh maps and swaps its
+/// programs in instead of reusing incompatible ones. Bump on any change to the types below or
+/// to `limits`.
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Bounds of the maps. Entries live for the few milliseconds between a pod's `connect()` and
 /// the agent's `accept()`; the bounds only matter under a flood.
@@ -73,8 +84,12 @@ pub mod stat {
     pub const BOUND: u32 = 5;
     /// Packets to the metadata address dropped by the egress guard.
     pub const GUARD_DROPPED: u32 = 6;
+    /// Two connections claimed one 4-tuple; the record was poisoned.
+    pub const TUPLE_COLLISION: u32 = 7;
+    /// A `bind()` to the agent's port from outside the agent, refused.
+    pub const BIND_DENIED: u32 = 8;
     /// Number of counters.
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 9;
 
     /// Counter names, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -85,6 +100,8 @@ pub mod stat {
         "denied_no_record",
         "bound_to_agent_socket",
         "guard_dropped",
+        "tuple_collision",
+        "bind_denied",
     ];
 }
 
@@ -114,18 +131,28 @@ pub struct Config {
     pub _reserved: u32,
 }
 
+/// `ConnRecord::flags`: two connections claimed the same 4-tuple (one of them spoofing the
+/// other's address, e.g. with `IP_FREEBIND`). The agent refuses a poisoned record: it cannot
+/// tell which of the two it is talking to.
+pub const RECORD_POISONED: u32 = 1;
+
 /// What connect4/6 learned about a connection to the metadata address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnRecord {
     /// `bpf_get_current_cgroup_id()` of the connecting task: its container's cgroup.
     pub cgroup_id: u64,
+    /// Cookie of the client socket; only that socket may remove its tuple entry.
+    pub client_cookie: u64,
     /// Process id (thread group id) of the connecting task, in the root pid namespace.
     pub tgid: u32,
     /// Original destination port (host order).
     pub orig_port: u32,
     /// Original destination address (IPv4-mapped for IPv4).
     pub orig_addr: [u32; 4],
+    /// `RECORD_*` bits.
+    pub flags: u32,
+    pub _reserved: u32,
 }
 
 /// One end-to-end TCP connection, the same seen from the client or the agent.
@@ -219,7 +246,7 @@ mod tests {
     #[test]
     fn layouts_have_no_padding() {
         assert_eq!(size_of::<Config>(), 8 + 4 + 16 + 4 + 4 + 4);
-        assert_eq!(size_of::<ConnRecord>(), 8 + 4 + 4 + 16);
+        assert_eq!(size_of::<ConnRecord>(), 8 + 8 + 4 + 4 + 16 + 4 + 4);
         assert_eq!(size_of::<TupleKey>(), 16 + 16 + 4 + 4);
     }
 

@@ -42,11 +42,26 @@ enum Cmd {
         /// Half-close (shutdown write) after sending, then read the answer.
         #[arg(long)]
         half_close: bool,
+        /// Connect from this local port.
+        #[arg(long)]
+        bind_port: Option<u16>,
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
     },
     /// Connect, send a request and close at once without reading; print own pid first.
     SendAndClose { url: String },
+    /// Try to listen on `addr`; prints `bound` or `denied: <error>`.
+    Bind { addr: SocketAddr },
+    /// Claim another address (IP_TRANSPARENT: a pod granted CAP_NET_ADMIN can do this), start
+    /// a connection from it and hold it open (in SYN_SENT: the answers go to the address's
+    /// real owner) for `hold_ms`. Prints `started`.
+    Spoof {
+        #[arg(long)]
+        from: SocketAddr,
+        url: String,
+        #[arg(long, default_value_t = 5000)]
+        hold_ms: u64,
+    },
     /// Send one hand-made TCP SYN through a raw socket.
     RawSyn {
         #[arg(long)]
@@ -116,8 +131,28 @@ fn request(url: &Url) -> String {
     )
 }
 
-fn get_once(url: &Url, half_close: bool, timeout: Duration) -> anyhow::Result<String> {
-    let mut stream = TcpStream::connect_timeout(&url.addr, timeout)?;
+fn connect(url: &Url, bind_port: Option<u16>, timeout: Duration) -> anyhow::Result<TcpStream> {
+    let Some(port) = bind_port else {
+        return Ok(TcpStream::connect_timeout(&url.addr, timeout)?);
+    };
+    let socket = Socket::new(Domain::for_address(url.addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    let local: SocketAddr = match url.addr {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, port).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, port).into(),
+    };
+    socket.bind(&local.into())?;
+    socket.connect_timeout(&url.addr.into(), timeout)?;
+    Ok(socket.into())
+}
+
+fn get_once(
+    url: &Url,
+    half_close: bool,
+    bind_port: Option<u16>,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    let mut stream = connect(url, bind_port, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.write_all(request(url).as_bytes())?;
     if half_close {
@@ -139,6 +174,7 @@ fn get(
     count: usize,
     concurrency: usize,
     half_close: bool,
+    bind_port: Option<u16>,
     timeout_ms: u64,
 ) -> anyhow::Result<()> {
     let url = Arc::new(parse_url(url)?);
@@ -150,7 +186,7 @@ fn get(
             thread::spawn(move || {
                 let mut lines = Vec::new();
                 while next.fetch_add(1, Ordering::SeqCst) < count {
-                    lines.push(match get_once(&url, half_close, timeout) {
+                    lines.push(match get_once(&url, half_close, bind_port, timeout) {
                         Ok(line) => line,
                         Err(e) => format!("ERROR {e}"),
                     });
@@ -167,6 +203,33 @@ fn get(
             writeln!(out, "{line}")?;
         }
     }
+    Ok(())
+}
+
+fn bind(addr: SocketAddr) -> anyhow::Result<()> {
+    match TcpListener::bind(addr) {
+        Ok(_) => println!("bound"),
+        Err(e) => println!("denied: {e}"),
+    }
+    Ok(())
+}
+
+fn spoof(from: SocketAddr, url: &str, hold: Duration) -> anyhow::Result<()> {
+    let url = parse_url(url)?;
+    let socket = Socket::new(Domain::for_address(url.addr), Type::STREAM, None)?;
+    // IP_FREEBIND alone is not enough: TCP's route lookup refuses a non-local source.
+    socket.set_ip_transparent_v4(true)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&from.into())?;
+    socket.set_nonblocking(true)?;
+    // In progress: the SYN-ACK goes to the address's real owner, never to us.
+    match socket.connect(&url.addr.into()) {
+        Err(e) if e.raw_os_error() != Some(115) => bail!("connect: {e}"),
+        _ => {}
+    }
+    println!("started");
+    std::io::stdout().flush()?;
+    thread::sleep(hold);
     Ok(())
 }
 
@@ -287,8 +350,11 @@ fn main() -> anyhow::Result<()> {
             count,
             concurrency,
             half_close,
+            bind_port,
             timeout_ms,
-        } => get(&url, count, concurrency, half_close, timeout_ms),
+        } => get(&url, count, concurrency, half_close, bind_port, timeout_ms),
+        Cmd::Bind { addr } => bind(addr),
+        Cmd::Spoof { from, url, hold_ms } => spoof(from, &url, Duration::from_millis(hold_ms)),
         Cmd::SendAndClose { url } => send_and_close(&url),
         Cmd::RawSyn {
             src,

@@ -21,8 +21,11 @@ use std::{
 pub const HELPER: &str = env!("CARGO_BIN_EXE_kiam-e2e-helper");
 /// Address of the node that pods are redirected to (on the node namespace's loopback).
 pub const AGENT_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
+/// The node's IPv6 address pods connecting to `[fd00:ec2::254]` are sent to.
+pub const AGENT_IP6: &str = "fd00:198:19::1";
 pub const AGENT_PORT: u16 = 8181;
 pub const IMDS: &str = "169.254.169.254";
+pub const IMDS6: &str = "fd00:ec2::254";
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -145,7 +148,7 @@ pub struct Node {
     pub dir: PathBuf,
     pub agent_pod: Pod,
     pub agent: Option<Agent>,
-    fake_imds: Option<Child>,
+    fake_imds: Vec<Child>,
     pod_netns: Vec<String>,
     pods: u32,
     agent_starts: u32,
@@ -182,7 +185,7 @@ impl Node {
             netns,
             dir,
             agent: None,
-            fake_imds: None,
+            fake_imds: Vec::new(),
             pod_netns: Vec::new(),
             pods: 0,
             agent_starts: 0,
@@ -209,23 +212,29 @@ impl Node {
             "dev",
             "lo",
         ]);
+        for v6 in [IMDS6, AGENT_IP6] {
+            let addr = format!("{v6}/128");
+            sh(&["ip", "-n", &ns, "addr", "add", &addr, "dev", "lo", "nodad"]);
+        }
         // The agent runs as a (host-network) pod itself, like the DaemonSet: exempt by cgroup.
         node.agent_pod = node.add_pod_cgroup("besteffort", ns.clone(), AGENT_IP);
         let outside = node.outside_cgroup();
         let log = node.fake_imds_log();
-        let child = node.spawn_in(
-            &outside,
-            &ns,
-            &[
-                HELPER,
-                "fake-imds",
-                "--listen",
-                &format!("{IMDS}:80"),
-                "--log",
-                log.to_str().expect("utf-8"),
-            ],
-        );
-        node.fake_imds = Some(wait_ready(child, "fake-imds"));
+        for listen in [format!("{IMDS}:80"), format!("[{IMDS6}]:80")] {
+            let child = node.spawn_in(
+                &outside,
+                &ns,
+                &[
+                    HELPER,
+                    "fake-imds",
+                    "--listen",
+                    &listen,
+                    "--log",
+                    log.to_str().expect("utf-8"),
+                ],
+            );
+            node.fake_imds.push(wait_ready(child, "fake-imds"));
+        }
         node
     }
 
@@ -318,6 +327,25 @@ impl Node {
         sh(&[
             "ip", "-n", &netns, "route", "add", "default", "via", &host_ip,
         ]);
+        let (host_ip6, pod_ip6) = (format!("fd00:198:18:{n}::1"), format!("fd00:198:18:{n}::2"));
+        let (host_net6, pod_net6) = (format!("{host_ip6}/64"), format!("{pod_ip6}/64"));
+        sh(&[
+            "ip",
+            "-n",
+            &self.netns,
+            "addr",
+            "add",
+            &host_net6,
+            "dev",
+            &host_if,
+            "nodad",
+        ]);
+        sh(&[
+            "ip", "-n", &netns, "addr", "add", &pod_net6, "dev", &pod_if, "nodad",
+        ]);
+        sh(&[
+            "ip", "-n", &netns, "-6", "route", "add", "default", "via", &host_ip6,
+        ]);
         self.add_pod_cgroup("burstable", netns, pod_ip)
     }
 
@@ -398,6 +426,8 @@ impl Node {
                     "run",
                     "--agent-ip",
                     &AGENT_IP.to_string(),
+                    "--agent-ip6",
+                    AGENT_IP6,
                     "--port",
                     &AGENT_PORT.to_string(),
                     "--cgroup-root",
@@ -520,7 +550,7 @@ fn remove_cgroup_tree(path: &Path) {
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill_agent();
-        if let Some(mut imds) = self.fake_imds.take() {
+        for mut imds in self.fake_imds.drain(..) {
             let _ = imds.kill();
             let _ = imds.wait();
         }
