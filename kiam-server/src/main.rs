@@ -1,7 +1,254 @@
-//! `kiam-server`: the only kiam component allowed to assume roles. Not built yet: the pod
-//! index, role policy, STS credentials and gRPC API are tracked in their own issue.
+//! `kiam-server`: wires the index, the credential cache, the gRPC service and the admin
+//! listener together. See the library modules for what each part owns.
+#![forbid(unsafe_code)]
+
+use std::{collections::HashSet, io::IsTerminal as _, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use kiam_server::{
+    config::{self, Cli, LogFormat},
+    credentials::{CacheKey, CredentialCache, StsSource},
+    index::{self, Index},
+    metrics::{self, Metrics},
+    policy::{self, BaseArn},
+    proto::kiam_server::KiamServer,
+    service::{self, Events, KiamService, Settings},
+    tls,
+};
+
+fn init_logging(cli: &Cli) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
+        .with_context(|| format!("--log-level {:?} is not a valid filter", cli.log_level))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal());
+    let result = match cli.log_format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    result.map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
+}
 
 fn main() -> std::process::ExitCode {
-    eprintln!("kiam-server: not implemented yet");
-    std::process::ExitCode::FAILURE
+    let cli = Cli::parse();
+    if let Err(e) = init_logging(&cli) {
+        eprintln!("kiam-server: {e:#}");
+        return std::process::ExitCode::from(2);
+    }
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+        .and_then(|rt| rt.block_on(run(cli)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kiam-server: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn sts_client(cli: &Cli) -> aws_sdk_sts::Client {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if let Some(region) = &cli.sts_region {
+        loader = loader.region(aws_config::Region::new(region.clone()));
+    }
+    if let Some(endpoint) = &cli.sts_endpoint {
+        loader = loader.endpoint_url(endpoint);
+    }
+    let base = loader.load().await;
+    let mut builder = aws_sdk_sts::config::Builder::from(&base).retry_config(
+        aws_config::retry::RetryConfig::standard().with_max_attempts(cli.sts_max_attempts),
+    );
+    if let Some(gateway) = &cli.assume_role_arn {
+        // The server's own credentials only assume the gateway role; pods' roles are assumed
+        // with the gateway's.
+        let provider = aws_config::sts::AssumeRoleProvider::builder(gateway)
+            .session_name("kiam-server")
+            .configure(&base)
+            .build()
+            .await;
+        builder = builder.credentials_provider(provider);
+    }
+    aws_sdk_sts::Client::from_conf(builder.build())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let validated = config::validate(&cli)?;
+    let tls = tls::Reloading::new(tls::Files {
+        cert: cli.tls_cert.clone(),
+        key: cli.tls_key.clone(),
+        ca: cli.tls_ca.clone(),
+    })
+    .map_err(|e| anyhow::anyhow!("{} (--tls-cert/--tls-key/--tls-ca)", tls::DisplayChain(&e)))?;
+    let sts = sts_client(&cli).await;
+    let base = match validated.base {
+        Some(base) => base,
+        None => {
+            let me = sts
+                .get_caller_identity()
+                .send()
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", aws_sdk_sts::error::DisplayErrorContext(&e)))
+                .context("--role-base-arn-autodetect: GetCallerIdentity failed")?;
+            let arn = me.arn.unwrap_or_default();
+            let base = BaseArn::from_caller_arn(&arn)
+                .with_context(|| format!("--role-base-arn-autodetect: caller ARN {arn:?}"))?;
+            tracing::info!(account = %base.account, "role base ARN detected");
+            base
+        }
+    };
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to Kubernetes (in-cluster config or KUBECONFIG)")?;
+
+    let metrics = Arc::new(Metrics::default());
+    let index = Arc::new(Index::new(vec![
+        cli.role_annotation.clone(),
+        policy::ANNOTATION_EXTERNAL_ID.into(),
+        policy::ANNOTATION_SESSION_NAME.into(),
+    ]));
+    let settings = Settings {
+        base,
+        role_annotation: cli.role_annotation.clone(),
+        default_session_name: cli.session_name.clone(),
+        require_node_identity: cli.require_node_identity,
+    };
+    let cache = CredentialCache::new(
+        StsSource {
+            client: sts,
+            duration: validated.session_duration,
+        },
+        validated.min_validity,
+        metrics.clone(),
+    );
+    let recorder = kube::runtime::events::Recorder::new(
+        client.clone(),
+        kube::runtime::events::Reporter {
+            controller: "kiam-server".into(),
+            instance: Some(cli.server_name.clone()),
+        },
+    );
+    let events = Arc::new(Events::new(Some(recorder), metrics.clone()));
+
+    // Prefetch: every pod with a permitted role queues its key; a few workers fetch.
+    let (prefetch_tx, prefetch_rx) = tokio::sync::mpsc::channel::<CacheKey>(cli.prefetch_queue);
+    {
+        let (index_ref, settings, events, metrics) = (
+            Arc::downgrade(&index),
+            settings.clone(),
+            events.clone(),
+            metrics.clone(),
+        );
+        index.set_pod_hook(Box::new(move |pod| {
+            let Some(index) = index_ref.upgrade() else {
+                return;
+            };
+            match service::decide_pod(&index, &settings, Arc::new(pod.clone())) {
+                Ok(decision) => {
+                    match prefetch_tx.try_send(decision.key) {
+                        Ok(()) => metrics.prefetch_queued.inc(),
+                        Err(_) => metrics.prefetch_dropped.inc(),
+                    };
+                }
+                Err(refusal) => events.refusal(Some(pod), &refusal),
+            }
+        }));
+    }
+    let prefetch_rx = Arc::new(tokio::sync::Mutex::new(prefetch_rx));
+    for _ in 0..cli.prefetch_workers {
+        let (rx, cache) = (prefetch_rx.clone(), cache.clone());
+        tokio::spawn(async move {
+            loop {
+                let Some(key) = rx.lock().await.recv().await else {
+                    return;
+                };
+                if let Some(flight) = cache.prefetch(&key) {
+                    let _ = flight.await;
+                }
+            }
+        });
+    }
+
+    // Refresh ahead and evict what no pod uses.
+    {
+        let (index, settings, cache, metrics) = (
+            index.clone(),
+            settings.clone(),
+            cache.clone(),
+            metrics.clone(),
+        );
+        let every = cli.refresh_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                if !index.ready() {
+                    continue;
+                }
+                let pods = index.pods();
+                metrics.pods_indexed.set(pods.len() as i64);
+                let in_use: HashSet<CacheKey> = pods
+                    .into_iter()
+                    .filter_map(|p| service::decide_pod(&index, &settings, p).ok())
+                    .map(|d| d.key)
+                    .collect();
+                for flight in cache.maintain(&in_use) {
+                    tokio::spawn(async move {
+                        let _ = flight.await;
+                    });
+                }
+            }
+        });
+    }
+
+    tokio::spawn(index::run(client, index.clone()));
+    tokio::spawn(tls.clone().watch(cli.tls_reload_interval));
+
+    let admin = metrics::bind(cli.admin_listen)
+        .await
+        .with_context(|| format!("listening on {} (--admin-listen)", cli.admin_listen))?;
+    let ready_index = index.clone();
+    tokio::spawn(metrics::serve_admin(
+        admin,
+        metrics.clone(),
+        Arc::new(move || ready_index.ready()),
+    ));
+
+    let listener = tokio::net::TcpListener::bind(cli.listen)
+        .await
+        .with_context(|| format!("listening on {} (--listen)", cli.listen))?;
+    tracing::info!(listen = %cli.listen, admin = %cli.admin_listen, "kiam-server started; waiting for the Kubernetes index");
+    let service = KiamService {
+        index,
+        settings,
+        cache,
+        events,
+        metrics,
+    };
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(KiamServer::new(service))
+        .serve_with_incoming_shutdown(tls::incoming(listener, tls), shutdown())
+        .await
+        .context("gRPC server")?;
+    Ok(())
+}
+
+async fn shutdown() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutting down");
 }

@@ -1,0 +1,259 @@
+//! Command line of `kiam-server`, validated by pure functions before anything starts.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Parser, ValueEnum};
+
+use crate::policy::{self, BaseArn};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// kiam server: assumes roles for pods and serves the credentials to kiam agents over gRPC
+/// with mutual TLS. The only kiam component that needs `sts:AssumeRole`.
+#[derive(Debug, Parser)]
+#[command(name = "kiam-server", version)]
+pub struct Cli {
+    /// gRPC listen address (mutual TLS).
+    #[arg(long, env = "KIAM_SERVER_LISTEN", default_value = "0.0.0.0:8443")]
+    pub listen: SocketAddr,
+    /// Admin listen address: `/metrics`, `/live`, `/ready` (plain HTTP).
+    #[arg(long, env = "KIAM_SERVER_ADMIN_LISTEN", default_value = "0.0.0.0:9620")]
+    pub admin_listen: SocketAddr,
+    /// PEM server certificate chain.
+    #[arg(long, env = "KIAM_TLS_CERT")]
+    pub tls_cert: PathBuf,
+    /// PEM private key of the server certificate.
+    #[arg(long, env = "KIAM_TLS_KEY")]
+    pub tls_key: PathBuf,
+    /// PEM CA bundle agent certificates must chain to.
+    #[arg(long, env = "KIAM_TLS_CA")]
+    pub tls_ca: PathBuf,
+    /// How often the certificate files are checked for changes (cert-manager rotates them).
+    #[arg(long, env = "KIAM_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub tls_reload_interval: Duration,
+    /// Refuse agent certificates that carry no node identity (`spiffe://kiam/node/<name>` URI
+    /// SAN). Without it, such a certificate may ask for pods on any node.
+    #[arg(long, env = "KIAM_REQUIRE_NODE_IDENTITY")]
+    pub require_node_identity: bool,
+    /// Base ARN for role names without an account, e.g. `arn:aws:iam::123456789012:role/`
+    /// (or just the account id).
+    #[arg(
+        long,
+        env = "KIAM_ROLE_BASE_ARN",
+        conflicts_with = "role_base_arn_autodetect"
+    )]
+    pub role_base_arn: Option<String>,
+    /// Take the base ARN's account from the server's own identity (STS GetCallerIdentity).
+    #[arg(long, env = "KIAM_ROLE_BASE_ARN_AUTODETECT")]
+    pub role_base_arn_autodetect: bool,
+    /// Pod annotation naming the role.
+    #[arg(long, env = "KIAM_ROLE_ANNOTATION", default_value = policy::ANNOTATION_ROLE)]
+    pub role_annotation: String,
+    /// Role the server assumes first and uses to assume pods' roles (optional).
+    #[arg(long, env = "KIAM_ASSUME_ROLE_ARN")]
+    pub assume_role_arn: Option<String>,
+    /// STS region (regional endpoint). Default: the SDK's region chain.
+    #[arg(long, env = "KIAM_STS_REGION")]
+    pub sts_region: Option<String>,
+    /// STS endpoint URL override (tests, VPC endpoints).
+    #[arg(long, env = "KIAM_STS_ENDPOINT")]
+    pub sts_endpoint: Option<String>,
+    /// Lifetime of assumed-role sessions (15m to 12h, and above --min-validity).
+    #[arg(long, env = "KIAM_SESSION_DURATION", default_value = "1h", value_parser = parse_duration)]
+    pub session_duration: Duration,
+    /// Credentials are never served with less than this left; they are refreshed well before.
+    #[arg(long, env = "KIAM_MIN_VALIDITY", default_value = "30m", value_parser = parse_duration)]
+    pub min_validity: Duration,
+    /// Session name when the pod has no session-name annotation.
+    #[arg(long, env = "KIAM_SESSION_NAME", default_value = "kiam")]
+    pub session_name: String,
+    /// Attempts per AssumeRole call (throttling and 5xx are retried with backoff and jitter).
+    #[arg(long, env = "KIAM_STS_MAX_ATTEMPTS", default_value_t = 4)]
+    pub sts_max_attempts: u32,
+    /// Concurrent prefetch workers.
+    #[arg(long, env = "KIAM_PREFETCH_WORKERS", default_value_t = 4)]
+    pub prefetch_workers: usize,
+    /// Prefetch queue bound; requests beyond it are dropped and counted.
+    #[arg(long, env = "KIAM_PREFETCH_QUEUE", default_value_t = 1024)]
+    pub prefetch_queue: usize,
+    /// How often cached credentials are checked for refresh and eviction.
+    #[arg(long, env = "KIAM_REFRESH_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub refresh_interval: Duration,
+    /// Name of this server for Kubernetes Events (the downward API's pod name).
+    #[arg(long, env = "KIAM_SERVER_NAME", default_value = "kiam-server")]
+    pub server_name: String,
+    /// Log output format.
+    #[arg(long, env = "KIAM_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Log filter, in `tracing` EnvFilter syntax.
+    #[arg(long, env = "KIAM_LOG", default_value = "info")]
+    pub log_level: String,
+}
+
+/// `90s`, `15m`, `1h`, `1h30m`, or plain seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    let mut total = 0u64;
+    let mut number = String::new();
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let n: u64 = number
+            .parse()
+            .map_err(|_| format!("{text:?} is not a duration like 90s, 15m or 1h"))?;
+        number.clear();
+        total += match c {
+            's' => n,
+            'm' => n * 60,
+            'h' => n * 3600,
+            _ => return Err(format!("{text:?} is not a duration like 90s, 15m or 1h")),
+        };
+    }
+    if !number.is_empty() {
+        return Err(format!("{text:?}: a unit (s, m, h) is missing"));
+    }
+    Ok(Duration::from_secs(total))
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--session-duration must be between 15m and 12h (STS limits), got {0}s")]
+    SessionDuration(u64),
+    #[error(
+        "--min-validity ({min}s) must be at least 5m below --session-duration ({duration}s), or credentials could never be served"
+    )]
+    MinValidity { min: u64, duration: u64 },
+    #[error(
+        "--min-validity must be more than 15m: SDKs refresh credentials expiring sooner on every call"
+    )]
+    MinValidityTooShort,
+    #[error("--role-base-arn: {0}")]
+    BaseArn(String),
+    #[error("set --role-base-arn or --role-base-arn-autodetect")]
+    NoBaseArn,
+    #[error("--assume-role-arn: {0}")]
+    GatewayRole(String),
+    #[error("--sts-max-attempts must be between 1 and 10")]
+    Attempts,
+    #[error("--prefetch-workers and --prefetch-queue must be at least 1")]
+    Prefetch,
+}
+
+/// Validated settings that do not touch the network.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    pub base: Option<BaseArn>,
+    pub session_duration: Duration,
+    pub min_validity: Duration,
+}
+
+pub fn validate(cli: &Cli) -> Result<Validated, ConfigError> {
+    let duration = cli.session_duration.as_secs();
+    if !(900..=43_200).contains(&duration) {
+        return Err(ConfigError::SessionDuration(duration));
+    }
+    let min = cli.min_validity.as_secs();
+    if min <= 900 {
+        return Err(ConfigError::MinValidityTooShort);
+    }
+    if min + 300 > duration {
+        return Err(ConfigError::MinValidity { min, duration });
+    }
+    let base = match (&cli.role_base_arn, cli.role_base_arn_autodetect) {
+        (Some(base), _) => {
+            Some(BaseArn::parse(base).map_err(|e| ConfigError::BaseArn(e.to_string()))?)
+        }
+        (None, true) => None,
+        (None, false) => return Err(ConfigError::NoBaseArn),
+    };
+    if let Some(arn) = &cli.assume_role_arn {
+        policy::RoleArn::parse(arn).map_err(|e| ConfigError::GatewayRole(e.to_string()))?;
+    }
+    if !(1..=10).contains(&cli.sts_max_attempts) {
+        return Err(ConfigError::Attempts);
+    }
+    if cli.prefetch_workers == 0 || cli.prefetch_queue == 0 {
+        return Err(ConfigError::Prefetch);
+    }
+    Ok(Validated {
+        base,
+        session_duration: cli.session_duration,
+        min_validity: cli.min_validity,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(extra: &[&str]) -> Cli {
+        let mut argv = vec![
+            "kiam-server",
+            "--tls-cert",
+            "c",
+            "--tls-key",
+            "k",
+            "--tls-ca",
+            "ca",
+            "--role-base-arn",
+            "arn:aws:iam::123456789012:role/",
+        ];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv).expect("parses")
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
+        assert!(parse_duration("1d").is_err());
+        assert!(parse_duration("1h30").is_err());
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let v = validate(&cli(&[])).expect("valid");
+        assert_eq!(v.session_duration, Duration::from_secs(3600));
+        assert_eq!(v.min_validity, Duration::from_secs(1800));
+    }
+
+    #[test]
+    fn bad_settings_name_their_flag() {
+        let cases: [(&[&str], &str); 6] = [
+            (&["--session-duration", "10m"], "--session-duration"),
+            (&["--session-duration", "13h"], "--session-duration"),
+            (&["--min-validity", "10m"], "--min-validity"),
+            (&["--min-validity", "58m"], "--min-validity"),
+            (&["--sts-max-attempts", "0"], "--sts-max-attempts"),
+            (&["--assume-role-arn", "nope"], "--assume-role-arn"),
+        ];
+        for (extra, flag) in cases {
+            let err = validate(&cli(extra)).expect_err("invalid");
+            assert!(err.to_string().contains(flag), "{extra:?}: {err}");
+        }
+        let no_base = Cli::try_parse_from([
+            "kiam-server",
+            "--tls-cert",
+            "c",
+            "--tls-key",
+            "k",
+            "--tls-ca",
+            "ca",
+        ])
+        .expect("parses");
+        assert_eq!(
+            validate(&no_base).expect_err("no base"),
+            ConfigError::NoBaseArn
+        );
+    }
+}

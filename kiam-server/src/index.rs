@@ -1,0 +1,356 @@
+//! The Kubernetes index: pods by UID and namespace rules by name, fed by kube-rs watchers.
+//!
+//! Objects are read as `DynamicObject`s and only the few fields kiam needs are kept, so an
+//! object with an unexpected shape elsewhere never stops the watch, and 10 k pods stay small.
+//! Each watcher restart (`Init` … `InitDone`, e.g. after a 410) replaces the whole set at once,
+//! so objects deleted while the watch was down disappear.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use futures::StreamExt as _;
+use kube::{
+    Api, Client,
+    api::{ApiResource, DynamicObject, GroupVersionKind},
+    runtime::{WatchStreamExt as _, watcher},
+};
+
+use crate::policy::{ANNOTATION_ALLOWED_ROLES, ANNOTATION_PERMITTED, NamespaceRules};
+
+/// What kiam keeps of a pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodInfo {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub node: Option<String>,
+    pub phase: Option<String>,
+    pub service_account: Option<String>,
+    /// The annotations kiam reads (role, external id, session name), by key.
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl PodInfo {
+    /// Succeeded and Failed pods get nothing.
+    pub fn completed(&self) -> bool {
+        matches!(self.phase.as_deref(), Some("Succeeded" | "Failed"))
+    }
+}
+
+/// Called for every pod added or changed (prefetch hooks in here).
+pub type PodHook = Box<dyn Fn(&PodInfo) + Send + Sync>;
+
+pub struct Index {
+    /// Annotation keys kept on pods.
+    pod_annotations: Vec<String>,
+    pods: RwLock<HashMap<String, Arc<PodInfo>>>,
+    namespaces: RwLock<HashMap<String, Arc<NamespaceRules>>>,
+    pods_synced: AtomicBool,
+    namespaces_synced: AtomicBool,
+    on_pod: RwLock<Option<PodHook>>,
+}
+
+fn annotation(obj: &DynamicObject, key: &str) -> Option<String> {
+    obj.metadata.annotations.as_ref()?.get(key).cloned()
+}
+
+fn str_at(value: &serde_json::Value, path: &[&str]) -> Option<String> {
+    let mut v = value;
+    for key in path {
+        v = v.get(key)?;
+    }
+    v.as_str().map(str::to_owned)
+}
+
+impl Index {
+    pub fn new(pod_annotations: Vec<String>) -> Self {
+        Self {
+            pod_annotations,
+            pods: RwLock::new(HashMap::new()),
+            namespaces: RwLock::new(HashMap::new()),
+            pods_synced: AtomicBool::new(false),
+            namespaces_synced: AtomicBool::new(false),
+            on_pod: RwLock::new(None),
+        }
+    }
+
+    pub fn set_pod_hook(&self, hook: PodHook) {
+        *self.on_pod.write().unwrap_or_else(|e| e.into_inner()) = Some(hook);
+    }
+
+    /// Both watchers have completed their first list.
+    pub fn ready(&self) -> bool {
+        self.pods_synced.load(Ordering::Acquire) && self.namespaces_synced.load(Ordering::Acquire)
+    }
+
+    pub fn pod(&self, uid: &str) -> Option<Arc<PodInfo>> {
+        self.pods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(uid)
+            .cloned()
+    }
+
+    pub fn namespace(&self, name: &str) -> Option<Arc<NamespaceRules>> {
+        self.namespaces
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    pub fn pod_count(&self) -> usize {
+        self.pods.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Every pod, for deciding which credentials are still in use.
+    pub fn pods(&self) -> Vec<Arc<PodInfo>> {
+        self.pods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn pod_info(&self, obj: &DynamicObject) -> Option<PodInfo> {
+        let uid = obj.metadata.uid.clone()?;
+        let annotations = self
+            .pod_annotations
+            .iter()
+            .filter_map(|k| annotation(obj, k).map(|v| (k.clone(), v)))
+            .collect();
+        Some(PodInfo {
+            uid,
+            name: obj.metadata.name.clone().unwrap_or_default(),
+            namespace: obj.metadata.namespace.clone().unwrap_or_default(),
+            node: str_at(&obj.data, &["spec", "nodeName"]),
+            phase: str_at(&obj.data, &["status", "phase"]),
+            service_account: str_at(&obj.data, &["spec", "serviceAccountName"]),
+            annotations,
+        })
+    }
+
+    fn notify(&self, pod: &PodInfo) {
+        if let Some(hook) = self
+            .on_pod
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            hook(pod);
+        }
+    }
+
+    pub fn apply_pod(&self, obj: &DynamicObject) {
+        let Some(pod) = self.pod_info(obj) else {
+            return;
+        };
+        let changed = {
+            let mut pods = self.pods.write().unwrap_or_else(|e| e.into_inner());
+            let previous = pods.insert(pod.uid.clone(), Arc::new(pod.clone()));
+            previous.as_deref() != Some(&pod)
+        };
+        if changed {
+            self.notify(&pod);
+        }
+    }
+
+    pub fn delete_pod(&self, obj: &DynamicObject) {
+        if let Some(uid) = &obj.metadata.uid {
+            self.pods
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(uid);
+        }
+    }
+
+    pub fn replace_pods(&self, objs: &[DynamicObject]) {
+        let fresh: HashMap<String, Arc<PodInfo>> = objs
+            .iter()
+            .filter_map(|o| self.pod_info(o))
+            .map(|p| (p.uid.clone(), Arc::new(p)))
+            .collect();
+        let added: Vec<Arc<PodInfo>> = {
+            let mut pods = self.pods.write().unwrap_or_else(|e| e.into_inner());
+            let added = fresh
+                .values()
+                .filter(|p| pods.get(&p.uid) != Some(*p))
+                .cloned()
+                .collect();
+            *pods = fresh;
+            added
+        };
+        self.pods_synced.store(true, Ordering::Release);
+        for pod in added {
+            self.notify(&pod);
+        }
+    }
+
+    fn rules_of(obj: &DynamicObject) -> Arc<NamespaceRules> {
+        Arc::new(NamespaceRules::parse(
+            annotation(obj, ANNOTATION_PERMITTED).as_deref(),
+            annotation(obj, ANNOTATION_ALLOWED_ROLES).as_deref(),
+        ))
+    }
+
+    pub fn apply_namespace(&self, obj: &DynamicObject) {
+        if let Some(name) = &obj.metadata.name {
+            self.namespaces
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(name.clone(), Self::rules_of(obj));
+        }
+    }
+
+    pub fn delete_namespace(&self, obj: &DynamicObject) {
+        if let Some(name) = &obj.metadata.name {
+            self.namespaces
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(name);
+        }
+    }
+
+    pub fn replace_namespaces(&self, objs: &[DynamicObject]) {
+        let fresh = objs
+            .iter()
+            .filter_map(|o| Some((o.metadata.name.clone()?, Self::rules_of(o))))
+            .collect();
+        *self.namespaces.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        self.namespaces_synced.store(true, Ordering::Release);
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Resource {
+    Pods,
+    Namespaces,
+}
+
+/// Runs both watchers until the process ends; watch errors (410, API server restarts) are
+/// retried with kube-rs's default backoff, relisting when the version is gone.
+pub async fn run(client: Client, index: Arc<Index>) {
+    let pods = ApiResource::from_gvk(&GroupVersionKind::gvk("", "v1", "Pod"));
+    let namespaces = ApiResource::from_gvk(&GroupVersionKind::gvk("", "v1", "Namespace"));
+    let pods = watch(
+        Api::all_with(client.clone(), &pods),
+        index.clone(),
+        Resource::Pods,
+    );
+    let namespaces = watch(
+        Api::all_with(client, &namespaces),
+        index,
+        Resource::Namespaces,
+    );
+    tokio::join!(pods, namespaces);
+}
+
+async fn watch(api: Api<DynamicObject>, index: Arc<Index>, resource: Resource) {
+    let name = match resource {
+        Resource::Pods => "pods",
+        Resource::Namespaces => "namespaces",
+    };
+    let stream = watcher(api, watcher::Config::default()).default_backoff();
+    futures::pin_mut!(stream);
+    let mut buffer: Vec<DynamicObject> = Vec::new();
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(watcher::Event::Init) => buffer.clear(),
+            Ok(watcher::Event::InitApply(obj)) => buffer.push(obj),
+            Ok(watcher::Event::InitDone) => {
+                match resource {
+                    Resource::Pods => index.replace_pods(&buffer),
+                    Resource::Namespaces => index.replace_namespaces(&buffer),
+                }
+                tracing::info!(resource = name, objects = buffer.len(), "index synced");
+                buffer = Vec::new();
+            }
+            Ok(watcher::Event::Apply(obj)) => match resource {
+                Resource::Pods => index.apply_pod(&obj),
+                Resource::Namespaces => index.apply_namespace(&obj),
+            },
+            Ok(watcher::Event::Delete(obj)) => match resource {
+                Resource::Pods => index.delete_pod(&obj),
+                Resource::Namespaces => index.delete_namespace(&obj),
+            },
+            Err(error) => tracing::warn!(resource = name, %error, "watch failed; retrying"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(uid: &str, name: &str, node: &str, role: Option<&str>) -> DynamicObject {
+        let mut annotations = serde_json::Map::new();
+        if let Some(role) = role {
+            annotations.insert("iam.amazonaws.com/role".into(), role.into());
+        }
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "ns", "uid": uid, "annotations": annotations},
+            "spec": {"nodeName": node, "containers": "not what a Pod spec looks like"},
+            "status": {"phase": "Running"}
+        }))
+        .expect("object")
+    }
+
+    fn index() -> Index {
+        Index::new(vec!["iam.amazonaws.com/role".into()])
+    }
+
+    #[test]
+    fn pods_are_indexed_by_uid_and_relists_replace_everything() {
+        let index = index();
+        let seen = Arc::new(RwLock::new(Vec::new()));
+        let sink = seen.clone();
+        index.set_pod_hook(Box::new(move |p| {
+            sink.write().expect("lock").push(p.uid.clone())
+        }));
+        assert!(!index.ready());
+        index.replace_pods(&[pod("u1", "a", "n1", Some("app"))]);
+        index.replace_namespaces(&[]);
+        assert!(index.ready());
+        let a = index.pod("u1").expect("indexed");
+        assert_eq!(a.node.as_deref(), Some("n1"));
+        assert_eq!(
+            a.annotations
+                .get("iam.amazonaws.com/role")
+                .map(String::as_str),
+            Some("app")
+        );
+
+        index.apply_pod(&pod("u2", "b", "n1", None));
+        // Unchanged objects (a resync) do not fire the hook again.
+        index.apply_pod(&pod("u2", "b", "n1", None));
+        index.delete_pod(&pod("u1", "a", "n1", None));
+        assert!(index.pod("u1").is_none());
+        assert_eq!(index.pod_count(), 1);
+        // A relist after the watch expired: u2 went away meanwhile, u3 appeared.
+        index.replace_pods(&[pod("u3", "c", "n2", Some("x"))]);
+        assert!(index.pod("u2").is_none());
+        assert!(index.pod("u3").is_some());
+        assert_eq!(*seen.read().expect("lock"), vec!["u1", "u2", "u3"]);
+    }
+
+    #[test]
+    fn namespace_rules_are_parsed_on_arrival() {
+        let index = index();
+        let ns: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "ns", "annotations": {"iam.amazonaws.com/permitted": "app"}}
+        }))
+        .expect("object");
+        index.apply_namespace(&ns);
+        assert!(index.namespace("ns").is_some());
+        index.delete_namespace(&ns);
+        assert!(index.namespace("ns").is_none());
+    }
+}

@@ -1,0 +1,172 @@
+//! Prometheus metrics (prometheus-client, typed label sets) and the admin listener serving
+//! `/metrics`, `/live` and `/ready`.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Bytes, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Method {
+    GetPodRole,
+    GetCredentials,
+    Health,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub method: Method,
+    /// gRPC status code name, `ok` on success.
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
+    pub sts_calls: Family<ResultLabels, Counter>,
+    pub sts_seconds: Histogram,
+    pub pods_indexed: Gauge,
+    pub cached_credentials: Gauge,
+    pub prefetch_queued: Counter,
+    pub prefetch_dropped: Counter,
+    pub events: Family<ResultLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("kiam_server");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "gRPC requests by method and result",
+            requests.clone(),
+        );
+        let cache_hits = Counter::default();
+        registry.register(
+            "cache_hits",
+            "Credentials served from the cache",
+            cache_hits.clone(),
+        );
+        let cache_misses = Counter::default();
+        registry.register(
+            "cache_misses",
+            "Credential requests that had to wait for STS",
+            cache_misses.clone(),
+        );
+        let sts_calls = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "sts_assume_role",
+            "AssumeRole calls by result",
+            sts_calls.clone(),
+        );
+        let sts_seconds = Histogram::new([0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]);
+        registry.register(
+            "sts_assume_role_seconds",
+            "AssumeRole latency, retries included",
+            sts_seconds.clone(),
+        );
+        let pods_indexed = Gauge::default();
+        registry.register("pods_indexed", "Pods in the index", pods_indexed.clone());
+        let cached_credentials = Gauge::default();
+        registry.register(
+            "cached_credentials",
+            "Credentials held (role and session parameters)",
+            cached_credentials.clone(),
+        );
+        let prefetch_queued = Counter::default();
+        registry.register(
+            "prefetch_queued",
+            "Prefetches queued",
+            prefetch_queued.clone(),
+        );
+        let prefetch_dropped = Counter::default();
+        registry.register(
+            "prefetch_dropped",
+            "Prefetches dropped because the queue was full",
+            prefetch_dropped.clone(),
+        );
+        let events = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "kubernetes_events",
+            "Kubernetes Events published",
+            events.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            cache_hits,
+            cache_misses,
+            sts_calls,
+            sts_seconds,
+            pods_indexed,
+            cached_credentials,
+            prefetch_queued,
+            prefetch_dropped,
+            events,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Serves `/metrics`, `/live` (the process answers) and `/ready` (`ready()` holds).
+pub async fn serve_admin(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    ready: Arc<dyn Fn() -> bool + Send + Sync>,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let (metrics, ready) = (metrics.clone(), ready.clone());
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let (metrics, ready) = (metrics.clone(), ready.clone());
+                async move {
+                    let (status, body) = match req.uri().path() {
+                        "/metrics" => (StatusCode::OK, metrics.encode()),
+                        "/live" => (StatusCode::OK, "ok\n".to_owned()),
+                        "/ready" if ready() => (StatusCode::OK, "ready\n".to_owned()),
+                        "/ready" => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "not ready: Kubernetes index not synced\n".to_owned(),
+                        ),
+                        _ => (StatusCode::NOT_FOUND, "not found\n".to_owned()),
+                    };
+                    let mut response = Response::new(Full::new(Bytes::from(body)));
+                    *response.status_mut() = status;
+                    Ok::<_, Infallible>(response)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// Binds the admin listener (separately, so a bad address fails at start-up).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}

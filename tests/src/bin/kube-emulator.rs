@@ -1,0 +1,558 @@
+//! A Kubernetes API server emulator for tests: enough of the real HTTP protocol that kube-rs
+//! clients (the production code, unchanged) list and watch against it.
+//!
+//! - `GET /api/v1/pods`, `/api/v1/namespaces/{ns}/pods`, `/api/v1/namespaces`: lists with
+//!   `metadata.resourceVersion`, `limit`/`continue` pagination; with `watch=true` a chunked
+//!   stream of `ADDED`/`MODIFIED`/`DELETED` events after the given `resourceVersion`,
+//!   `BOOKMARK` events when `allowWatchBookmarks=true`, closed after `timeoutSeconds`.
+//!   A watch from a compacted `resourceVersion` gets an `ERROR` event with a 410 `Expired`
+//!   status, as etcd compaction causes.
+//! - `POST .../namespaces/{ns}/events` (core and `events.k8s.io/v1`): stored and listed by the
+//!   control API; `PATCH` of a stored event updates it.
+//!
+//! Control API for tests (not Kubernetes): `PUT /_emulator/objects` (a Pod or Namespace, created
+//! or replaced), `DELETE /_emulator/objects/{pods|namespaces}/{namespace or -}/{name}`,
+//! `POST /_emulator/compact` (every older resourceVersion becomes 410),
+//! `POST /_emulator/drop-watches`, `POST /_emulator/bookmark`, `GET /_emulator/events`,
+//! `GET /_emulator/requests` (counts of list and watch requests by resource).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use clap::Parser;
+use http_body_util::{BodyExt as _, Full, StreamBody, combinators::BoxBody};
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Bytes, Frame, Incoming},
+    service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, mpsc};
+
+#[derive(Parser)]
+struct Cli {
+    /// Address to listen on (port 0 picks one; the address is printed as `listening <addr>`).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Kind {
+    Pod,
+    Namespace,
+}
+
+impl Kind {
+    fn of(resource: &str) -> Option<Self> {
+        match resource {
+            "pods" => Some(Self::Pod),
+            "namespaces" => Some(Self::Namespace),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Pod => "Pod",
+            Self::Namespace => "Namespace",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Change {
+    rv: u64,
+    kind: Kind,
+    event: &'static str,
+    object: Value,
+}
+
+/// Messages to live watches.
+#[derive(Clone, Debug)]
+enum Live {
+    Change(Change),
+    Bookmark,
+    Drop,
+}
+
+type Key = (Kind, String, String);
+
+struct State {
+    rv: u64,
+    /// Watches from a resourceVersion below this get 410 Gone.
+    compacted: u64,
+    objects: BTreeMap<Key, Value>,
+    history: Vec<Change>,
+    events: Vec<Value>,
+    requests: HashMap<String, u64>,
+    next_uid: u64,
+}
+
+struct Emulator {
+    state: Mutex<State>,
+    live: broadcast::Sender<Live>,
+}
+
+fn key_of(kind: Kind, object: &Value) -> Key {
+    let meta = &object["metadata"];
+    let ns = match kind {
+        Kind::Pod => meta["namespace"].as_str().unwrap_or("default"),
+        Kind::Namespace => "",
+    };
+    (
+        kind,
+        ns.to_owned(),
+        meta["name"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+impl Emulator {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn record(&self, state: &mut State, kind: Kind, event: &'static str, object: Value) {
+        let change = Change {
+            rv: state.rv,
+            kind,
+            event,
+            object,
+        };
+        state.history.push(change.clone());
+        let _ = self.live.send(Live::Change(change));
+    }
+
+    fn upsert(&self, mut object: Value) -> Result<Value, String> {
+        let kind = match object["kind"].as_str() {
+            Some("Pod") => Kind::Pod,
+            Some("Namespace") => Kind::Namespace,
+            other => return Err(format!("unsupported kind {other:?}")),
+        };
+        if object["metadata"]["name"].as_str().unwrap_or("").is_empty() {
+            return Err("metadata.name is required".into());
+        }
+        let mut state = self.lock();
+        state.rv += 1;
+        let key = key_of(kind, &object);
+        let existing = state.objects.get(&key).cloned();
+        let meta = object["metadata"]
+            .as_object_mut()
+            .ok_or("metadata must be an object")?;
+        if kind == Kind::Pod && !meta.contains_key("namespace") {
+            meta.insert("namespace".into(), json!("default"));
+        }
+        let uid = match existing.as_ref() {
+            Some(old) => old["metadata"]["uid"].clone(),
+            None => match meta.get("uid") {
+                Some(uid) => uid.clone(),
+                None => {
+                    state.next_uid += 1;
+                    json!(format!("00000000-0000-4000-8000-{:012x}", state.next_uid))
+                }
+            },
+        };
+        meta.insert("uid".into(), uid);
+        meta.insert("resourceVersion".into(), json!(state.rv.to_string()));
+        meta.entry("creationTimestamp")
+            .or_insert(json!("2026-01-01T00:00:00Z"));
+        object["apiVersion"] = json!("v1");
+        state.objects.insert(key, object.clone());
+        let event = if existing.is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        self.record(&mut state, kind, event, object.clone());
+        Ok(object)
+    }
+
+    fn delete(&self, kind: Kind, ns: &str, name: &str) -> Option<Value> {
+        let mut state = self.lock();
+        let key = (kind, ns.to_owned(), name.to_owned());
+        let mut object = state.objects.remove(&key)?;
+        state.rv += 1;
+        object["metadata"]["resourceVersion"] = json!(state.rv.to_string());
+        self.record(&mut state, kind, "DELETED", object.clone());
+        Some(object)
+    }
+}
+
+fn full(status: StatusCode, body: Value) -> Response<BoxBody<Bytes, Infallible>> {
+    let mut response = Response::new(
+        Full::new(Bytes::from(body.to_string()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn status(code: StatusCode, reason: &str, message: &str) -> Response<BoxBody<Bytes, Infallible>> {
+    full(
+        code,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": message, "reason": reason, "code": code.as_u16()}),
+    )
+}
+
+fn query(req: &Request<Incoming>) -> HashMap<String, String> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.replace("%2C", ",").replace("%3D", "=")))
+        .collect()
+}
+
+fn list(
+    emu: &Emulator,
+    kind: Kind,
+    ns: Option<&str>,
+    q: &HashMap<String, String>,
+) -> Response<BoxBody<Bytes, Infallible>> {
+    let state = emu.lock();
+    let items: Vec<&Value> = state
+        .objects
+        .iter()
+        .filter(|((k, n, _), _)| *k == kind && ns.is_none_or(|ns| ns == n))
+        .map(|(_, v)| v)
+        .collect();
+    let offset: usize = q.get("continue").and_then(|c| c.parse().ok()).unwrap_or(0);
+    let limit: usize = q
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .filter(|l| *l > 0)
+        .unwrap_or(usize::MAX);
+    let page: Vec<&Value> = items.iter().skip(offset).take(limit).copied().collect();
+    let next = offset.saturating_add(page.len());
+    let mut metadata = json!({"resourceVersion": state.rv.to_string()});
+    if next < items.len() {
+        metadata["continue"] = json!(next.to_string());
+        metadata["remainingItemCount"] = json!(items.len() - next);
+    }
+    full(
+        StatusCode::OK,
+        json!({"kind": format!("{}List", kind.name()), "apiVersion": "v1",
+               "metadata": metadata, "items": page}),
+    )
+}
+
+fn line(value: &Value) -> Bytes {
+    let mut text = value.to_string();
+    text.push('\n');
+    Bytes::from(text)
+}
+
+fn watch(
+    emu: &Arc<Emulator>,
+    kind: Kind,
+    ns: Option<String>,
+    q: &HashMap<String, String>,
+) -> Response<BoxBody<Bytes, Infallible>> {
+    let from: u64 = q
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let bookmarks = q.get("allowWatchBookmarks").map(String::as_str) == Some("true");
+    let timeout = q
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::from_secs(300));
+    let (tx, rx) = mpsc::channel::<Bytes>(1024);
+    let matches = move |change: &Change| {
+        change.kind == kind
+            && ns
+                .as_deref()
+                .is_none_or(|ns| change.object["metadata"]["namespace"] == ns)
+    };
+    let emu = emu.clone();
+    // Subscribe before reading history so no change falls between the two.
+    let mut live = emu.live.subscribe();
+    let (replay, current, expired) = {
+        let state = emu.lock();
+        let expired = from != 0 && from < state.compacted;
+        let replay: Vec<Change> = state
+            .history
+            .iter()
+            .filter(|c| c.rv > from && matches(c))
+            .cloned()
+            .collect();
+        (replay, state.rv, expired)
+    };
+    tokio::spawn(async move {
+        if expired {
+            let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
+                "metadata": {}, "status": "Failure", "reason": "Expired", "code": 410,
+                "message": format!("too old resource version: {from}")}});
+            let _ = tx.send(line(&gone)).await;
+            return;
+        }
+        for change in replay {
+            let _ = tx
+                .send(line(
+                    &json!({"type": change.event, "object": change.object}),
+                ))
+                .await;
+        }
+        // Everything up to `current` was in the replay; live copies of it are skipped.
+        let mut last = current.max(from);
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                () = &mut deadline => return,
+                message = live.recv() => match message {
+                    Ok(Live::Change(change)) if change.rv > last && matches(&change) => {
+                        last = change.rv;
+                        let event = json!({"type": change.event, "object": change.object});
+                        if tx.send(line(&event)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Live::Change(change)) => last = last.max(change.rv),
+                    Ok(Live::Bookmark) if bookmarks => {
+                        let rv = emu.lock().rv;
+                        let event = json!({"type": "BOOKMARK", "object": {"kind": kind.name(),
+                            "apiVersion": "v1", "metadata": {"resourceVersion": rv.to_string()}}});
+                        if tx.send(line(&event)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Live::Bookmark) => {}
+                    Ok(Live::Drop) | Err(_) => return,
+                },
+            }
+        }
+    });
+    let stream = futures_stream(rx);
+    let mut response = Response::new(BoxBody::new(StreamBody::new(stream)));
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// The receiver as a body stream of data frames.
+fn futures_stream(
+    rx: mpsc::Receiver<Bytes>,
+) -> impl futures::Stream<Item = Result<Frame<Bytes>, Infallible>> {
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok(Frame::data(b)), rx))
+    })
+}
+
+async fn body_json(req: Request<Incoming>) -> Result<Value, String> {
+    let bytes = req
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| format!("invalid JSON: {e}"))
+}
+
+async fn handle(
+    emu: Arc<Emulator>,
+    req: Request<Incoming>,
+) -> Result<Response<BoxBody<Bytes, Infallible>>, Infallible> {
+    let path: Vec<String> = req
+        .uri()
+        .path()
+        .trim_matches('/')
+        .split('/')
+        .map(str::to_owned)
+        .collect();
+    let segments: Vec<&str> = path.iter().map(String::as_str).collect();
+    let method = req.method().clone();
+    let q = query(&req);
+    let response = match (&method, segments.as_slice()) {
+        (&Method::GET, ["api", "v1", resource])
+        | (&Method::GET, ["api", "v1", "namespaces", _, resource])
+            if Kind::of(resource).is_some() =>
+        {
+            let kind = Kind::of(resource).unwrap_or(Kind::Pod);
+            let ns = match segments.as_slice() {
+                ["api", "v1", "namespaces", ns, _] => Some((*ns).to_owned()),
+                _ => None,
+            };
+            let watching = q.get("watch").map(String::as_str) == Some("true")
+                || q.get("watch").map(String::as_str) == Some("1");
+            *emu.lock()
+                .requests
+                .entry(format!(
+                    "{} {resource}",
+                    if watching { "watch" } else { "list" }
+                ))
+                .or_default() += 1;
+            if watching {
+                watch(&emu, kind, ns, &q)
+            } else {
+                list(&emu, kind, ns.as_deref(), &q)
+            }
+        }
+        (&Method::GET, ["api", "v1", "namespaces", name]) => {
+            let state = emu.lock();
+            match state
+                .objects
+                .get(&(Kind::Namespace, String::new(), (*name).to_owned()))
+            {
+                Some(ns) => full(StatusCode::OK, ns.clone()),
+                None => status(StatusCode::NOT_FOUND, "NotFound", "namespace not found"),
+            }
+        }
+        (&Method::POST, ["api", "v1", "namespaces", ns, "events"])
+        | (&Method::POST, ["apis", "events.k8s.io", "v1", "namespaces", ns, "events"]) => {
+            let ns = (*ns).to_owned();
+            match body_json(req).await {
+                Ok(mut event) => {
+                    let mut state = emu.lock();
+                    state.rv += 1;
+                    event["metadata"]["namespace"] = json!(ns);
+                    event["metadata"]["resourceVersion"] = json!(state.rv.to_string());
+                    if event["metadata"]["name"].is_null() {
+                        let prefix = event["metadata"]["generateName"]
+                            .as_str()
+                            .unwrap_or("event.");
+                        event["metadata"]["name"] = json!(format!("{prefix}{}", state.rv));
+                    }
+                    state.events.push(event.clone());
+                    full(StatusCode::CREATED, event)
+                }
+                Err(e) => status(StatusCode::BAD_REQUEST, "BadRequest", &e),
+            }
+        }
+        (
+            &Method::PATCH,
+            [
+                "apis",
+                "events.k8s.io",
+                "v1",
+                "namespaces",
+                ns,
+                "events",
+                name,
+            ],
+        )
+        | (&Method::PATCH, ["api", "v1", "namespaces", ns, "events", name]) => {
+            let (ns, name) = ((*ns).to_owned(), (*name).to_owned());
+            match body_json(req).await {
+                Ok(patch) => {
+                    let mut state = emu.lock();
+                    let found = state.events.iter_mut().find(|e| {
+                        e["metadata"]["namespace"] == ns.as_str()
+                            && e["metadata"]["name"] == name.as_str()
+                    });
+                    match found {
+                        Some(event) => {
+                            merge(event, &patch);
+                            full(StatusCode::OK, event.clone())
+                        }
+                        None => status(StatusCode::NOT_FOUND, "NotFound", "event not found"),
+                    }
+                }
+                Err(e) => status(StatusCode::BAD_REQUEST, "BadRequest", &e),
+            }
+        }
+        (&Method::PUT, ["_emulator", "objects"]) => match body_json(req).await {
+            Ok(object) => match emu.upsert(object) {
+                Ok(stored) => full(StatusCode::OK, stored),
+                Err(e) => status(StatusCode::BAD_REQUEST, "BadRequest", &e),
+            },
+            Err(e) => status(StatusCode::BAD_REQUEST, "BadRequest", &e),
+        },
+        (&Method::DELETE, ["_emulator", "objects", resource, ns, name]) => {
+            let ns = if *ns == "-" { "" } else { ns };
+            match Kind::of(resource).and_then(|k| emu.delete(k, ns, name)) {
+                Some(object) => full(StatusCode::OK, object),
+                None => status(StatusCode::NOT_FOUND, "NotFound", "no such object"),
+            }
+        }
+        (&Method::POST, ["_emulator", "compact"]) => {
+            let mut state = emu.lock();
+            state.compacted = state.rv + 1;
+            let keep = state.compacted;
+            state.history.retain(|c| c.rv >= keep);
+            full(StatusCode::OK, json!({"compacted": keep}))
+        }
+        (&Method::POST, ["_emulator", "drop-watches"]) => {
+            let _ = emu.live.send(Live::Drop);
+            full(StatusCode::OK, json!({}))
+        }
+        (&Method::POST, ["_emulator", "bookmark"]) => {
+            let _ = emu.live.send(Live::Bookmark);
+            full(StatusCode::OK, json!({}))
+        }
+        (&Method::GET, ["_emulator", "events"]) => full(StatusCode::OK, json!(emu.lock().events)),
+        (&Method::GET, ["_emulator", "requests"]) => {
+            full(StatusCode::OK, json!(emu.lock().requests))
+        }
+        _ => status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("the emulator does not serve {method} {}", req.uri().path()),
+        ),
+    };
+    Ok(response)
+}
+
+/// JSON merge patch (RFC 7386).
+fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let (live, _) = broadcast::channel(4096);
+    let emu = Arc::new(Emulator {
+        state: Mutex::new(State {
+            rv: 1,
+            compacted: 0,
+            objects: BTreeMap::new(),
+            history: Vec::new(),
+            events: Vec::new(),
+            requests: HashMap::new(),
+            next_uid: 0,
+        }),
+        live,
+    });
+    let listener = tokio::net::TcpListener::bind(cli.listen)
+        .await
+        .with_context(|| format!("bind {}", cli.listen))?;
+    println!("listening {}", listener.local_addr()?);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let emu = emu.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| handle(emu.clone(), req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
