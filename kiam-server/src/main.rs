@@ -32,6 +32,9 @@ fn init_logging(cli: &Cli) -> anyhow::Result<()> {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // The AWS SDK brings aws-lc-rs and tonic ring: with both compiled in, rustls cannot pick a
+    // process default by itself (kube's client needs one).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     if let Err(e) = init_logging(&cli) {
         eprintln!("kiam-server: {e:#}");
         return std::process::ExitCode::from(2);

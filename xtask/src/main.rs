@@ -44,7 +44,7 @@ enum Cmd {
 /// Where `build-ebpf` leaves the object; `kiam-agent/build.rs` embeds it from here.
 pub const EBPF_OBJECT: &str = "target/bpfel-unknown-none/release/kiam-ebpf";
 
-fn workspace_root() -> PathBuf {
+pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(Path::to_owned)
@@ -156,14 +156,25 @@ fn test(no_setup: bool, e2e_filter: Option<String>) -> anyhow::Result<()> {
     // Unit tests of the default members (no root needed).
     run(cargo().args(["test"]))?;
     // Privileged tests: real eBPF, cgroups and network namespaces, one at a time.
-    run(cargo().args(["build", "--package", "kiam-agent"]))?;
+    run(cargo().args([
+        "build",
+        "--package",
+        "kiam-agent",
+        "--package",
+        "kiam-server",
+    ]))?;
     let mut e2e = cargo();
     e2e.args(["test", "--package", "kiam-e2e", "--"])
         .arg("--test-threads=1")
         .env(
             "KIAM_AGENT_BIN",
             workspace_root().join("target/debug/kiam-agent"),
-        );
+        )
+        .env(
+            "KIAM_SERVER_BIN",
+            workspace_root().join("target/debug/kiam-server"),
+        )
+        .env("KIAM_MOTO_SERVER", setup::venv().join("bin/moto_server"));
     if let Some(filter) = e2e_filter {
         e2e.arg(filter);
     }

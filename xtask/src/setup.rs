@@ -18,6 +18,14 @@ const APT_PACKAGES: [&str; 6] = [
     "curl",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Python packages for the tests, in the project's `.venv`: moto as the STS server, and the
+/// AWS CLI and boto3 as real clients.
+const PYTHON_PACKAGES: [&str; 3] = ["moto[server]==5.2.1", "boto3", "awscli"];
+
+/// The project-local virtualenv the tests take moto and the AWS CLI from.
+pub fn venv() -> PathBuf {
+    crate::workspace_root().join(".venv")
+}
 
 /// `$PATH` with `~/.cargo/bin` in front (where `cargo install` puts bpf-linker).
 pub fn path_with_cargo_bin() -> OsString {
@@ -53,6 +61,21 @@ fn rustup(args: &[&str]) -> Command {
     let mut cmd = Command::new("rustup");
     cmd.args(args).env_remove("RUSTUP_TOOLCHAIN");
     cmd
+}
+
+fn python() -> anyhow::Result<()> {
+    let venv = venv();
+    let moto = venv.join("bin/moto_server");
+    if moto.exists() {
+        eprintln!("setup: {} present", moto.display());
+        return Ok(());
+    }
+    run(Command::new("python3").arg("-m").arg("venv").arg(&venv))
+        .context("creating the test virtualenv (python3 -m venv; apt-get install python3-venv)")?;
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .args(PYTHON_PACKAGES))?;
+    Ok(())
 }
 
 pub fn setup() -> anyhow::Result<()> {
@@ -111,6 +134,8 @@ pub fn setup() -> anyhow::Result<()> {
             run(&mut rustup(&["component", "add", component]))?;
         }
     }
+
+    python()?;
 
     let linker = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
     if linker.contains(BPF_LINKER_VERSION) {

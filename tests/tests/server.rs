@@ -1,0 +1,432 @@
+//! kiam-server end to end, on loopback: the real binary against moto (real STS protocol,
+//! AssumeRole counted by a proxy) and the Kubernetes API emulator, over mutual TLS.
+
+mod stack;
+
+use std::{
+    collections::HashSet,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use kiam_server::proto::{GetCredentialsRequest, GetPodRoleRequest, HealthRequest};
+use serde_json::json;
+use stack::{ACCOUNT, Certs, Kube, Server, Sts, eventually};
+use tonic::Code;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+struct Env {
+    _dir: tempfile::TempDir,
+    sts: Sts,
+    kube: Kube,
+    certs: Certs,
+    server: Server,
+}
+
+fn start(extra: &[&str]) -> Env {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sts = Sts::start();
+    let kube = Kube::start(dir.path());
+    kube.namespace(
+        "team",
+        json!({"iam.amazonaws.com/permitted": "app-.*|arn:aws:iam::999999999999:role/cross"}),
+    );
+    kube.namespace(
+        "legacy",
+        json!({"iam.amazonaws.com/allowed-roles": "[\"old-app\"]"}),
+    );
+    kube.namespace("closed", json!({}));
+    let certs = Certs::new(dir.path());
+    let server = Server::start(dir.path(), &certs, &sts, &kube, extra);
+    Env {
+        _dir: dir,
+        sts,
+        kube,
+        certs,
+        server,
+    }
+}
+
+fn role(name: &str) -> serde_json::Value {
+    json!({"iam.amazonaws.com/role": name})
+}
+
+fn creds_request(uid: &str, node: &str, role: &str) -> GetCredentialsRequest {
+    GetCredentialsRequest {
+        pod_uid: uid.into(),
+        node_name: node.into(),
+        role_name: role.into(),
+    }
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_permitted_pod_is_prefetched_and_served_with_enough_validity() {
+    let env = start(&[]);
+    let uid = env.kube.pod("team", "web", "node-1", role("app-web"));
+    // Prefetched with no request at all.
+    assert!(
+        eventually(WAIT, || env.sts.calls() == 1).await,
+        "no prefetch"
+    );
+
+    let mut client = env
+        .server
+        .client(&env.certs, Some("agent-node-1"))
+        .await
+        .expect("mTLS client");
+    let role = client
+        .get_pod_role(GetPodRoleRequest {
+            pod_uid: uid.clone(),
+            node_name: "node-1".into(),
+        })
+        .await
+        .expect("role")
+        .into_inner();
+    assert_eq!(role.role_name, "app-web");
+    assert_eq!(
+        role.role_arn,
+        format!("arn:aws:iam::{ACCOUNT}:role/app-web")
+    );
+    let creds = client
+        .get_credentials(creds_request(&uid, "node-1", "app-web"))
+        .await
+        .expect("credentials")
+        .into_inner();
+    assert!(
+        creds.access_key_id.starts_with("ASIA"),
+        "{}",
+        creds.access_key_id
+    );
+    assert!(!creds.secret_access_key.is_empty() && !creds.session_token.is_empty());
+    assert!(
+        creds.expiration_unix - now() >= 30 * 60,
+        "served credentials must have at least --min-validity left"
+    );
+    assert_eq!(env.sts.calls(), 1, "served from the prefetched cache");
+    let health = client
+        .health(HealthRequest {})
+        .await
+        .expect("health")
+        .into_inner();
+    assert!(health.ready);
+    assert!(
+        !env.server.log_text().contains(&creds.secret_access_key),
+        "secret in the log"
+    );
+    assert!(env.server.metrics().contains("kiam_server_requests_total"));
+}
+
+#[tokio::test]
+async fn fifty_pods_sharing_three_roles_cost_three_assume_role_calls() {
+    let env = start(&[]);
+    let uids: Vec<(String, String)> = (0..50)
+        .map(|i| {
+            let role_name = format!("app-{}", i % 3);
+            let uid = env
+                .kube
+                .pod("team", &format!("p{i}"), "node-1", role(&role_name));
+            (uid, role_name)
+        })
+        .collect();
+    assert!(eventually(WAIT, || env.sts.calls() >= 3).await);
+    let client = env
+        .server
+        .client(&env.certs, Some("agent-shared"))
+        .await
+        .expect("client");
+    let answers = futures::future::join_all(uids.iter().map(|(uid, role_name)| {
+        let mut client = client.clone();
+        async move {
+            client
+                .get_credentials(creds_request(uid, "node-1", role_name))
+                .await
+                .map(|r| (r.into_inner(), role_name.clone()))
+        }
+    }))
+    .await;
+    let mut keys = HashSet::new();
+    for answer in answers {
+        let (creds, role_name) = answer.expect("credentials");
+        assert_eq!(
+            creds.role_arn,
+            format!("arn:aws:iam::{ACCOUNT}:role/{role_name}")
+        );
+        keys.insert(creds.access_key_id);
+    }
+    assert_eq!(keys.len(), 3, "one set of credentials per role");
+    assert_eq!(env.sts.calls(), 3);
+}
+
+#[tokio::test]
+async fn forbidden_roles_are_refused_with_an_event_and_no_sts_call() {
+    let env = start(&[]);
+    let forbidden = env.kube.pod("team", "sneaky", "node-1", role("admin"));
+    let closed = env.kube.pod("closed", "x", "node-1", role("app-x"));
+    let mut client = env
+        .server
+        .client(&env.certs, Some("agent-node-1"))
+        .await
+        .expect("client");
+    for (uid, want) in [
+        (&forbidden, "does not permit role"),
+        (&closed, "permits no role"),
+    ] {
+        let status = client
+            .get_credentials(creds_request(uid, "node-1", "admin"))
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        assert!(status.message().contains(want), "{}", status.message());
+    }
+    assert!(
+        eventually(WAIT, || env.kube.events().iter().any(|e| {
+            e["reason"] == "IAMRoleForbidden" && e["regarding"]["uid"] == forbidden.as_str()
+        }))
+        .await,
+        "no Event: {:?}",
+        env.kube.events()
+    );
+    assert_eq!(env.sts.calls(), 0);
+}
+
+#[tokio::test]
+async fn cross_account_arns_kube2iam_lists_and_external_ids() {
+    let env = start(&[]);
+    let cross = env.kube.pod(
+        "team",
+        "cross",
+        "node-1",
+        role("arn:aws:iam::999999999999:role/cross"),
+    );
+    let legacy = env.kube.pod("legacy", "old", "node-1", role("old-app"));
+    let plain = env.kube.pod("team", "a", "node-1", role("app-x"));
+    let with_id = env.kube.pod(
+        "team",
+        "b",
+        "node-1",
+        json!({"iam.amazonaws.com/role": "app-x", "iam.amazonaws.com/external-id": "e-123"}),
+    );
+    let mut client = env
+        .server
+        .client(&env.certs, Some("agent-node-1"))
+        .await
+        .expect("client");
+    let c = client
+        .get_credentials(creds_request(&cross, "node-1", "cross"))
+        .await
+        .expect("cross-account")
+        .into_inner();
+    assert_eq!(c.role_arn, "arn:aws:iam::999999999999:role/cross");
+    client
+        .get_credentials(creds_request(&legacy, "node-1", "old-app"))
+        .await
+        .expect("kube2iam allowed-roles");
+    let a = client
+        .get_credentials(creds_request(&plain, "node-1", "app-x"))
+        .await
+        .expect("plain")
+        .into_inner();
+    let b = client
+        .get_credentials(creds_request(&with_id, "node-1", "app-x"))
+        .await
+        .expect("external id")
+        .into_inner();
+    assert_ne!(
+        a.access_key_id, b.access_key_id,
+        "external id is part of the key"
+    );
+    assert_eq!(env.sts.calls(), 4);
+}
+
+#[tokio::test]
+async fn deleted_pods_other_nodes_and_other_roles_are_refused() {
+    let env = start(&[]);
+    let uid = env.kube.pod("team", "web", "node-1", role("app-web"));
+    let elsewhere = env.kube.pod("team", "far", "node-2", role("app-web"));
+    let mut shared = env
+        .server
+        .client(&env.certs, Some("agent-shared"))
+        .await
+        .expect("client");
+    shared
+        .get_credentials(creds_request(&uid, "node-1", "app-web"))
+        .await
+        .expect("served");
+    // The pod lives elsewhere.
+    let status = shared
+        .get_credentials(creds_request(&elsewhere, "node-1", "app-web"))
+        .await
+        .expect_err("other node");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(status.message().contains("node-2"), "{}", status.message());
+    // An agent certificate for node-1 cannot ask about node-2.
+    let mut node1 = env
+        .server
+        .client(&env.certs, Some("agent-node-1"))
+        .await
+        .expect("client");
+    let status = node1
+        .get_credentials(creds_request(&elsewhere, "node-2", "app-web"))
+        .await
+        .expect_err("not this agent's node");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(
+        status.message().contains("certificate"),
+        "{}",
+        status.message()
+    );
+    // Another role than the pod's.
+    let status = shared
+        .get_credentials(creds_request(&uid, "node-1", "app-other"))
+        .await
+        .expect_err("other role");
+    assert_eq!(status.code(), Code::NotFound);
+    // Deleted: refused as soon as the watch delivers it.
+    env.kube.delete_pod("team", "web");
+    let mut refused = false;
+    for _ in 0..100 {
+        match shared
+            .get_credentials(creds_request(&uid, "node-1", "app-web"))
+            .await
+        {
+            Err(status) if status.code() == Code::NotFound => {
+                refused = true;
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    assert!(refused, "deleted pod still served");
+}
+
+#[tokio::test]
+async fn clients_without_a_certificate_from_the_ca_are_refused_at_the_tls_layer() {
+    let env = start(&[]);
+    for agent in [None, Some("agent-other-ca")] {
+        let refused = match env.server.client(&env.certs, agent).await {
+            Err(_) => true,
+            Ok(mut client) => client.health(HealthRequest {}).await.is_err(),
+        };
+        assert!(refused, "{agent:?} was let in");
+    }
+    assert!(
+        env.server.log_text().contains("TLS handshake refused"),
+        "{}",
+        env.server.log_text()
+    );
+    // The right certificate works.
+    let mut client = env
+        .server
+        .client(&env.certs, Some("agent-node-1"))
+        .await
+        .expect("client");
+    client.health(HealthRequest {}).await.expect("health");
+}
+
+#[tokio::test]
+async fn the_index_recovers_from_dropped_watches_and_410_gone() {
+    let env = start(&[]);
+    let mut client = env
+        .server
+        .client(&env.certs, Some("agent-node-1"))
+        .await
+        .expect("client");
+    let before = env.kube.requests()["list pods"].as_u64().unwrap_or(0);
+    // Every resourceVersion the server knows is now too old, and its watches are cut.
+    env.kube.control("compact");
+    env.kube.control("drop-watches");
+    let uid = env.kube.pod("team", "late", "node-1", role("app-late"));
+    let mut served = false;
+    for _ in 0..200 {
+        if client
+            .get_credentials(creds_request(&uid, "node-1", "app-late"))
+            .await
+            .is_ok()
+        {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        served,
+        "new pod not served after the watch expired:\n{}",
+        env.server.log_text()
+    );
+    let after = env.kube.requests()["list pods"].as_u64().unwrap_or(0);
+    assert!(
+        after > before,
+        "the server did not relist after 410 ({before} → {after})"
+    );
+}
+
+#[tokio::test]
+async fn sts_throttling_is_retried_denials_are_reported_and_cached_credentials_survive_outages() {
+    let env = start(&[]);
+    let mut client = env
+        .server
+        .client(&env.certs, Some("agent-node-1"))
+        .await
+        .expect("client");
+    // Two throttled answers, then moto: the SDK's retries get through.
+    env.sts.inject(&[(400, "Throttling"), (400, "Throttling")]);
+    let uid = env.kube.pod("team", "web", "node-1", role("app-web"));
+    let creds = client
+        .get_credentials(creds_request(&uid, "node-1", "app-web"))
+        .await
+        .expect("retried through throttling")
+        .into_inner();
+    assert_eq!(
+        env.sts.calls(),
+        3,
+        "two throttled attempts and one good one"
+    );
+
+    // STS down for good: the cached credentials keep being served.
+    env.sts.inject(&[(503, "ServiceUnavailable"); 50]);
+    let again = client
+        .get_credentials(creds_request(&uid, "node-1", "app-web"))
+        .await
+        .expect("cached credentials during the outage")
+        .into_inner();
+    assert_eq!(again.access_key_id, creds.access_key_id);
+
+    // A role STS denies: a clear error, an Event.
+    env.sts.faults.lock().expect("lock").clear();
+    env.sts.inject(&[(403, "AccessDenied"); 8]);
+    let denied = env.kube.pod("team", "nope", "node-1", role("app-denied"));
+    let mut status = None;
+    for _ in 0..100 {
+        match client
+            .get_credentials(creds_request(&denied, "node-1", "app-denied"))
+            .await
+        {
+            Err(s) if s.code() == Code::PermissionDenied => {
+                status = Some(s);
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let status = status.expect("STS denial reported as permission denied");
+    assert!(
+        status.message().contains("AccessDenied"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        eventually(WAIT, || env
+            .kube
+            .events()
+            .iter()
+            .any(|e| e["reason"] == "IAMAssumeRoleFailed"))
+        .await
+    );
+}

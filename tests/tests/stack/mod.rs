@@ -1,0 +1,535 @@
+//! The server side of the end-to-end tests, all on loopback: moto as the real STS-compatible
+//! server, behind a small proxy that counts AssumeRole calls and can inject throttling and 5xx;
+//! the Kubernetes API emulator; certificates made at run time with rcgen; the real
+//! `kiam-server` binary; and a gRPC client with or without a client certificate.
+#![allow(dead_code)]
+
+use std::{
+    fs,
+    io::{BufRead, BufReader, Read, Write},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use kiam_server::proto::kiam_client::KiamClient;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use serde_json::{Value, json};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+pub const EMULATOR: &str = env!("CARGO_BIN_EXE_kube-emulator");
+pub const ACCOUNT: &str = "123456789012";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn wait_for_port(port: u16, what: &str, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited early: {status}");
+        }
+        assert!(Instant::now() < deadline, "{what} did not start");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn binary(var: &str, default: &str) -> PathBuf {
+    let path = std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(default));
+    assert!(
+        path.is_file(),
+        "{} missing ({var}): run `cargo xtask test`, or `cargo xtask setup` and `cargo build`",
+        path.display()
+    );
+    path
+}
+
+/// A plain HTTP/1.1 exchange on loopback; returns status and body.
+pub fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let body = body.map(Value::to_string).unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).expect("read");
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    // Chunked bodies (hyper's default for streams) are not used by the control API.
+    (status, body.to_owned())
+}
+
+/// moto's STS, and a proxy in front of it.
+pub struct Sts {
+    moto: Child,
+    pub moto_port: u16,
+    pub port: u16,
+    pub assume_calls: Arc<AtomicUsize>,
+    /// AssumeRole requests to answer with this (status, error code) instead of forwarding.
+    pub faults: Arc<Mutex<Vec<(u16, &'static str)>>>,
+}
+
+impl Sts {
+    pub fn start() -> Sts {
+        let moto_bin = binary("KIAM_MOTO_SERVER", "../.venv/bin/moto_server");
+        let moto_port = free_port();
+        let mut moto = Command::new(moto_bin)
+            .args(["-H", "127.0.0.1", "-p", &moto_port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto_server");
+        wait_for_port(moto_port, "moto_server", &mut moto);
+        let listener = TcpListener::bind("127.0.0.1:0").expect("proxy bind");
+        let port = listener.local_addr().expect("addr").port();
+        let assume_calls = Arc::new(AtomicUsize::new(0));
+        let faults = Arc::new(Mutex::new(Vec::new()));
+        let (calls, f) = (assume_calls.clone(), faults.clone());
+        thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let (calls, faults) = (calls.clone(), f.clone());
+                thread::spawn(move || proxy(client, moto_port, &calls, &faults));
+            }
+        });
+        Sts {
+            moto,
+            moto_port,
+            port,
+            assume_calls,
+            faults,
+        }
+    }
+
+    pub fn calls(&self) -> usize {
+        self.assume_calls.load(Ordering::SeqCst)
+    }
+
+    pub fn inject(&self, faults: &[(u16, &'static str)]) {
+        self.faults.lock().expect("lock").extend_from_slice(faults);
+    }
+}
+
+impl Drop for Sts {
+    fn drop(&mut self) {
+        let _ = self.moto.kill();
+        let _ = self.moto.wait();
+    }
+}
+
+/// Relays HTTP/1.1 requests one by one, counting AssumeRole and answering injected faults.
+fn proxy(client: TcpStream, upstream: u16, calls: &AtomicUsize, faults: &Mutex<Vec<(u16, &str)>>) {
+    let Ok(writer) = client.try_clone() else {
+        return;
+    };
+    let mut writer = writer;
+    let mut reader = BufReader::new(client);
+    loop {
+        let mut head = Vec::new();
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if let Some((name, value)) = line.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse().unwrap_or(0);
+            }
+            let end = line == "\r\n";
+            if !line.to_ascii_lowercase().starts_with("connection:") || end {
+                head.push(line);
+            }
+            if end {
+                break;
+            }
+        }
+        let mut body = vec![0u8; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        if String::from_utf8_lossy(&body).contains("Action=AssumeRole") {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let fault = {
+                let mut faults = faults.lock().expect("lock");
+                (!faults.is_empty()).then(|| faults.remove(0))
+            };
+            if let Some((status, code)) = fault {
+                let xml = format!(
+                    "<ErrorResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><Error><Type>Sender</Type><Code>{code}</Code><Message>injected by the test</Message></Error><RequestId>test</RequestId></ErrorResponse>"
+                );
+                let _ = write!(
+                    writer,
+                    "HTTP/1.1 {status} Injected\r\nContent-Type: text/xml\r\nContent-Length: {}\r\n\r\n{xml}",
+                    xml.len()
+                );
+                continue;
+            }
+        }
+        let Ok(mut up) = TcpStream::connect(("127.0.0.1", upstream)) else {
+            return;
+        };
+        let last = head.pop().unwrap_or_default();
+        let mut request = head.concat();
+        request.push_str("Connection: close\r\n");
+        request.push_str(&last);
+        if up
+            .write_all(request.as_bytes())
+            .and_then(|()| up.write_all(&body))
+            .is_err()
+        {
+            return;
+        }
+        let mut response = Vec::new();
+        let _ = up.read_to_end(&mut response);
+        if writer.write_all(&response).is_err() {
+            return;
+        }
+    }
+}
+
+/// The Kubernetes API emulator.
+pub struct Kube {
+    child: Child,
+    pub port: u16,
+    pub kubeconfig: PathBuf,
+}
+
+impl Kube {
+    pub fn start(dir: &Path) -> Kube {
+        let mut child = Command::new(EMULATOR)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start kube-emulator");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read address");
+        let port: u16 = line
+            .trim()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected emulator output {line:?}"));
+        let kubeconfig = dir.join("kubeconfig");
+        fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: emu\n  cluster:\n    server: http://127.0.0.1:{port}\ncontexts:\n- name: emu\n  context:\n    cluster: emu\n    user: emu\nusers:\n- name: emu\n  user: {{}}\ncurrent-context: emu\n"
+            ),
+        )
+        .expect("kubeconfig");
+        Kube {
+            child,
+            port,
+            kubeconfig,
+        }
+    }
+
+    pub fn put(&self, object: Value) -> Value {
+        let (status, body) = http(self.port, "PUT", "/_emulator/objects", Some(&object));
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).expect("json")
+    }
+
+    pub fn namespace(&self, name: &str, annotations: Value) {
+        self.put(json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "annotations": annotations}}));
+    }
+
+    /// Creates or updates a running pod; returns its UID.
+    pub fn pod(&self, ns: &str, name: &str, node: &str, annotations: Value) -> String {
+        let pod = self.put(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns, "annotations": annotations},
+            "spec": {"nodeName": node, "serviceAccountName": "default",
+                     "containers": [{"name": "app", "image": "app"}]},
+            "status": {"phase": "Running"}}));
+        pod["metadata"]["uid"].as_str().expect("uid").to_owned()
+    }
+
+    pub fn delete_pod(&self, ns: &str, name: &str) {
+        let (status, body) = http(
+            self.port,
+            "DELETE",
+            &format!("/_emulator/objects/pods/{ns}/{name}"),
+            None,
+        );
+        assert_eq!(status, 200, "{body}");
+    }
+
+    pub fn control(&self, what: &str) {
+        let (status, body) = http(self.port, "POST", &format!("/_emulator/{what}"), None);
+        assert_eq!(status, 200, "{body}");
+    }
+
+    pub fn events(&self) -> Vec<Value> {
+        let (_, body) = http(self.port, "GET", "/_emulator/events", None);
+        serde_json::from_str(&body).unwrap_or_default()
+    }
+
+    pub fn requests(&self) -> Value {
+        let (_, body) = http(self.port, "GET", "/_emulator/requests", None);
+        serde_json::from_str(&body).unwrap_or_default()
+    }
+}
+
+impl Drop for Kube {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// PEM files for one test: a CA, the server's certificate, agent certificates.
+pub struct Certs {
+    pub dir: PathBuf,
+}
+
+pub struct Pem {
+    pub cert: String,
+    pub key: String,
+}
+
+fn ca(name: &str) -> (CertificateParams, KeyPair, String) {
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let key = KeyPair::generate().expect("key");
+    let cert = params.self_signed(&key).expect("ca cert");
+    (params, key, cert.pem())
+}
+
+fn leaf(
+    issuer: &Issuer<'_, &KeyPair>,
+    cn: &str,
+    dns: &[&str],
+    uris: &[&str],
+    usage: ExtendedKeyUsagePurpose,
+) -> Pem {
+    let mut params =
+        CertificateParams::new(dns.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
+            .expect("params");
+    params.distinguished_name.push(DnType::CommonName, cn);
+    for uri in uris {
+        params
+            .subject_alt_names
+            .push(SanType::URI((*uri).try_into().expect("uri")));
+    }
+    params.extended_key_usages = vec![usage];
+    let key = KeyPair::generate().expect("key");
+    let cert = params.signed_by(&key, issuer).expect("sign");
+    Pem {
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+    }
+}
+
+impl Certs {
+    pub fn new(dir: &Path) -> Certs {
+        let (ca_params, ca_key, ca_pem) = ca("kiam test CA");
+        let issuer = Issuer::from_params(&ca_params, &ca_key);
+        let server = leaf(
+            &issuer,
+            "kiam-server",
+            &["localhost", "kiam-server"],
+            &[],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        let write = |name: &str, pem: &Pem| {
+            fs::write(dir.join(format!("{name}.pem")), &pem.cert).expect("write");
+            fs::write(dir.join(format!("{name}-key.pem")), &pem.key).expect("write");
+        };
+        fs::write(dir.join("ca.pem"), &ca_pem).expect("write");
+        write("server", &server);
+        for node in ["node-1", "node-2"] {
+            let uri = format!("spiffe://kiam/node/{node}");
+            write(
+                &format!("agent-{node}"),
+                &leaf(
+                    &issuer,
+                    "kiam-agent",
+                    &[],
+                    &[&uri],
+                    ExtendedKeyUsagePurpose::ClientAuth,
+                ),
+            );
+        }
+        write(
+            "agent-shared",
+            &leaf(
+                &issuer,
+                "kiam-agent",
+                &[],
+                &[],
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ),
+        );
+        let (other_params, other_key, _) = ca("another CA");
+        let other = Issuer::from_params(&other_params, &other_key);
+        write(
+            "agent-other-ca",
+            &leaf(
+                &other,
+                "kiam-agent",
+                &[],
+                &["spiffe://kiam/node/node-1"],
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ),
+        );
+        Certs {
+            dir: dir.to_owned(),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn read(&self, name: &str) -> String {
+        fs::read_to_string(self.path(name)).expect("read pem")
+    }
+}
+
+/// A running kiam-server.
+pub struct Server {
+    child: Child,
+    pub port: u16,
+    pub admin_port: u16,
+    pub log: PathBuf,
+}
+
+impl Server {
+    pub fn start(dir: &Path, certs: &Certs, sts: &Sts, kube: &Kube, extra: &[&str]) -> Server {
+        let (port, admin_port) = (free_port(), free_port());
+        let log = dir.join(format!("server-{port}.log"));
+        let file = fs::File::create(&log).expect("log");
+        let bin = binary("KIAM_SERVER_BIN", "../target/debug/kiam-server");
+        let mut child = Command::new(bin)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+            .arg("--tls-cert")
+            .arg(certs.path("server.pem"))
+            .arg("--tls-key")
+            .arg(certs.path("server-key.pem"))
+            .arg("--tls-ca")
+            .arg(certs.path("ca.pem"))
+            .args(["--role-base-arn", &format!("arn:aws:iam::{ACCOUNT}:role/")])
+            .args(["--sts-endpoint", &format!("http://127.0.0.1:{}", sts.port)])
+            .args(["--sts-region", "us-east-1", "--refresh-interval", "1s"])
+            .args(["--tls-reload-interval", "1s", "--log-format", "json"])
+            .args(["--log-level", "info,kiam_server=debug"])
+            .args(extra)
+            .env("KUBECONFIG", &kube.kubeconfig)
+            // The server's own identity for moto; nothing may fall back to a metadata service.
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env_remove("AWS_PROFILE")
+            .stdout(file.try_clone().expect("dup"))
+            .stderr(file)
+            .spawn()
+            .expect("start kiam-server");
+        wait_for_port(admin_port, "kiam-server", &mut child);
+        let server = Server {
+            child,
+            port,
+            admin_port,
+            log,
+        };
+        server.wait_ready();
+        server
+    }
+
+    pub fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http(self.admin_port, "GET", "/ready", None).0 != 200 {
+            assert!(
+                Instant::now() < deadline,
+                "server not ready:\n{}",
+                self.log_text()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn metrics(&self) -> String {
+        http(self.admin_port, "GET", "/metrics", None).1
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// A gRPC client presenting `agent` (`agent-node-1`, `agent-shared`, …), or no
+    /// certificate at all.
+    pub async fn client(
+        &self,
+        certs: &Certs,
+        agent: Option<&str>,
+    ) -> Result<KiamClient<Channel>, tonic::transport::Error> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(certs.read("ca.pem")))
+            .domain_name("localhost");
+        if let Some(agent) = agent {
+            tls = tls.identity(Identity::from_pem(
+                certs.read(&format!("{agent}.pem")),
+                certs.read(&format!("{agent}-key.pem")),
+            ));
+        }
+        let channel = Channel::from_shared(format!("https://localhost:{}", self.port))
+            .expect("uri")
+            .tls_config(tls)?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await?;
+        Ok(KiamClient::new(channel))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits until `check` holds, up to `timeout`.
+pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    check()
+}
