@@ -71,6 +71,11 @@ pub struct Cli {
     /// Session name when the pod has no session-name annotation.
     #[arg(long, env = "KIAM_SESSION_NAME", default_value = "kiam")]
     pub session_name: String,
+    /// Tag sessions with the pod's namespace and service account (`kiam-namespace`,
+    /// `kiam-service-account`), for CloudTrail and ABAC. STS calls then grow with roles ×
+    /// namespaces × service accounts.
+    #[arg(long, env = "KIAM_SESSION_TAGS")]
+    pub session_tags: bool,
     /// Attempts per AssumeRole call (throttling and 5xx are retried with backoff and jitter).
     #[arg(long, env = "KIAM_STS_MAX_ATTEMPTS", default_value_t = 4)]
     pub sts_max_attempts: u32,

@@ -28,6 +28,8 @@ pub struct CacheKey {
     pub role_arn: String,
     pub external_id: Option<String>,
     pub session_name: String,
+    /// Session tags (key, value), sorted; empty unless `--session-tags`.
+    pub tags: Vec<(String, String)>,
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -104,7 +106,17 @@ impl CredentialSource for StsSource {
             .role_session_name(&key.session_name)
             .set_external_id(key.external_id.clone())
             .duration_seconds(i32::try_from(self.duration.as_secs()).unwrap_or(3600));
+        let tags: Result<Vec<_>, _> = key
+            .tags
+            .iter()
+            .map(|(k, v)| aws_sdk_sts::types::Tag::builder().key(k).value(v).build())
+            .collect();
         async move {
+            let tags = tags.map_err(|e| StsError::Invalid(format!("session tag: {e}")))?;
+            let request = match tags.is_empty() {
+                true => request,
+                false => request.set_tags(Some(tags)),
+            };
             let issued = SystemTime::now();
             let output = request.send().await.map_err(classify)?;
             let c = output
@@ -360,6 +372,7 @@ mod tests {
             role_arn: format!("arn:aws:iam::123456789012:role/{role}"),
             external_id: None,
             session_name: "kiam".into(),
+            tags: Vec::new(),
         }
     }
 

@@ -118,6 +118,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         role_annotation: cli.role_annotation.clone(),
         default_session_name: cli.session_name.clone(),
         require_node_identity: cli.require_node_identity,
+        session_tags: cli.session_tags,
     };
     let cache = CredentialCache::new(
         StsSource {

@@ -34,6 +34,9 @@ pub struct Settings {
     pub role_annotation: String,
     pub default_session_name: String,
     pub require_node_identity: bool,
+    /// Tag sessions with the pod's namespace and service account. Credentials are then
+    /// shared per role, namespace and service account, not per role.
+    pub session_tags: bool,
 }
 
 /// Why a pod gets no role.
@@ -144,10 +147,23 @@ pub fn decide_pod(
         .get(ANNOTATION_SESSION_NAME)
         .map(|s| session_name(s))
         .unwrap_or_else(|| session_name(&settings.default_session_name));
+    let tags = match settings.session_tags {
+        true => vec![
+            ("kiam-namespace".to_owned(), pod.namespace.clone()),
+            (
+                "kiam-service-account".to_owned(),
+                pod.service_account
+                    .clone()
+                    .unwrap_or_else(|| "default".into()),
+            ),
+        ],
+        false => Vec::new(),
+    };
     let key = CacheKey {
         role_arn: role.arn.clone(),
         external_id: pod.annotations.get(ANNOTATION_EXTERNAL_ID).cloned(),
         session_name: session,
+        tags,
     };
     Ok(Decision { pod, role, key })
 }
@@ -432,6 +448,7 @@ mod tests {
             role_annotation: ANNOTATION_ROLE.into(),
             default_session_name: "kiam".into(),
             require_node_identity: false,
+            session_tags: false,
         }
     }
 
@@ -482,6 +499,21 @@ mod tests {
         assert_eq!(path.role_name(), "db");
         assert_eq!(path.key.external_id.as_deref(), Some("x1"));
         assert_eq!(path.key.session_name, "db-job");
+        assert!(path.key.tags.is_empty());
+        let tagged = Settings {
+            session_tags: true,
+            ..s.clone()
+        };
+        let key = decide(&index, &tagged, "ok", "node-1")
+            .expect("permitted")
+            .key;
+        assert_eq!(
+            key.tags,
+            vec![
+                ("kiam-namespace".to_owned(), "team".to_owned()),
+                ("kiam-service-account".to_owned(), "default".to_owned())
+            ]
+        );
 
         let code =
             |uid: &str, node: &str| decide(&index, &s, uid, node).expect_err("refused").code();

@@ -59,6 +59,29 @@ fn creds_request(uid: &str, node: &str, role: &str) -> GetCredentialsRequest {
     }
 }
 
+/// Waits until the server's index has the pod (its watch delivers it asynchronously), as an
+/// agent's retries would.
+async fn wait_known(
+    client: &mut kiam_server::proto::kiam_client::KiamClient<tonic::transport::Channel>,
+    uid: &str,
+) {
+    for _ in 0..200 {
+        let status = client
+            .get_pod_role(GetPodRoleRequest {
+                pod_uid: uid.into(),
+                node_name: "node-1".into(),
+            })
+            .await;
+        match status {
+            Err(s) if s.message().contains("not known") => {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            _ => return,
+        }
+    }
+    panic!("pod {uid} never reached the server's index");
+}
+
 fn now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -136,11 +159,14 @@ async fn fifty_pods_sharing_three_roles_cost_three_assume_role_calls() {
         })
         .collect();
     assert!(eventually(WAIT, || env.sts.calls() >= 3).await);
-    let client = env
+    let mut client = env
         .server
         .client(&env.certs, Some("agent-shared"))
         .await
         .expect("client");
+    for (uid, _) in &uids {
+        wait_known(&mut client, uid).await;
+    }
     let answers = futures::future::join_all(uids.iter().map(|(uid, role_name)| {
         let mut client = client.clone();
         async move {
@@ -218,6 +244,9 @@ async fn cross_account_arns_kube2iam_lists_and_external_ids() {
         .client(&env.certs, Some("agent-node-1"))
         .await
         .expect("client");
+    for uid in [&cross, &legacy, &plain, &with_id] {
+        wait_known(&mut client, uid).await;
+    }
     let c = client
         .get_credentials(creds_request(&cross, "node-1", "cross"))
         .await
@@ -255,6 +284,8 @@ async fn deleted_pods_other_nodes_and_other_roles_are_refused() {
         .client(&env.certs, Some("agent-shared"))
         .await
         .expect("client");
+    wait_known(&mut shared, &uid).await;
+    wait_known(&mut shared, &elsewhere).await;
     shared
         .get_credentials(creds_request(&uid, "node-1", "app-web"))
         .await
@@ -378,6 +409,7 @@ async fn sts_throttling_is_retried_denials_are_reported_and_cached_credentials_s
     // Two throttled answers, then moto: the SDK's retries get through.
     env.sts.inject(&[(400, "Throttling"), (400, "Throttling")]);
     let uid = env.kube.pod("team", "web", "node-1", role("app-web"));
+    wait_known(&mut client, &uid).await;
     let creds = client
         .get_credentials(creds_request(&uid, "node-1", "app-web"))
         .await
@@ -429,4 +461,91 @@ async fn sts_throttling_is_retried_denials_are_reported_and_cached_credentials_s
             .any(|e| e["reason"] == "IAMAssumeRoleFailed"))
         .await
     );
+}
+
+#[tokio::test]
+async fn session_tags_autodetected_base_and_a_gateway_role() {
+    let env = start(&[
+        "--session-tags",
+        "--role-base-arn-autodetect",
+        "--assume-role-arn",
+        "arn:aws:iam::123456789012:role/kiam-gateway",
+    ]);
+    env.kube
+        .namespace("team2", json!({"iam.amazonaws.com/permitted": "app-.*"}));
+    let a = env.kube.pod("team", "a", "node-1", role("app-shared"));
+    let b = env.kube.pod("team2", "b", "node-1", role("app-shared"));
+    let mut client = env
+        .server
+        .client(&env.certs, Some("agent-node-1"))
+        .await
+        .expect("client");
+    wait_known(&mut client, &a).await;
+    wait_known(&mut client, &b).await;
+    // moto's caller identity is in account 123456789012: role names resolve there.
+    let role = client
+        .get_pod_role(GetPodRoleRequest {
+            pod_uid: a.clone(),
+            node_name: "node-1".into(),
+        })
+        .await
+        .expect("role")
+        .into_inner();
+    assert_eq!(role.role_arn, "arn:aws:iam::123456789012:role/app-shared");
+    let ca = client
+        .get_credentials(creds_request(&a, "node-1", "app-shared"))
+        .await
+        .expect("a")
+        .into_inner();
+    let cb = client
+        .get_credentials(creds_request(&b, "node-1", "app-shared"))
+        .await
+        .expect("b")
+        .into_inner();
+    // Tagged sessions differ per namespace; one more call assumed the gateway role first.
+    assert_ne!(ca.access_key_id, cb.access_key_id);
+    assert_eq!(env.sts.calls(), 3, "gateway + one per namespace");
+}
+
+#[tokio::test]
+async fn rotated_certificates_are_picked_up_without_a_restart() {
+    let env = start(&[]);
+    let old = tempfile::tempdir().expect("dir");
+    for entry in std::fs::read_dir(&env.certs.dir).expect("certs").flatten() {
+        if entry.path().extension().is_some_and(|e| e == "pem") {
+            std::fs::copy(entry.path(), old.path().join(entry.file_name())).expect("copy");
+        }
+    }
+    let old = Certs {
+        dir: old.path().to_owned(),
+    };
+    let mut client = env
+        .server
+        .client(&old, Some("agent-node-1"))
+        .await
+        .expect("old CA");
+    client.health(HealthRequest {}).await.expect("health");
+    // cert-manager rotates everything, CA included, in place.
+    let rotated = Certs::new(&env.certs.dir);
+    let mut switched = false;
+    for _ in 0..100 {
+        if let Ok(mut c) = env.server.client(&rotated, Some("agent-node-1")).await
+            && c.health(HealthRequest {}).await.is_ok()
+        {
+            switched = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        switched,
+        "rotated certificates not loaded:\n{}",
+        env.server.log_text()
+    );
+    let stale = match env.server.client(&old, Some("agent-node-1")).await {
+        Err(_) => true,
+        Ok(mut c) => c.health(HealthRequest {}).await.is_err(),
+    };
+    assert!(stale, "a certificate from the replaced CA still works");
+    assert!(env.server.log_text().contains("TLS certificates reloaded"));
 }

@@ -437,7 +437,13 @@ impl Server {
             .arg(certs.path("server-key.pem"))
             .arg("--tls-ca")
             .arg(certs.path("ca.pem"))
-            .args(["--role-base-arn", &format!("arn:aws:iam::{ACCOUNT}:role/")])
+            .args(match extra.contains(&"--role-base-arn-autodetect") {
+                true => Vec::new(),
+                false => vec![
+                    "--role-base-arn".to_owned(),
+                    format!("arn:aws:iam::{ACCOUNT}:role/"),
+                ],
+            })
             .args(["--sts-endpoint", &format!("http://127.0.0.1:{}", sts.port)])
             .args(["--sts-region", "us-east-1", "--refresh-interval", "1s"])
             .args(["--tls-reload-interval", "1s", "--log-format", "json"])
