@@ -2,8 +2,8 @@
 //! (the identity holds for every request on a keep-alive connection); a connection the kernel
 //! did not bind a record to is refused, never guessed from its address.
 //!
-//! For now every request is answered with the caller's identity as JSON; the instance-metadata
-//! API replaces this.
+//! Requests go to the instance-metadata API, except `GET /kiam/v1/identity`, which shows the
+//! caller the identity kiam resolved for it (its own, so nothing is disclosed).
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -17,17 +17,25 @@ use hyper::{
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::resolver::{Caller, RecordSource, ResolveError, Resolver};
+use crate::{
+    imds::Imds,
+    metrics::RefusedLabels,
+    resolver::{Caller, RecordSource, ResolveError, Resolver},
+};
 
 /// Serves until the listener fails for good. Accept errors such as `EMFILE` pause briefly
 /// instead of ending the loop.
-pub async fn serve<S: RecordSource>(listener: TcpListener, resolver: Arc<Resolver<S>>) {
+pub async fn serve<S: RecordSource>(
+    listener: TcpListener,
+    resolver: Arc<Resolver<S>>,
+    imds: Arc<Imds>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 // Nothing slower than accept() happens on this loop: resolution runs per task.
-                let resolver = resolver.clone();
-                tokio::spawn(async move { handle(stream, peer, resolver).await });
+                let (resolver, imds) = (resolver.clone(), imds.clone());
+                tokio::spawn(async move { handle(stream, peer, resolver, imds).await });
             }
             Err(error) => {
                 tracing::warn!(%error, "accept failed");
@@ -37,7 +45,12 @@ pub async fn serve<S: RecordSource>(listener: TcpListener, resolver: Arc<Resolve
     }
 }
 
-async fn handle<S: RecordSource>(stream: TcpStream, peer: SocketAddr, resolver: Arc<Resolver<S>>) {
+async fn handle<S: RecordSource>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    resolver: Arc<Resolver<S>>,
+    imds: Arc<Imds>,
+) {
     let caller = match socket2::SockRef::from(&stream).cookie() {
         Ok(cookie) => resolver.resolve(cookie).await,
         Err(error) => {
@@ -54,12 +67,33 @@ async fn handle<S: RecordSource>(stream: TcpStream, peer: SocketAddr, resolver: 
             pid = c.pid,
             "caller identified"
         ),
-        Err(error) => tracing::warn!(%peer, %error, "refusing connection"),
+        Err(error) => {
+            tracing::warn!(%peer, %error, "refusing connection");
+            let reason = match error {
+                ResolveError::NoRecord => "no_record",
+                ResolveError::Collision => "collision",
+                ResolveError::NotAPod { .. } => "not_a_pod",
+                ResolveError::CgroupGone(_) => "cgroup_gone",
+                ResolveError::Map(_) => "map_error",
+            };
+            imds.metrics
+                .refused_connections
+                .get_or_create(&RefusedLabels { reason })
+                .inc();
+        }
     }
     let caller = Arc::new(caller);
-    let service = service_fn(move |req| {
-        let caller = caller.clone();
-        async move { Ok::<_, Infallible>(respond(&req, &caller)) }
+    let service = service_fn(move |req: Request<Incoming>| {
+        let (caller, imds) = (caller.clone(), imds.clone());
+        async move {
+            let response = match (caller.as_ref(), req.uri().path()) {
+                (Ok(c), path) if path != IDENTITY_PATH => {
+                    imds.handle(req.method(), path, req.headers(), c).await
+                }
+                (caller, _) => respond(caller),
+            };
+            Ok::<_, Infallible>(response)
+        }
     });
     if let Err(error) = hyper::server::conn::http1::Builder::new()
         // A client may shut down its sending side and wait for the answer.
@@ -71,10 +105,10 @@ async fn handle<S: RecordSource>(stream: TcpStream, peer: SocketAddr, resolver: 
     }
 }
 
-fn respond(
-    _req: &Request<Incoming>,
-    caller: &Result<Caller, ResolveError>,
-) -> Response<Full<Bytes>> {
+/// Shows a pod the identity kiam resolved for it.
+pub const IDENTITY_PATH: &str = "/kiam/v1/identity";
+
+fn respond(caller: &Result<Caller, ResolveError>) -> Response<Full<Bytes>> {
     match caller {
         Ok(caller) => match serde_json::to_vec(caller) {
             Ok(body) => reply(StatusCode::OK, "application/json", body, false),

@@ -3,6 +3,7 @@
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
+    time::Duration,
 };
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -22,7 +23,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Load and attach (or re-adopt) the eBPF programs and serve redirected pods.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show the pinned programs, configuration, map sizes and counters.
     Status(PinArgs),
     /// Detach and unpin the programs and maps (stop the agent first).
@@ -97,6 +98,77 @@ pub struct RunArgs {
     /// connection).
     #[arg(long, env = "KIAM_EBPF_LOG_CONNECTIONS")]
     pub ebpf_log_connections: bool,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// The metadata API and the servers behind it.
+#[derive(Debug, Args)]
+pub struct ApiArgs {
+    /// This node's name (the downward API's `spec.nodeName`); servers refuse pods of other
+    /// nodes.
+    #[arg(long, env = "KIAM_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// kiam servers, `host:port`, comma-separated; names (a headless Service) are resolved to
+    /// all their addresses and re-resolved every `--resolve-interval`.
+    #[arg(long = "server", env = "KIAM_SERVERS", value_delimiter = ',')]
+    pub servers: Vec<String>,
+    /// Name the servers' certificates must carry.
+    #[arg(long, env = "KIAM_SERVER_TLS_NAME", default_value = "kiam-server")]
+    pub server_tls_name: String,
+    /// PEM client certificate presented to the servers.
+    #[arg(long, env = "KIAM_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of the client certificate.
+    #[arg(long, env = "KIAM_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle the servers' certificates must chain to.
+    #[arg(long, env = "KIAM_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Deadline for one metadata request's calls to the servers; keep it under the SDKs'
+    /// timeouts (botocore: 1 s).
+    #[arg(long, env = "KIAM_REQUEST_DEADLINE", default_value = "900ms", value_parser = humantime::parse_duration)]
+    pub request_deadline: Duration,
+    /// Ask a second server when the first has not answered after this long.
+    #[arg(long, env = "KIAM_HEDGE_AFTER", default_value = "150ms", value_parser = humantime::parse_duration)]
+    pub hedge_after: Duration,
+    /// How often server names are re-resolved.
+    #[arg(long, env = "KIAM_RESOLVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub resolve_interval: Duration,
+    /// How long a pod's role is trusted before the servers are asked again.
+    #[arg(long, env = "KIAM_ROLE_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub role_ttl: Duration,
+    /// Credentials are never served with less than this left.
+    #[arg(long, env = "KIAM_MIN_VALIDITY", default_value = "30m", value_parser = humantime::parse_duration)]
+    pub min_validity: Duration,
+    /// Refuse metadata requests without an IMDSv2 token.
+    #[arg(long, env = "KIAM_REQUIRE_IMDSV2")]
+    pub require_imdsv2: bool,
+    /// Paths forwarded to the node's real metadata service; everything else is 404. `.*`
+    /// forwards everything (the node's identity documents included: think twice).
+    #[arg(
+        long,
+        env = "KIAM_ALLOW_ROUTE_REGEXP",
+        default_value = "^/latest/meta-data/placement/(region|availability-zone)/?$"
+    )]
+    pub allow_route_regexp: String,
+    /// The node's real metadata service, for allow-listed paths.
+    #[arg(
+        long,
+        env = "KIAM_IMDS_ENDPOINT",
+        default_value = "http://169.254.169.254"
+    )]
+    pub imds_endpoint: String,
+    /// Key for IMDSv2 tokens, created (0600) if missing, so tokens survive agent restarts.
+    #[arg(
+        long,
+        env = "KIAM_TOKEN_KEY_FILE",
+        default_value = "/run/kiam/imds-token.key"
+    )]
+    pub token_key_file: PathBuf,
+    /// Admin listener: `/metrics`, `/live`, `/ready`.
+    #[arg(long, env = "KIAM_ADMIN_LISTEN", default_value = "0.0.0.0:8182")]
+    pub admin_listen: SocketAddr,
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -111,6 +183,37 @@ pub enum ConfigError {
     BadPort(u16),
     #[error("--bind {bind} is IPv4 but --agent-ip6 is set; use --bind ::")]
     BindFamily { bind: IpAddr },
+    #[error("--server needs --node-name, --tls-cert, --tls-key and --tls-ca")]
+    ServerWithoutIdentity,
+    #[error("--allow-route-regexp is not a valid regular expression: {0}")]
+    AllowRoute(String),
+    #[error("--request-deadline must be between 100ms and 5s")]
+    Deadline,
+    #[error(
+        "--min-validity must be more than 15m: SDKs refresh credentials expiring sooner on every call"
+    )]
+    MinValidity,
+}
+
+/// Checks the metadata API settings that do not touch the system.
+pub fn api(args: &ApiArgs) -> Result<regex::Regex, ConfigError> {
+    if !args.servers.is_empty()
+        && (args.node_name.is_none()
+            || args.tls_cert.is_none()
+            || args.tls_key.is_none()
+            || args.tls_ca.is_none())
+    {
+        return Err(ConfigError::ServerWithoutIdentity);
+    }
+    if !(Duration::from_millis(100)..=Duration::from_secs(5)).contains(&args.request_deadline) {
+        return Err(ConfigError::Deadline);
+    }
+    if args.min_validity <= Duration::from_secs(900) {
+        return Err(ConfigError::MinValidity);
+    }
+    regex::Regex::new(&args.allow_route_regexp).map_err(|e| {
+        ConfigError::AllowRoute(e.to_string().lines().last().unwrap_or("").trim().to_owned())
+    })
 }
 
 /// The validated parts of `run` that do not touch the system.
@@ -179,7 +282,7 @@ mod tests {
         let mut argv = vec!["kiam-agent", "run", "--agent-ip", "10.0.0.5"];
         argv.extend_from_slice(extra);
         match Cli::try_parse_from(argv).expect("parses").command {
-            Command::Run(run) => run,
+            Command::Run(run) => *run,
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -234,6 +337,26 @@ mod tests {
             panic!("run")
         };
         assert!(network(&run).is_err());
+    }
+
+    #[test]
+    fn api_settings() {
+        let run = args(&[]);
+        assert!(api(&run.api).is_ok());
+        for (extra, flag) in [
+            (&["--server", "kiam:8443"][..], "--node-name"),
+            (&["--allow-route-regexp", "("][..], "--allow-route-regexp"),
+            (&["--request-deadline", "10s"][..], "--request-deadline"),
+            (&["--min-validity", "5m"][..], "--min-validity"),
+        ] {
+            let err = api(&args(extra).api).expect_err("invalid");
+            assert!(err.to_string().contains(flag), "{extra:?}: {err}");
+        }
+        let re = api(&run.api).expect("default");
+        assert!(re.is_match("/latest/meta-data/placement/region"));
+        assert!(re.is_match("/latest/meta-data/placement/availability-zone/"));
+        assert!(!re.is_match("/latest/meta-data/instance-id"));
+        assert!(!re.is_match("/latest/user-data"));
     }
 
     #[test]

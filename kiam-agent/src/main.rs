@@ -3,10 +3,16 @@
 
 mod api;
 mod cgroup;
+mod client;
 mod config;
+mod forward;
 mod identity;
+mod imds;
 mod loader;
+mod metrics;
 mod resolver;
+mod token;
+mod upstream;
 
 use std::{io::IsTerminal as _, path::Path, sync::Arc, time::Duration};
 
@@ -37,7 +43,7 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::from(2);
     }
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Status(args) => status(&args),
         Command::Uninstall(args) => uninstall(&args.bpffs_dir),
     };
@@ -52,6 +58,8 @@ fn main() -> std::process::ExitCode {
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let net = config::network(&args)?;
+    let allow = config::api(&args.api)?;
+    let tokens = token::Tokens::from_file(&args.api.token_key_file).context("--token-key-file")?;
     let root = cgroup::find_root(args.cgroup_root.as_deref())?;
     let attach = cgroup::find_attach_cgroup(&root, args.attach_cgroup.as_deref())?;
     let attach_id = cgroup::cgroup_id(&attach)?;
@@ -96,9 +104,97 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             attach,
         ));
         tokio::spawn(resolver.clone().prune_forever(Duration::from_secs(60)));
+
+        let servers = match args.api.servers.is_empty() {
+            true => {
+                tracing::warn!("no --server: pods' credential requests will be refused");
+                None
+            }
+            false => {
+                let (Some(cert), Some(key), Some(ca)) = (
+                    args.api.tls_cert.clone(),
+                    args.api.tls_key.clone(),
+                    args.api.tls_ca.clone(),
+                ) else {
+                    anyhow::bail!(config::ConfigError::ServerWithoutIdentity);
+                };
+                let servers = client::Servers::new(client::Options {
+                    servers: args.api.servers.clone(),
+                    server_name: args.api.server_tls_name.clone(),
+                    cert,
+                    key,
+                    ca,
+                    hedge_after: args.api.hedge_after,
+                    resolve_every: args.api.resolve_interval,
+                })?;
+                servers.resolve().await;
+                tokio::spawn(servers.clone().resolve_forever());
+                Some(servers)
+            }
+        };
+        let upstream = upstream::Upstream::new(
+            servers.clone(),
+            upstream::Settings {
+                node: args.api.node_name.clone().unwrap_or_default(),
+                deadline: args.api.request_deadline,
+                min_validity: args.api.min_validity,
+                role_ttl: args.api.role_ttl,
+            },
+        );
+        {
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(60));
+                loop {
+                    tick.tick().await;
+                    upstream.prune();
+                }
+            });
+        }
+        let metrics = Arc::new(metrics::Metrics::default());
+        let imds = Arc::new(imds::Imds {
+            tokens,
+            upstream,
+            allow,
+            require_v2: args.api.require_imdsv2,
+            forwarder: Some(forward::Forwarder::new(&args.api.imds_endpoint)),
+            metrics: metrics.clone(),
+        });
+        let admin = TcpListener::bind(args.api.admin_listen)
+            .await
+            .with_context(|| format!("listening on {} (--admin-listen)", args.api.admin_listen))?;
+        let server_ok = Arc::new(std::sync::atomic::AtomicBool::new(servers.is_none()));
+        if let Some(servers) = servers {
+            let flag = server_ok.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tick.tick().await;
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+                    let ok = servers
+                        .call(deadline, |mut c| {
+                            use futures::FutureExt as _;
+                            async move {
+                                c.health(kiam_proto::HealthRequest {})
+                                    .await
+                                    .map(|r| r.into_inner().ready)
+                            }
+                            .boxed()
+                        })
+                        .await
+                        .unwrap_or(false);
+                    flag.store(ok, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+        tokio::spawn(metrics::serve_admin(
+            admin,
+            metrics,
+            Arc::new(move || server_ok.load(std::sync::atomic::Ordering::Relaxed)),
+        ));
         tracing::info!(listen = %net.listen, pin_dir = %args.bpffs_dir.display(), "kiam-agent ready");
         tokio::select! {
-            () = api::serve(listener, resolver) => {}
+            () = api::serve(listener, resolver, imds) => {}
             () = shutdown_signal() => tracing::info!("shutting down; the pinned redirect stays in place"),
         }
         // The rest of `installed` (links, maps) is dropped here; the pins keep the programs

@@ -12,8 +12,5 @@ pub mod policy;
 pub mod service;
 pub mod tls;
 
-/// Generated from `proto/kiam.proto`.
-pub mod proto {
-    #![allow(clippy::all, missing_docs)]
-    tonic::include_proto!("kiam.v1");
-}
+/// The gRPC API, generated in `kiam-proto`.
+pub use kiam_proto as proto;

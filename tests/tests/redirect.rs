@@ -13,10 +13,12 @@ use std::{
 
 use support::{AGENT_IP, AGENT_PORT, HELPER, IMDS, Node, Pod, privileged};
 
-const METADATA_URL6: &str = "http://[fd00:ec2::254]/latest/meta-data/";
-const METADATA_URL_MAPPED: &str = "http://[::ffff:169.254.169.254]/latest/meta-data/";
+// The agent's identity path: what kiam resolved for the caller. The fake real IMDS answers
+// any path with `real-imds`.
+const METADATA_URL6: &str = "http://[fd00:ec2::254]/kiam/v1/identity";
+const METADATA_URL_MAPPED: &str = "http://[::ffff:169.254.169.254]/kiam/v1/identity";
 
-const METADATA_URL: &str = "http://169.254.169.254/latest/meta-data/";
+const METADATA_URL: &str = "http://169.254.169.254/kiam/v1/identity";
 
 /// Parses `200 {json}` from the helper; panics with the line otherwise.
 fn identity(line: &str) -> serde_json::Value {
@@ -43,14 +45,8 @@ fn pod_connections_to_both_metadata_addresses_reach_the_agent_with_the_pods_iden
 
     assert_is(&pod, &node.get(&pod, METADATA_URL));
     // IPv6 metadata address, and IPv4-mapped on an AF_INET6 socket (runs only connect6).
-    assert_is(
-        &pod,
-        &node.get(&pod, "http://[fd00:ec2::254]/latest/meta-data/"),
-    );
-    assert_is(
-        &pod,
-        &node.get(&pod, "http://[::ffff:169.254.169.254]/latest/"),
-    );
+    assert_is(&pod, &node.get(&pod, METADATA_URL6));
+    assert_is(&pod, &node.get(&pod, METADATA_URL_MAPPED));
     let id = identity(&node.get(&pod, METADATA_URL));
     assert_eq!(id["qos"], "burstable");
     assert_eq!(id["runtime"], "containerd");

@@ -436,6 +436,10 @@ impl Node {
                     attach.to_str().expect("utf-8"),
                     "--bpffs-dir",
                     self.pin_dir.to_str().expect("utf-8"),
+                    "--token-key-file",
+                    self.dir.join("token.key").to_str().expect("utf-8"),
+                    "--admin-listen",
+                    "127.0.0.1:8182",
                 ],
             )
             .stdout(file.try_clone().expect("dup"))

@@ -1,8 +1,0 @@
-//! Compiles `proto/kiam.proto` with a pure-Rust protobuf compiler (no `protoc` needed).
-
-fn main() -> anyhow::Result<()> {
-    println!("cargo::rerun-if-changed=proto");
-    let descriptors = protox::compile(["proto/kiam.proto"], ["proto"])?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
-    Ok(())
-}
