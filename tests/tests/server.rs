@@ -200,6 +200,8 @@ async fn forbidden_roles_are_refused_with_an_event_and_no_sts_call() {
         .client(&env.certs, Some("agent-node-1"))
         .await
         .expect("client");
+    wait_known(&mut client, &forbidden).await;
+    wait_known(&mut client, &closed).await;
     for (uid, want) in [
         (&forbidden, "does not permit role"),
         (&closed, "permits no role"),
@@ -208,7 +210,12 @@ async fn forbidden_roles_are_refused_with_an_event_and_no_sts_call() {
             .get_credentials(creds_request(uid, "node-1", "admin"))
             .await
             .expect_err("refused");
-        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        assert_eq!(
+            status.code(),
+            Code::PermissionDenied,
+            "{status:?}\n{}",
+            env.server.log_text()
+        );
         assert!(status.message().contains(want), "{}", status.message());
     }
     assert!(

@@ -78,6 +78,36 @@ fn python() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The AWS SDK for JavaScript v3 (versions pinned in tests/js/package.json).
+fn javascript() -> anyhow::Result<()> {
+    let dir = crate::workspace_root().join("tests/js");
+    if dir
+        .join("node_modules/@aws-sdk/credential-providers")
+        .exists()
+    {
+        eprintln!("setup: JavaScript SDK present");
+        return Ok(());
+    }
+    if output(Command::new("npm").arg("--version")).is_none() {
+        if !crate::is_root() {
+            bail!("setup needs Node.js and npm (apt-get install nodejs npm)");
+        }
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "nodejs", "npm"])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    run(Command::new("npm")
+        .args([
+            "install",
+            "--no-audit",
+            "--no-fund",
+            "--no-package-lock",
+            "--loglevel=error",
+        ])
+        .arg("--prefix")
+        .arg(&dir))
+}
+
 pub fn setup() -> anyhow::Result<()> {
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
@@ -136,6 +166,7 @@ pub fn setup() -> anyhow::Result<()> {
     }
 
     python()?;
+    javascript()?;
 
     let linker = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
     if linker.contains(BPF_LINKER_VERSION) {

@@ -48,6 +48,15 @@ enum Cmd {
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
     },
+    /// One request with a method and headers; prints `<status> <body>`.
+    Request {
+        url: String,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// `Name: value`, repeatable.
+        #[arg(long = "header")]
+        headers: Vec<String>,
+    },
     /// Connect, send a request and close at once without reading; print own pid first.
     SendAndClose { url: String },
     /// Try to listen on `addr`; prints `bound` or `denied: <error>`.
@@ -125,10 +134,34 @@ fn parse_url(url: &str) -> anyhow::Result<Url> {
 }
 
 fn request(url: &Url) -> String {
-    format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-        url.path, url.host
-    )
+    request_with(url, "GET", &[])
+}
+
+fn request_with(url: &Url, method: &str, headers: &[String]) -> String {
+    let mut text = format!("{method} {} HTTP/1.1\r\nHost: {}\r\n", url.path, url.host);
+    for header in headers {
+        text.push_str(header);
+        text.push_str("\r\n");
+    }
+    if method == "PUT" || method == "POST" {
+        text.push_str("Content-Length: 0\r\n");
+    }
+    text.push_str("Connection: close\r\n\r\n");
+    text
+}
+
+fn one_request(url: &str, method: &str, headers: &[String]) -> anyhow::Result<()> {
+    let url = parse_url(url)?;
+    let mut stream = TcpStream::connect_timeout(&url.addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(request_with(&url, method, headers).as_bytes())?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let status = text.split_whitespace().nth(1).unwrap_or("?");
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    println!("{status} {}", body.trim().replace('\n', " "));
+    Ok(())
 }
 
 fn connect(url: &Url, bind_port: Option<u16>, timeout: Duration) -> anyhow::Result<TcpStream> {
@@ -354,6 +387,11 @@ fn main() -> anyhow::Result<()> {
             timeout_ms,
         } => get(&url, count, concurrency, half_close, bind_port, timeout_ms),
         Cmd::Bind { addr } => bind(addr),
+        Cmd::Request {
+            url,
+            method,
+            headers,
+        } => one_request(&url, &method, &headers),
         Cmd::Spoof { from, url, hold_ms } => spoof(from, &url, Duration::from_millis(hold_ms)),
         Cmd::SendAndClose { url } => send_and_close(&url),
         Cmd::RawSyn {

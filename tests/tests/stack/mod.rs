@@ -29,6 +29,36 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 pub const EMULATOR: &str = env!("CARGO_BIN_EXE_kube-emulator");
 pub const ACCOUNT: &str = "123456789012";
 
+/// A program, run in network namespace `netns` when given (nsenter keeps /sys and the cgroup).
+pub fn command(netns: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match netns {
+        None => Command::new(program),
+        Some(ns) => {
+            let mut cmd = Command::new("nsenter");
+            cmd.arg(format!("--net=/var/run/netns/{ns}"))
+                .arg("--")
+                .arg(program);
+            cmd
+        }
+    }
+}
+
+/// Runs `f` on a thread that joined `netns` (threads it starts stay there too).
+pub fn in_netns<T: Send>(netns: Option<&str>, f: impl FnOnce() -> T + Send) -> T {
+    thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                if let Some(ns) = netns {
+                    let file = fs::File::open(format!("/var/run/netns/{ns}")).expect("netns");
+                    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+                }
+                f()
+            })
+            .join()
+            .expect("netns thread")
+    })
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -36,9 +66,9 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
-fn wait_for_port(port: u16, what: &str, child: &mut Child) {
+fn wait_for_port(netns: Option<&str>, port: u16, what: &str, child: &mut Child) {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+    while in_netns(netns, || TcpStream::connect(("127.0.0.1", port))).is_err() {
         if let Ok(Some(status)) = child.try_wait() {
             panic!("{what} exited early: {status}");
         }
@@ -84,6 +114,7 @@ pub fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> (u16, 
 /// moto's STS, and a proxy in front of it.
 pub struct Sts {
     moto: Child,
+    netns: Option<String>,
     pub moto_port: u16,
     pub port: u16,
     pub assume_calls: Arc<AtomicUsize>,
@@ -93,21 +124,35 @@ pub struct Sts {
 
 impl Sts {
     pub fn start() -> Sts {
+        Self::start_in(None, "127.0.0.1")
+    }
+
+    /// moto (listening on `host`) and the proxy (on loopback), in `netns`.
+    pub fn start_in(netns: Option<&str>, host: &str) -> Sts {
         let moto_bin = binary("KIAM_MOTO_SERVER", "../.venv/bin/moto_server");
-        let moto_port = free_port();
-        let mut moto = Command::new(moto_bin)
-            .args(["-H", "127.0.0.1", "-p", &moto_port.to_string()])
+        let moto_port = match netns {
+            None => free_port(),
+            Some(_) => 5000,
+        };
+        let mut moto = command(netns, moto_bin)
+            .args(["-H", host, "-p", &moto_port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start moto_server");
-        wait_for_port(moto_port, "moto_server", &mut moto);
-        let listener = TcpListener::bind("127.0.0.1:0").expect("proxy bind");
+        wait_for_port(netns, moto_port, "moto_server", &mut moto);
+        let listener = in_netns(netns, || TcpListener::bind("127.0.0.1:0")).expect("proxy bind");
         let port = listener.local_addr().expect("addr").port();
         let assume_calls = Arc::new(AtomicUsize::new(0));
         let faults = Arc::new(Mutex::new(Vec::new()));
         let (calls, f) = (assume_calls.clone(), faults.clone());
+        let ns = netns.map(str::to_owned);
         thread::spawn(move || {
+            // Connections to moto are made from this namespace.
+            if let Some(ns) = ns {
+                let file = fs::File::open(format!("/var/run/netns/{ns}")).expect("netns");
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            }
             for client in listener.incoming().flatten() {
                 let (calls, faults) = (calls.clone(), f.clone());
                 thread::spawn(move || proxy(client, moto_port, &calls, &faults));
@@ -115,6 +160,7 @@ impl Sts {
         });
         Sts {
             moto,
+            netns: netns.map(str::to_owned),
             moto_port,
             port,
             assume_calls,
@@ -214,13 +260,18 @@ fn proxy(client: TcpStream, upstream: u16, calls: &AtomicUsize, faults: &Mutex<V
 /// The Kubernetes API emulator.
 pub struct Kube {
     child: Child,
+    netns: Option<String>,
     pub port: u16,
     pub kubeconfig: PathBuf,
 }
 
 impl Kube {
     pub fn start(dir: &Path) -> Kube {
-        let mut child = Command::new(EMULATOR)
+        Self::start_in(None, dir)
+    }
+
+    pub fn start_in(netns: Option<&str>, dir: &Path) -> Kube {
+        let mut child = command(netns, EMULATOR)
             .stdout(Stdio::piped())
             .spawn()
             .expect("start kube-emulator");
@@ -244,13 +295,20 @@ impl Kube {
         .expect("kubeconfig");
         Kube {
             child,
+            netns: netns.map(str::to_owned),
             port,
             kubeconfig,
         }
     }
 
+    fn http(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
+        in_netns(self.netns.as_deref(), || {
+            http(self.port, method, path, body)
+        })
+    }
+
     pub fn put(&self, object: Value) -> Value {
-        let (status, body) = http(self.port, "PUT", "/_emulator/objects", Some(&object));
+        let (status, body) = self.http("PUT", "/_emulator/objects", Some(&object));
         assert_eq!(status, 200, "{body}");
         serde_json::from_str(&body).expect("json")
     }
@@ -262,8 +320,24 @@ impl Kube {
 
     /// Creates or updates a running pod; returns its UID.
     pub fn pod(&self, ns: &str, name: &str, node: &str, annotations: Value) -> String {
+        self.pod_with_uid(ns, name, node, None, annotations)
+    }
+
+    /// The same, with the UID given (to match a test pod's cgroup).
+    pub fn pod_with_uid(
+        &self,
+        ns: &str,
+        name: &str,
+        node: &str,
+        uid: Option<&str>,
+        annotations: Value,
+    ) -> String {
+        let mut metadata = json!({"name": name, "namespace": ns, "annotations": annotations});
+        if let Some(uid) = uid {
+            metadata["uid"] = json!(uid);
+        }
         let pod = self.put(json!({"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": ns, "annotations": annotations},
+            "metadata": metadata,
             "spec": {"nodeName": node, "serviceAccountName": "default",
                      "containers": [{"name": "app", "image": "app"}]},
             "status": {"phase": "Running"}}));
@@ -281,17 +355,17 @@ impl Kube {
     }
 
     pub fn control(&self, what: &str) {
-        let (status, body) = http(self.port, "POST", &format!("/_emulator/{what}"), None);
+        let (status, body) = self.http("POST", &format!("/_emulator/{what}"), None);
         assert_eq!(status, 200, "{body}");
     }
 
     pub fn events(&self) -> Vec<Value> {
-        let (_, body) = http(self.port, "GET", "/_emulator/events", None);
+        let (_, body) = self.http("GET", "/_emulator/events", None);
         serde_json::from_str(&body).unwrap_or_default()
     }
 
     pub fn requests(&self) -> Value {
-        let (_, body) = http(self.port, "GET", "/_emulator/requests", None);
+        let (_, body) = self.http("GET", "/_emulator/requests", None);
         serde_json::from_str(&body).unwrap_or_default()
     }
 }
@@ -417,6 +491,7 @@ impl Certs {
 /// A running kiam-server.
 pub struct Server {
     child: Child,
+    netns: Option<String>,
     pub port: u16,
     pub admin_port: u16,
     pub log: PathBuf,
@@ -424,11 +499,30 @@ pub struct Server {
 
 impl Server {
     pub fn start(dir: &Path, certs: &Certs, sts: &Sts, kube: &Kube, extra: &[&str]) -> Server {
-        let (port, admin_port) = (free_port(), free_port());
+        Self::start_in(
+            None,
+            (free_port(), free_port()),
+            dir,
+            certs,
+            sts,
+            kube,
+            extra,
+        )
+    }
+
+    pub fn start_in(
+        netns: Option<&str>,
+        (port, admin_port): (u16, u16),
+        dir: &Path,
+        certs: &Certs,
+        sts: &Sts,
+        kube: &Kube,
+        extra: &[&str],
+    ) -> Server {
         let log = dir.join(format!("server-{port}.log"));
         let file = fs::File::create(&log).expect("log");
         let bin = binary("KIAM_SERVER_BIN", "../target/debug/kiam-server");
-        let mut child = Command::new(bin)
+        let mut child = command(netns, bin)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
             .arg("--tls-cert")
@@ -459,9 +553,10 @@ impl Server {
             .stderr(file)
             .spawn()
             .expect("start kiam-server");
-        wait_for_port(admin_port, "kiam-server", &mut child);
+        wait_for_port(netns, admin_port, "kiam-server", &mut child);
         let server = Server {
             child,
+            netns: netns.map(str::to_owned),
             port,
             admin_port,
             log,
@@ -472,7 +567,11 @@ impl Server {
 
     pub fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while http(self.admin_port, "GET", "/ready", None).0 != 200 {
+        while in_netns(self.netns.as_deref(), || {
+            http(self.admin_port, "GET", "/ready", None)
+        })
+        .0 != 200
+        {
             assert!(
                 Instant::now() < deadline,
                 "server not ready:\n{}",
@@ -487,7 +586,10 @@ impl Server {
     }
 
     pub fn metrics(&self) -> String {
-        http(self.admin_port, "GET", "/metrics", None).1
+        in_netns(self.netns.as_deref(), || {
+            http(self.admin_port, "GET", "/metrics", None)
+        })
+        .1
     }
 
     pub fn kill(&mut self) {

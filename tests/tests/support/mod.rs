@@ -148,6 +148,8 @@ pub struct Node {
     pub dir: PathBuf,
     pub agent_pod: Pod,
     pub agent: Option<Agent>,
+    /// More flags for `kiam-agent run`.
+    pub agent_args: Vec<String>,
     fake_imds: Vec<Child>,
     pod_netns: Vec<String>,
     pods: u32,
@@ -185,6 +187,7 @@ impl Node {
             netns,
             dir,
             agent: None,
+            agent_args: Vec::new(),
             fake_imds: Vec::new(),
             pod_netns: Vec::new(),
             pods: 0,
@@ -442,6 +445,7 @@ impl Node {
                     "127.0.0.1:8182",
                 ],
             )
+            .args(&self.agent_args)
             .stdout(file.try_clone().expect("dup"))
             .stderr(file)
             .spawn()

@@ -1,0 +1,428 @@
+//! The whole product on the real kernel, with real AWS SDKs inside test pods: network
+//! namespaces and kubelet-shaped cgroups for the pods, the agent with its eBPF redirect, two
+//! kiam servers, moto as STS and the Kubernetes API emulator (all inside the node's network
+//! namespace). Run as root by `cargo xtask test`; without root each test prints a loud SKIP.
+
+mod stack;
+mod support;
+
+use std::{path::PathBuf, process::Output, time::Duration};
+
+use serde_json::json;
+use stack::{Certs, Kube, Server, Sts};
+use support::{HELPER, Node, Pod, privileged};
+
+/// moto, as pods reach it: on the node's address (it listens on all of the node's).
+const STS_URL: &str = "http://198.19.0.1:5000";
+const SDK: &str = env!("CARGO_BIN_EXE_kiam-e2e-sdk");
+const CREDS: &str = "http://169.254.169.254/latest/meta-data/iam/security-credentials/";
+
+fn repo(path: &str) -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
+}
+
+struct Cluster {
+    node: Node,
+    sts: Sts,
+    kube: Kube,
+    servers: Vec<Server>,
+    _certs: Certs,
+    _dir: tempfile::TempDir,
+}
+
+fn cluster(agent_args: &[&str]) -> Cluster {
+    let mut node = Node::new();
+    let dir = tempfile::tempdir().expect("dir");
+    let ns = node.netns.clone();
+    let sts = Sts::start_in(Some(&ns), "0.0.0.0");
+    let kube = Kube::start_in(Some(&ns), dir.path());
+    kube.namespace("team", json!({"iam.amazonaws.com/permitted": "app-.*"}));
+    let certs = Certs::new(dir.path());
+    let servers = [(8443, 9620), (8444, 9621)]
+        .into_iter()
+        .map(|ports| Server::start_in(Some(&ns), ports, dir.path(), &certs, &sts, &kube, &[]))
+        .collect();
+    let path = |name: &str| certs.path(name).to_string_lossy().into_owned();
+    node.agent_args = [
+        "--node-name",
+        "node-1",
+        "--server",
+        "127.0.0.1:8443,127.0.0.1:8444",
+        "--tls-cert",
+        &path("agent-node-1.pem"),
+        "--tls-key",
+        &path("agent-node-1-key.pem"),
+        "--tls-ca",
+        &path("ca.pem"),
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .chain(agent_args.iter().map(|s| (*s).to_owned()))
+    .collect();
+    node.start_agent();
+    Cluster {
+        node,
+        sts,
+        kube,
+        servers,
+        _certs: certs,
+        _dir: dir,
+    }
+}
+
+impl Cluster {
+    /// A pod with its cgroup and network namespace, known to the API emulator.
+    fn pod(&mut self, name: &str, annotations: serde_json::Value) -> Pod {
+        let pod = self.node.add_pod();
+        self.kube
+            .pod_with_uid("team", name, "node-1", Some(&pod.uid), annotations);
+        pod
+    }
+
+    /// Runs `cmd` inside `pod` with a clean environment: no credentials but the metadata
+    /// service's.
+    fn run(&self, pod: &Pod, cmd: &[&str], env: &[(&str, &str)]) -> Output {
+        let home = self._dir.path().join("home");
+        let _ = std::fs::create_dir_all(&home);
+        let mut command = self.node.command_in(&pod.cgroup, &pod.netns, cmd);
+        command
+            .env_clear()
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .env("HOME", &home)
+            .env("AWS_CONFIG_FILE", "/nonexistent")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+            .env("AWS_DEFAULT_REGION", "us-east-1")
+            .env("AWS_METADATA_SERVICE_TIMEOUT", "2")
+            .env("AWS_METADATA_SERVICE_NUM_ATTEMPTS", "2");
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        command.output().expect("run in pod")
+    }
+
+    fn arn(&self, pod: &Pod, cmd: &[&str], env: &[(&str, &str)]) -> String {
+        let out = self.run(pod, cmd, env);
+        assert!(
+            out.status.success(),
+            "{cmd:?} failed: {}\n--- agent:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.node.agent_log()
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    fn aws_cli(&self, pod: &Pod) -> Output {
+        let aws = repo(".venv/bin/aws");
+        self.run(
+            pod,
+            &[
+                aws.to_str().expect("utf-8"),
+                "sts",
+                "get-caller-identity",
+                "--endpoint-url",
+                STS_URL,
+                "--output",
+                "text",
+                "--query",
+                "Arn",
+            ],
+            &[],
+        )
+    }
+
+    /// Waits until the servers know `pod` (their watch is asynchronous; the startup race has
+    /// its own test).
+    fn wait_served(&self, pod: &Pod, role: &str) {
+        for _ in 0..100 {
+            if self.helper(pod, &["get", CREDS]) == format!("200 {role}") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("pod never served:\n{}", self.node.agent_log());
+    }
+
+    fn helper(&self, pod: &Pod, args: &[&str]) -> String {
+        let mut cmd = vec![HELPER];
+        cmd.extend_from_slice(args);
+        self.node
+            .run_in(&pod.cgroup, &pod.netns, &cmd)
+            .trim()
+            .to_owned()
+    }
+}
+
+fn role(name: &str) -> serde_json::Value {
+    json!({"iam.amazonaws.com/role": name})
+}
+
+fn assumed(role: &str) -> String {
+    format!("arn:aws:sts::123456789012:assumed-role/{role}/")
+}
+
+#[test]
+fn real_aws_sdks_in_two_pods_get_their_own_roles() {
+    if !privileged("real SDKs") {
+        return;
+    }
+    let mut c = cluster(&[]);
+    let a = c.pod("a", role("app-a"));
+    let b = c.pod("b", role("app-b"));
+    c.wait_served(&a, "app-a");
+    c.wait_served(&b, "app-b");
+
+    let cli = c.aws_cli(&a);
+    assert!(
+        cli.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    assert!(String::from_utf8_lossy(&cli.stdout).contains(&assumed("app-a")));
+
+    let python = repo(".venv/bin/python");
+    let boto3 = format!(
+        "import boto3; print(boto3.client('sts', endpoint_url='{STS_URL}').get_caller_identity()['Arn'])"
+    );
+    let py = python.to_str().expect("utf-8");
+    assert!(
+        c.arn(&a, &[py, "-c", &boto3], &[])
+            .starts_with(&assumed("app-a"))
+    );
+    // boto3 over IPv6: fd00:ec2::254, redirected to the agent's IPv6 address.
+    assert!(
+        c.arn(
+            &b,
+            &[py, "-c", &boto3],
+            &[("AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE", "IPv6")]
+        )
+        .starts_with(&assumed("app-b"))
+    );
+    let script = repo("tests/js/whoami.js");
+    assert!(
+        c.arn(&a, &["node", script.to_str().expect("utf-8"), STS_URL], &[])
+            .starts_with(&assumed("app-a"))
+    );
+    assert!(
+        c.arn(&b, &[SDK, STS_URL], &[])
+            .starts_with(&assumed("app-b"))
+    );
+
+    // IMDSv1 (no token) as the SDKs fall back to it: the pod's role and credentials.
+    assert_eq!(c.helper(&a, &["get", CREDS]), "200 app-a");
+    let line = c.helper(&a, &["get", &format!("{CREDS}app-a")]);
+    let doc: serde_json::Value =
+        serde_json::from_str(line.strip_prefix("200 ").expect("200")).expect("json");
+    assert_eq!(doc["Code"], "Success");
+    assert_eq!(doc["Type"], "AWS-HMAC");
+    assert!(doc["Expiration"].as_str().is_some_and(|e| e.ends_with('Z')));
+    // Another pod's role is not there for this pod.
+    assert!(
+        c.helper(&a, &["get", &format!("{CREDS}app-b")])
+            .starts_with("404")
+    );
+    assert_eq!(
+        c.node.fake_imds_connections(),
+        0,
+        "nothing reached the real IMDS"
+    );
+    // Two roles, two servers (each prefetches on its own): roles × servers AssumeRole calls,
+    // whatever the number of SDK requests.
+    assert_eq!(c.sts.calls(), 2 * 2);
+}
+
+#[test]
+fn pods_without_a_permitted_role_get_a_clear_error_and_an_event() {
+    if !privileged("refusals") {
+        return;
+    }
+    let mut c = cluster(&[]);
+    let plain = c.pod("plain", json!({}));
+    let sneaky = c.pod("sneaky", role("admin"));
+    let out = c.aws_cli(&plain);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Unable to locate credentials"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        c.helper(&plain, &["get", CREDS])
+            .starts_with("404 kiam: pod")
+    );
+    let out = c.aws_cli(&sneaky);
+    assert!(!out.status.success());
+    let line = c.helper(&sneaky, &["get", CREDS]);
+    assert!(
+        line.starts_with("403 ") && line.contains("does not permit"),
+        "{line}"
+    );
+    let mut evented = false;
+    for _ in 0..100 {
+        evented = c.kube.events().iter().any(|e| {
+            e["reason"] == "IAMRoleForbidden" && e["regarding"]["uid"] == sneaky.uid.as_str()
+        });
+        if evented {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(evented, "no Event for the forbidden role");
+    assert_eq!(c.sts.calls(), 0);
+}
+
+#[test]
+fn only_allow_listed_paths_reach_the_real_metadata_service() {
+    if !privileged("allow list") {
+        return;
+    }
+    let mut c = cluster(&[]);
+    let a = c.pod("a", role("app-a"));
+    let region = "http://169.254.169.254/latest/meta-data/placement/region";
+    assert_eq!(c.helper(&a, &["get", region]), "200 real-imds");
+    let reached = c.node.fake_imds_connections();
+    assert!(reached >= 1, "the allow-listed path was not forwarded");
+    for path in [
+        "latest/meta-data/instance-id",
+        "latest/user-data",
+        "latest/meta-data/iam/security-credentials/node-role/x",
+    ] {
+        let line = c.helper(&a, &["get", &format!("http://169.254.169.254/{path}")]);
+        assert!(line.starts_with("404"), "{path}: {line}");
+    }
+    assert_eq!(
+        c.node.fake_imds_connections(),
+        reached,
+        "a refused path reached the real IMDS"
+    );
+}
+
+#[test]
+fn imds_v2_tokens_are_bound_to_the_pod_and_checked() {
+    if !privileged("tokens") {
+        return;
+    }
+    let mut c = cluster(&[]);
+    let a = c.pod("a", role("app-a"));
+    let b = c.pod("b", role("app-b"));
+    c.wait_served(&a, "app-a");
+    c.wait_served(&b, "app-b");
+    let token_url = "http://169.254.169.254/latest/api/token";
+    let put = |pod: &Pod, headers: &[&str]| {
+        let mut args = vec!["request", token_url, "--method", "PUT"];
+        for h in headers {
+            args.extend(["--header", h]);
+        }
+        c.helper(pod, &args)
+    };
+    let line = put(&a, &["X-aws-ec2-metadata-token-ttl-seconds: 21600"]);
+    let token = line.strip_prefix("200 ").expect("token").to_owned();
+    let get = |pod: &Pod, token: &str| {
+        c.helper(
+            pod,
+            &[
+                "request",
+                CREDS,
+                "--header",
+                &format!("X-aws-ec2-metadata-token: {token}"),
+            ],
+        )
+    };
+    assert_eq!(get(&a, &token), "200 app-a");
+    assert!(get(&b, &token).starts_with("401"), "another pod's token");
+    assert!(
+        get(&a, &format!("{token}A")).starts_with("401"),
+        "forged token"
+    );
+    assert!(put(&a, &["X-aws-ec2-metadata-token-ttl-seconds: 21601"]).starts_with("400"));
+    assert!(
+        put(
+            &a,
+            &[
+                "X-aws-ec2-metadata-token-ttl-seconds: 60",
+                "X-Forwarded-For: 10.0.0.1"
+            ]
+        )
+        .starts_with("403")
+    );
+    let short = put(&a, &["X-aws-ec2-metadata-token-ttl-seconds: 1"]);
+    let short = short.strip_prefix("200 ").expect("token").to_owned();
+    std::thread::sleep(Duration::from_millis(2100));
+    assert!(get(&a, &short).starts_with("401"), "expired token");
+}
+
+#[test]
+fn a_server_dying_mid_run_is_invisible_and_an_outage_serves_cached_credentials() {
+    if !privileged("failover") {
+        return;
+    }
+    // Ask the servers for the role on (nearly) every request, so the run exercises them.
+    let mut c = cluster(&["--role-ttl", "1ms"]);
+    let a = c.pod("a", role("app-a"));
+    c.wait_served(&a, "app-a");
+    let url = format!("{CREDS}app-a");
+    assert!(c.helper(&a, &["get", &url]).starts_with("200"));
+    let run = c.node.spawn_in(
+        &a.cgroup,
+        &a.netns,
+        &[HELPER, "get", &url, "--count", "400", "--concurrency", "4"],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    c.servers[0].kill();
+    let out = run.wait_with_output().expect("client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let failed: Vec<&str> = text.lines().filter(|l| !l.starts_with("200 ")).collect();
+    assert_eq!(text.lines().count(), 400);
+    assert!(
+        failed.is_empty(),
+        "client-visible errors: {:?}",
+        &failed[..failed.len().min(5)]
+    );
+    // Every server gone: the agent keeps serving what it holds.
+    c.servers[1].kill();
+    for _ in 0..3 {
+        assert!(c.helper(&a, &["get", &url]).starts_with("200"));
+    }
+}
+
+#[test]
+fn a_pod_the_servers_do_not_know_yet_gets_a_clear_error_within_the_sdk_timeout() {
+    if !privileged("startup race") {
+        return;
+    }
+    let mut c = cluster(&[]);
+    // The pod runs (cgroup, network) but the API server has not told kiam about it yet.
+    let early = c.node.add_pod();
+    let started = std::time::Instant::now();
+    let line = c.helper(&early, &["get", CREDS]);
+    let waited = started.elapsed();
+    assert!(
+        line.starts_with("404 ") && line.contains("not known"),
+        "{line}"
+    );
+    assert!(
+        waited < Duration::from_millis(1000),
+        "answered after {waited:?}: botocore gives up after 1 s"
+    );
+    // Once the watch delivers it, the same pod is served.
+    c.kube.pod_with_uid(
+        "team",
+        "early",
+        "node-1",
+        Some(&early.uid),
+        role("app-early"),
+    );
+    let mut served = String::new();
+    for _ in 0..50 {
+        served = c.helper(&early, &["get", CREDS]);
+        if served == "200 app-early" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(served, "200 app-early");
+}
