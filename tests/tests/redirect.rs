@@ -2,8 +2,6 @@
 //! and its pods, a kubelet-shaped cgroup tree, the real agent. Run one at a time, as root
 //! (`cargo xtask test`); without root each test prints a loud SKIP.
 
-mod support;
-
 use std::{
     collections::HashMap,
     io::{BufRead, BufReader},
@@ -11,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use support::{AGENT_IP, AGENT_PORT, HELPER, IMDS, Node, Pod, privileged};
+use kiam_e2e::node::{AGENT_IP, AGENT_PORT, HELPER, IMDS, Node, Pod, privileged};
 
 // The agent's identity path: what kiam resolved for the caller. The fake real IMDS answers
 // any path with `real-imds`.
@@ -80,20 +78,36 @@ fn outside_the_attach_point_and_the_agent_itself_reach_the_real_metadata_service
 
     // A system service in the pod's network namespace but outside the pods cgroup.
     let outside = node.outside_cgroup();
-    let line = node.run_in(&outside, &pod.netns, &[HELPER, "get", METADATA_URL]);
+    let line = node.run_in(
+        &outside,
+        &pod.netns,
+        &[HELPER.as_str(), "get", METADATA_URL],
+    );
     assert_eq!(line.trim(), "200 real-imds");
     assert_eq!(node.fake_imds_connections(), 1);
     // The fake real IMDS answers on IPv6 too, so the pods' zero counts elsewhere mean
     // something.
-    let line = node.run_in(&outside, &pod.netns, &[HELPER, "get", METADATA_URL6]);
+    let line = node.run_in(
+        &outside,
+        &pod.netns,
+        &[HELPER.as_str(), "get", METADATA_URL6],
+    );
     assert_eq!(line.trim(), "200 real-imds");
-    let line = node.run_in(&outside, &pod.netns, &[HELPER, "get", METADATA_URL_MAPPED]);
+    let line = node.run_in(
+        &outside,
+        &pod.netns,
+        &[HELPER.as_str(), "get", METADATA_URL_MAPPED],
+    );
     assert_eq!(line.trim(), "200 real-imds");
     assert_eq!(node.fake_imds_connections(), 3);
 
     // The agent's own cgroup is exempt although it sits below the attach point.
     let agent = node.agent_pod.clone();
-    let line = node.run_in(&agent.cgroup, &agent.netns, &[HELPER, "get", METADATA_URL]);
+    let line = node.run_in(
+        &agent.cgroup,
+        &agent.netns,
+        &[HELPER.as_str(), "get", METADATA_URL],
+    );
     assert_eq!(line.trim(), "200 real-imds");
     assert_eq!(node.fake_imds_connections(), 4);
 
@@ -117,7 +131,7 @@ fn hundreds_of_concurrent_connections_from_two_pods_are_never_confused() {
             &pod.cgroup,
             &pod.netns,
             &[
-                HELPER,
+                HELPER.as_str(),
                 "get",
                 METADATA_URL,
                 "--count",
@@ -160,7 +174,7 @@ fn a_client_that_sends_and_closes_before_accept_is_still_identified() {
         &a.cgroup,
         &a.netns,
         &[
-            HELPER,
+            HELPER.as_str(),
             "get",
             METADATA_URL,
             "--half-close",
@@ -171,7 +185,7 @@ fn a_client_that_sends_and_closes_before_accept_is_still_identified() {
     let gone = node.spawn_in(
         &b.cgroup,
         &b.netns,
-        &[HELPER, "send-and-close", METADATA_URL],
+        &[HELPER.as_str(), "send-and-close", METADATA_URL],
     );
     let out = gone.wait_with_output().expect("send-and-close");
     assert!(out.status.success());
@@ -221,7 +235,7 @@ fn raw_socket_packets_to_the_metadata_address_never_leave_a_pod() {
             &sniffer_cgroup,
             &node_ns,
             &[
-                HELPER,
+                HELPER.as_str(),
                 "sniff",
                 "--dst",
                 IMDS,
@@ -237,7 +251,7 @@ fn raw_socket_packets_to_the_metadata_address_never_leave_a_pod() {
             cgroup,
             &pod.netns,
             &[
-                HELPER,
+                HELPER.as_str(),
                 "raw-syn",
                 "--src",
                 &pod.ip.to_string(),
@@ -401,14 +415,14 @@ fn only_the_agent_may_bind_its_port_even_while_it_is_down() {
     let ns = node.netns.clone();
     // A host-network pod would otherwise receive every pod's metadata connections.
     for addr in ["0.0.0.0:8181", "198.19.0.1:8181", "[::]:8181"] {
-        let line = node.run_in(&pod.cgroup, &ns, &[HELPER, "bind", addr]);
+        let line = node.run_in(&pod.cgroup, &ns, &[HELPER.as_str(), "bind", addr]);
         assert!(line.starts_with("denied"), "{addr}: {line}");
     }
     // Other ports are untouched, and the port itself is free: a system service may bind it.
-    let line = node.run_in(&pod.cgroup, &ns, &[HELPER, "bind", "0.0.0.0:8182"]);
+    let line = node.run_in(&pod.cgroup, &ns, &[HELPER.as_str(), "bind", "0.0.0.0:8182"]);
     assert_eq!(line.trim(), "bound");
     let outside = node.outside_cgroup();
-    let line = node.run_in(&outside, &ns, &[HELPER, "bind", "0.0.0.0:8181"]);
+    let line = node.run_in(&outside, &ns, &[HELPER.as_str(), "bind", "0.0.0.0:8181"]);
     assert_eq!(line.trim(), "bound");
     // The restarted agent is exempt before it binds.
     node.start_agent();
@@ -433,7 +447,7 @@ fn a_spoofed_tuple_is_refused_instead_of_answered_for_the_wrong_pod() {
         &attacker.cgroup,
         &attacker.netns,
         &[
-            HELPER,
+            HELPER.as_str(),
             "spoof",
             "--from",
             &format!("{}:{port}", victim.ip),
@@ -452,7 +466,7 @@ fn a_spoofed_tuple_is_refused_instead_of_answered_for_the_wrong_pod() {
         &victim.cgroup,
         &victim.netns,
         &[
-            HELPER,
+            HELPER.as_str(),
             "get",
             METADATA_URL,
             "--bind-port",

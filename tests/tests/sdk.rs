@@ -3,25 +3,18 @@
 //! kiam servers, moto as STS and the Kubernetes API emulator (all inside the node's network
 //! namespace). Run as root by `cargo xtask test`; without root each test prints a loud SKIP.
 
-mod stack;
-mod support;
+use std::{process::Output, time::Duration};
 
-use std::{path::PathBuf, process::Output, time::Duration};
-
+use kiam_e2e::node::{HELPER, Node, Pod, privileged};
+use kiam_e2e::stack::{Certs, Kube, Server, Sts};
 use serde_json::json;
-use stack::{Certs, Kube, Server, Sts};
-use support::{HELPER, Node, Pod, privileged};
 
 /// moto, as pods reach it: on the node's address (it listens on all of the node's).
 const STS_URL: &str = "http://198.19.0.1:5000";
 const SDK: &str = env!("CARGO_BIN_EXE_kiam-e2e-sdk");
 const CREDS: &str = "http://169.254.169.254/latest/meta-data/iam/security-credentials/";
 
-fn repo(path: &str) -> PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(path)
-}
+use kiam_e2e::repo;
 
 struct Cluster {
     node: Node,
@@ -148,7 +141,7 @@ impl Cluster {
     }
 
     fn helper(&self, pod: &Pod, args: &[&str]) -> String {
-        let mut cmd = vec![HELPER];
+        let mut cmd = vec![HELPER.as_str()];
         cmd.extend_from_slice(args);
         self.node
             .run_in(&pod.cgroup, &pod.netns, &cmd)
@@ -369,7 +362,15 @@ fn a_server_dying_mid_run_is_invisible_and_an_outage_serves_cached_credentials()
     let run = c.node.spawn_in(
         &a.cgroup,
         &a.netns,
-        &[HELPER, "get", &url, "--count", "400", "--concurrency", "4"],
+        &[
+            HELPER.as_str(),
+            "get",
+            &url,
+            "--count",
+            "400",
+            "--concurrency",
+            "4",
+        ],
     );
     std::thread::sleep(Duration::from_millis(300));
     c.servers[0].kill();

@@ -1,16 +1,14 @@
 //! kiam-server end to end, on loopback: the real binary against moto (real STS protocol,
 //! AssumeRole counted by a proxy) and the Kubernetes API emulator, over mutual TLS.
 
-mod stack;
-
 use std::{
     collections::HashSet,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use kiam_e2e::stack::{ACCOUNT, Certs, Kube, Server, Sts, eventually};
 use kiam_server::proto::{GetCredentialsRequest, GetPodRoleRequest, HealthRequest};
 use serde_json::json;
-use stack::{ACCOUNT, Certs, Kube, Server, Sts, eventually};
 use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(15);

@@ -30,6 +30,19 @@ enum Cmd {
     Setup,
     /// Build the eBPF object with nightly and bpf-linker.
     BuildEbpf,
+    /// The demo: moto, the API emulator, two servers and the agent on this machine, and the
+    /// AWS CLI in two pods getting two different roles (root, cgroup v2, BPF).
+    Demo {
+        /// Keep everything running until Ctrl-C.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Write a development PKI (CA, server and agent certificates) with rcgen.
+    Certs {
+        /// Passed on to `kiam-dev certs` (see `cargo xtask certs -- --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Everything CI runs: setup, build-ebpf, fmt, clippy, unit tests, privileged tests.
     Test {
         /// Skip the set-up step (when you know the machine is ready).
@@ -189,9 +202,43 @@ fn test(no_setup: bool, e2e_filter: Option<String>) -> anyhow::Result<()> {
     run(&mut e2e)
 }
 
+fn build_all() -> anyhow::Result<()> {
+    build_ebpf()?;
+    run(cargo().args([
+        "build",
+        "--package",
+        "kiam-agent",
+        "--package",
+        "kiam-server",
+        "--package",
+        "kiam-e2e",
+        "--bins",
+    ]))
+}
+
+fn demo(keep: bool) -> anyhow::Result<()> {
+    setup::setup()?;
+    build_all()?;
+    let mut cmd = Command::new(workspace_root().join("target/debug/kiam-dev"));
+    cmd.arg("demo");
+    if keep {
+        cmd.arg("--keep");
+    }
+    run(&mut cmd)
+}
+
+fn certs(args: Vec<String>) -> anyhow::Result<()> {
+    run(cargo().args(["build", "--package", "kiam-e2e", "--bin", "kiam-dev"]))?;
+    run(Command::new(workspace_root().join("target/debug/kiam-dev"))
+        .arg("certs")
+        .args(args))
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Setup => setup::setup(),
+        Cmd::Demo { keep } => demo(keep),
+        Cmd::Certs { args } => certs(args),
         Cmd::BuildEbpf => build_ebpf(),
         Cmd::Test {
             no_setup,

@@ -2,7 +2,6 @@
 //! server, behind a small proxy that counts AssumeRole calls and can inject throttling and 5xx;
 //! the Kubernetes API emulator; certificates made at run time with rcgen; the real
 //! `kiam-server` binary; and a gRPC client with or without a client certificate.
-#![allow(dead_code)]
 
 use std::{
     fs,
@@ -26,7 +25,9 @@ use rcgen::{
 use serde_json::{Value, json};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
-pub const EMULATOR: &str = env!("CARGO_BIN_EXE_kube-emulator");
+fn emulator() -> PathBuf {
+    crate::workspace_bin("kube-emulator")
+}
 pub const ACCOUNT: &str = "123456789012";
 
 /// A program, run in network namespace `netns` when given (nsenter keeps /sys and the cgroup).
@@ -80,7 +81,7 @@ fn wait_for_port(netns: Option<&str>, port: u16, what: &str, child: &mut Child) 
 fn binary(var: &str, default: &str) -> PathBuf {
     let path = std::env::var_os(var)
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(default));
+        .unwrap_or_else(|| crate::repo(default));
     assert!(
         path.is_file(),
         "{} missing ({var}): run `cargo xtask test`, or `cargo xtask setup` and `cargo build`",
@@ -114,7 +115,6 @@ pub fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> (u16, 
 /// moto's STS, and a proxy in front of it.
 pub struct Sts {
     moto: Child,
-    netns: Option<String>,
     pub moto_port: u16,
     pub port: u16,
     pub assume_calls: Arc<AtomicUsize>,
@@ -129,7 +129,7 @@ impl Sts {
 
     /// moto (listening on `host`) and the proxy (on loopback), in `netns`.
     pub fn start_in(netns: Option<&str>, host: &str) -> Sts {
-        let moto_bin = binary("KIAM_MOTO_SERVER", "../.venv/bin/moto_server");
+        let moto_bin = binary("KIAM_MOTO_SERVER", ".venv/bin/moto_server");
         let moto_port = match netns {
             None => free_port(),
             Some(_) => 5000,
@@ -140,6 +140,7 @@ impl Sts {
             .stderr(Stdio::null())
             .spawn()
             .expect("start moto_server");
+        crate::track(&moto);
         wait_for_port(netns, moto_port, "moto_server", &mut moto);
         let listener = in_netns(netns, || TcpListener::bind("127.0.0.1:0")).expect("proxy bind");
         let port = listener.local_addr().expect("addr").port();
@@ -160,7 +161,6 @@ impl Sts {
         });
         Sts {
             moto,
-            netns: netns.map(str::to_owned),
             moto_port,
             port,
             assume_calls,
@@ -271,10 +271,11 @@ impl Kube {
     }
 
     pub fn start_in(netns: Option<&str>, dir: &Path) -> Kube {
-        let mut child = command(netns, EMULATOR)
+        let mut child = command(netns, emulator())
             .stdout(Stdio::piped())
             .spawn()
             .expect("start kube-emulator");
+        crate::track(&child);
         let mut line = String::new();
         BufReader::new(child.stdout.take().expect("stdout"))
             .read_line(&mut line)
@@ -422,58 +423,65 @@ fn leaf(
     }
 }
 
-impl Certs {
-    pub fn new(dir: &Path) -> Certs {
-        let (ca_params, ca_key, ca_pem) = ca("kiam test CA");
-        let issuer = Issuer::from_params(&ca_params, &ca_key);
-        let server = leaf(
+/// Writes a development PKI to `dir`: `ca.pem`, `server.pem`/`server-key.pem` (for
+/// `server_names`), `agent-shared.pem`/`-key.pem` (no node identity) and, per node,
+/// `agent-<node>.pem`/`-key.pem` carrying `spiffe://kiam/node/<node>`.
+pub fn write_dev_pki(dir: &Path, server_names: &[&str], nodes: &[&str]) -> std::io::Result<()> {
+    fs::create_dir_all(dir)?;
+    let (ca_params, ca_key, ca_pem) = ca("kiam development CA");
+    let issuer = Issuer::from_params(&ca_params, &ca_key);
+    let write = |name: &str, pem: &Pem| -> std::io::Result<()> {
+        fs::write(dir.join(format!("{name}.pem")), &pem.cert)?;
+        let key = dir.join(format!("{name}-key.pem"));
+        fs::write(&key, &pem.key)?;
+        fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+    };
+    fs::write(dir.join("ca.pem"), &ca_pem)?;
+    let server = leaf(
+        &issuer,
+        "kiam-server",
+        server_names,
+        &[],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    write("server", &server)?;
+    for node in nodes {
+        let uri = format!("{}{node}", kiam_server::tls::NODE_URI_PREFIX);
+        let agent = leaf(
             &issuer,
-            "kiam-server",
-            &["localhost", "kiam-server"],
+            "kiam-agent",
             &[],
-            ExtendedKeyUsagePurpose::ServerAuth,
+            &[&uri],
+            ExtendedKeyUsagePurpose::ClientAuth,
         );
-        let write = |name: &str, pem: &Pem| {
-            fs::write(dir.join(format!("{name}.pem")), &pem.cert).expect("write");
-            fs::write(dir.join(format!("{name}-key.pem")), &pem.key).expect("write");
-        };
-        fs::write(dir.join("ca.pem"), &ca_pem).expect("write");
-        write("server", &server);
-        for node in ["node-1", "node-2"] {
-            let uri = format!("spiffe://kiam/node/{node}");
-            write(
-                &format!("agent-{node}"),
-                &leaf(
-                    &issuer,
-                    "kiam-agent",
-                    &[],
-                    &[&uri],
-                    ExtendedKeyUsagePurpose::ClientAuth,
-                ),
-            );
-        }
-        write(
-            "agent-shared",
-            &leaf(
-                &issuer,
-                "kiam-agent",
-                &[],
-                &[],
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ),
-        );
+        write(&format!("agent-{node}"), &agent)?;
+    }
+    let shared = leaf(
+        &issuer,
+        "kiam-agent",
+        &[],
+        &[],
+        ExtendedKeyUsagePurpose::ClientAuth,
+    );
+    write("agent-shared", &shared)
+}
+
+impl Certs {
+    /// The tests' PKI: the development one for `localhost`/`kiam-server` and nodes `node-1`
+    /// and `node-2`, plus `agent-other-ca` from an unrelated CA.
+    pub fn new(dir: &Path) -> Certs {
+        write_dev_pki(dir, &["localhost", "kiam-server"], &["node-1", "node-2"]).expect("PKI");
         let (other_params, other_key, _) = ca("another CA");
         let other = Issuer::from_params(&other_params, &other_key);
-        write(
-            "agent-other-ca",
-            &leaf(
-                &other,
-                "kiam-agent",
-                &[],
-                &["spiffe://kiam/node/node-1"],
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ),
+        let stranger = leaf(
+            &other,
+            "kiam-agent",
+            &[],
+            &["spiffe://kiam/node/node-1"],
+            ExtendedKeyUsagePurpose::ClientAuth,
         );
+        fs::write(dir.join("agent-other-ca.pem"), &stranger.cert).expect("write");
+        fs::write(dir.join("agent-other-ca-key.pem"), &stranger.key).expect("write");
         Certs {
             dir: dir.to_owned(),
         }
@@ -521,7 +529,9 @@ impl Server {
     ) -> Server {
         let log = dir.join(format!("server-{port}.log"));
         let file = fs::File::create(&log).expect("log");
-        let bin = binary("KIAM_SERVER_BIN", "../target/debug/kiam-server");
+        let bin = std::env::var_os("KIAM_SERVER_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| crate::workspace_bin("kiam-server"));
         let mut child = command(netns, bin)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
@@ -553,6 +563,7 @@ impl Server {
             .stderr(file)
             .spawn()
             .expect("start kiam-server");
+        crate::track(&child);
         wait_for_port(netns, admin_port, "kiam-server", &mut child);
         let server = Server {
             child,

@@ -5,7 +5,6 @@
 //!
 //! Nothing is added to the machine's root network namespace. Every name carries a unique
 //! `ke…` prefix, and `Drop` removes exactly what the node created.
-#![allow(dead_code)]
 
 use std::{
     fs,
@@ -18,7 +17,12 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-pub const HELPER: &str = env!("CARGO_BIN_EXE_kiam-e2e-helper");
+/// The helper program run inside pods.
+pub static HELPER: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    crate::workspace_bin("kiam-e2e-helper")
+        .to_string_lossy()
+        .into_owned()
+});
 /// Address of the node that pods are redirected to (on the node namespace's loopback).
 pub const AGENT_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
 /// The node's IPv6 address pods connecting to `[fd00:ec2::254]` are sent to.
@@ -111,9 +115,7 @@ pub fn cgroup_root() -> PathBuf {
 pub fn agent_bin() -> PathBuf {
     let path = std::env::var_os("KIAM_AGENT_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/kiam-agent")
-        });
+        .unwrap_or_else(|| crate::workspace_bin("kiam-agent"));
     assert!(
         path.is_file(),
         "{} missing: run `cargo xtask test` (or `cargo build -p kiam-agent`)",
@@ -158,6 +160,10 @@ pub struct Node {
 
 impl Node {
     /// A node with its fake real metadata service running and no agent yet.
+    #[expect(
+        clippy::new_without_default,
+        reason = "creating a node creates namespaces and cgroups: not a default value"
+    )]
     pub fn new() -> Node {
         let id = format!("ke{}", unique());
         let cgroup_root = cgroup_root();
@@ -228,7 +234,7 @@ impl Node {
                 &outside,
                 &ns,
                 &[
-                    HELPER,
+                    HELPER.as_str(),
                     "fake-imds",
                     "--listen",
                     &listen,
@@ -236,6 +242,7 @@ impl Node {
                     log.to_str().expect("utf-8"),
                 ],
             );
+            crate::track(&child);
             node.fake_imds.push(wait_ready(child, "fake-imds"));
         }
         node
@@ -399,7 +406,7 @@ impl Node {
 
     /// The helper's `get` from inside `pod`: one line per response.
     pub fn get(&self, pod: &Pod, url: &str) -> String {
-        self.run_in(&pod.cgroup, &pod.netns, &[HELPER, "get", url])
+        self.run_in(&pod.cgroup, &pod.netns, &[HELPER.as_str(), "get", url])
             .trim()
             .to_owned()
     }
@@ -450,6 +457,7 @@ impl Node {
             .stderr(file)
             .spawn()
             .expect("spawn agent");
+        crate::track(&child);
         let mut agent = Agent { child, log };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -553,6 +561,27 @@ fn remove_cgroup_tree(path: &Path) {
             }
         }
     }
+}
+
+/// Removes what a node with this id left behind (namespaces, cgroups, pins, files), for a
+/// process that cannot run `Drop` (an interrupted demo).
+pub fn cleanup(id: &str) {
+    let pins = PathBuf::from(format!("/sys/fs/bpf/kiam-e2e-{id}"));
+    let _ = Command::new(agent_bin())
+        .args(["uninstall", "--bpffs-dir"])
+        .arg(&pins)
+        .output();
+    let _ = fs::remove_dir_all(&pins);
+    remove_cgroup_tree(&cgroup_root().join(format!("kiam-e2e-{id}")));
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            if name.starts_with(&format!("{id}-")) {
+                let _ = Command::new("ip").args(["netns", "del", name]).output();
+            }
+        }
+    }
+    let _ = fs::remove_dir_all(std::env::temp_dir().join(format!("kiam-e2e-{id}")));
 }
 
 impl Drop for Node {

@@ -1,0 +1,290 @@
+//! Developer commands that need the test infrastructure (run through `cargo xtask`):
+//!
+//! - `demo`: the whole product on this machine: moto as STS, the Kubernetes API emulator with
+//!   a namespace permitting two roles and two annotated pods, two kiam servers with generated
+//!   mTLS material, the agent with its eBPF redirect; the real AWS CLI runs inside each demo
+//!   pod (a network namespace and a kubelet-shaped cgroup) and the roles they got are printed
+//!   side by side. Everything is removed on exit and on Ctrl-C.
+//! - `certs`: a development CA, server certificate and agent certificates.
+
+use std::{
+    path::PathBuf,
+    process::{Command, ExitCode},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use kiam_e2e::{
+    node::{self, Node, Pod},
+    repo,
+    stack::{self, Certs, Kube, Server, Sts},
+};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(name = "kiam-dev")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the demo (root, cgroup v2, BPF).
+    Demo {
+        /// Keep everything running until Ctrl-C, to explore with bpftool and the CLI.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Write a development PKI for kiam.
+    Certs {
+        /// Output directory.
+        #[arg(long, default_value = "target/kiam-certs")]
+        out: PathBuf,
+        /// DNS names of the server certificate.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "kiam-server,kiam-server.kube-system.svc,localhost"
+        )]
+        server_names: Vec<String>,
+        /// Nodes to issue agent certificates with a node identity for (a shared agent
+        /// certificate without one is always written).
+        #[arg(long, value_delimiter = ',')]
+        nodes: Vec<String>,
+    },
+}
+
+const STS_URL: &str = "http://198.19.0.1:5000";
+const ROLES: [(&str, &str); 2] = [("frontend", "app-frontend"), ("backend", "app-backend")];
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|r| r.split_whitespace().nth(1).map(str::to_owned))
+        })
+        .is_some_and(|uid| uid == "0")
+}
+
+/// Why the demo cannot run here, if it cannot.
+fn preflight() -> anyhow::Result<()> {
+    if !is_root() {
+        bail!(
+            "the demo needs root (BPF programs, cgroups, network namespaces): run `sudo -E cargo xtask demo`"
+        );
+    }
+    if !["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .iter()
+        .any(|p| std::path::Path::new(p).join("cgroup.controllers").exists())
+    {
+        bail!(
+            "no cgroup v2 file system at /sys/fs/cgroup or /sys/fs/cgroup/unified: kiam needs cgroup v2 (boot with systemd.unified_cgroup_hierarchy=1)"
+        );
+    }
+    for tool in ["ip", "nsenter", "bpftool"] {
+        if Command::new(tool).arg("--version").output().is_err() {
+            bail!("{tool} is missing: run `cargo xtask setup`");
+        }
+    }
+    for (path, fix) in [
+        (repo(".venv/bin/aws"), "run `cargo xtask setup`"),
+        (
+            kiam_e2e::workspace_bin("kiam-agent"),
+            "run `cargo xtask demo` (it builds everything)",
+        ),
+    ] {
+        if !path.exists() {
+            bail!("{} is missing: {fix}", path.display());
+        }
+    }
+    Ok(())
+}
+
+fn aws_cli(node: &Node, pod: &Pod, home: &std::path::Path) -> anyhow::Result<String> {
+    let aws = repo(".venv/bin/aws");
+    let out = node
+        .command_in(
+            &pod.cgroup,
+            &pod.netns,
+            &[
+                aws.to_str().context("path")?,
+                "sts",
+                "get-caller-identity",
+                "--endpoint-url",
+                STS_URL,
+                "--output",
+                "text",
+                "--query",
+                "Arn",
+            ],
+        )
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("HOME", home)
+        .env("AWS_CONFIG_FILE", "/nonexistent")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        .env("AWS_DEFAULT_REGION", "us-east-1")
+        .env("AWS_METADATA_SERVICE_TIMEOUT", "2")
+        .env("AWS_METADATA_SERVICE_NUM_ATTEMPTS", "3")
+        .output()
+        .context("running the AWS CLI")?;
+    match out.status.success() {
+        true => Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned()),
+        false => bail!("{}", String::from_utf8_lossy(&out.stderr).trim()),
+    }
+}
+
+fn demo(keep: bool) -> anyhow::Result<()> {
+    preflight()?;
+    println!("Starting: moto (STS), the Kubernetes API emulator, two kiam servers, the agent …");
+    let mut node = Node::new();
+    let id = node.id.clone();
+    ctrlc::set_handler(move || {
+        eprintln!("\ninterrupted: cleaning up");
+        kiam_e2e::kill_tracked();
+        node::cleanup(&id);
+        std::process::exit(130);
+    })
+    .context("installing the Ctrl-C handler")?;
+
+    let dir = tempfile::tempdir().context("temp dir")?;
+    let ns = node.netns.clone();
+    let sts = Sts::start_in(Some(&ns), "0.0.0.0");
+    let kube = Kube::start_in(Some(&ns), dir.path());
+    kube.namespace(
+        "demo",
+        json!({"iam.amazonaws.com/permitted": "app-frontend|app-backend"}),
+    );
+    let certs = Certs::new(dir.path());
+    let _servers: Vec<Server> = [(8443, 9620), (8444, 9621)]
+        .into_iter()
+        .map(|ports| Server::start_in(Some(&ns), ports, dir.path(), &certs, &sts, &kube, &[]))
+        .collect();
+    let path = |name: &str| certs.path(name).to_string_lossy().into_owned();
+    node.agent_args = vec![
+        "--node-name".into(),
+        "node-1".into(),
+        "--server".into(),
+        "127.0.0.1:8443,127.0.0.1:8444".into(),
+        "--tls-cert".into(),
+        path("agent-node-1.pem"),
+        "--tls-key".into(),
+        path("agent-node-1-key.pem"),
+        "--tls-ca".into(),
+        path("ca.pem"),
+    ];
+    node.start_agent();
+    let pods: Vec<(Pod, &str, &str)> = ROLES
+        .iter()
+        .map(|(name, role)| {
+            let pod = node.add_pod();
+            kube.pod_with_uid(
+                "demo",
+                name,
+                "node-1",
+                Some(&pod.uid),
+                json!({"iam.amazonaws.com/role": role}),
+            );
+            (pod, *name, *role)
+        })
+        .collect();
+    // The servers prefetch the roles as soon as their watches deliver the pods.
+    std::thread::sleep(Duration::from_millis(500));
+
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home)?;
+    println!();
+    println!(
+        "{:<10} {:<14} aws sts get-caller-identity, run inside the pod",
+        "POD", "ANNOTATION"
+    );
+    let mut arns = Vec::new();
+    for (pod, name, role) in &pods {
+        let arn =
+            aws_cli(&node, pod, &home).with_context(|| format!("the AWS CLI in pod {name}"))?;
+        println!("{name:<10} {role:<14} {arn}");
+        arns.push(arn);
+    }
+    println!();
+    println!("Each pod connected to 169.254.169.254; kiam's eBPF programs sent it to the agent,");
+    println!("which knew the pod from its cgroup and asked the servers for that pod's role.");
+    println!(
+        "Nothing reached the node's metadata service: {} connections.",
+        node.fake_imds_connections()
+    );
+    println!();
+    println!("Inspect the kernel side:");
+    let tree = node.bpftool_cgroup_tree();
+    println!("  bpftool cgroup tree {}", node.test_cgroup.display());
+    for line in tree
+        .lines()
+        .filter(|l| l.contains("kiam_") || l.starts_with('/'))
+    {
+        println!("      {line}");
+    }
+    let maps = node
+        .pin_dir
+        .join(format!("maps-v{}", kiam_common::LAYOUT_VERSION));
+    println!("  bpftool prog list | grep -A3 kiam_");
+    println!("  bpftool map dump pinned {}/KIAM_CONFIG", maps.display());
+    println!("  bpftool map dump pinned {}/KIAM_STATS", maps.display());
+    println!(
+        "  {} status --bpffs-dir {}",
+        node::agent_bin().display(),
+        node.pin_dir.display()
+    );
+    if arns.len() != 2 || arns[0] == arns[1] {
+        bail!("expected two different assumed roles, got {arns:?}");
+    }
+    if keep {
+        println!("\nRunning until Ctrl-C.");
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+    println!("\nCleaning up.");
+    Ok(())
+}
+
+fn certs(out: PathBuf, server_names: Vec<String>, nodes: Vec<String>) -> anyhow::Result<()> {
+    let names: Vec<&str> = server_names.iter().map(String::as_str).collect();
+    let nodes: Vec<&str> = nodes.iter().map(String::as_str).collect();
+    stack::write_dev_pki(&out, &names, &nodes)
+        .with_context(|| format!("writing to {}", out.display()))?;
+    println!("Wrote a development PKI to {}:", out.display());
+    println!("  ca.pem                       CA for --tls-ca (agent and server)");
+    println!(
+        "  server.pem, server-key.pem   server certificate for {}",
+        names.join(", ")
+    );
+    println!("  agent-shared.pem, -key.pem   agent certificate without a node identity");
+    for node in nodes {
+        println!(
+            "  agent-{node}.pem, -key.pem   agent certificate for node {node} (spiffe://kiam/node/{node})"
+        );
+    }
+    println!("For development and clusters without cert-manager only; keep the keys secret.");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Cmd::Demo { keep } => demo(keep),
+        Cmd::Certs {
+            out,
+            server_names,
+            nodes,
+        } => certs(out, server_names, nodes),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kiam-dev: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! The README's demo command and `cargo xtask certs`, run as a user would.
+
+use std::{os::unix::fs::PermissionsExt as _, path::Path, process::Command};
+
+use kiam_e2e::{node::privileged, workspace_bin};
+
+#[test]
+fn the_demo_shows_two_roles_and_leaves_nothing_behind() {
+    if !privileged("demo") {
+        return;
+    }
+    let out = Command::new(workspace_bin("kiam-dev"))
+        .arg("demo")
+        .output()
+        .expect("run the demo");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for role in ["app-frontend", "app-backend"] {
+        assert!(
+            text.contains(&format!("arn:aws:sts::123456789012:assumed-role/{role}/")),
+            "{text}"
+        );
+    }
+    assert!(text.contains("bpftool cgroup tree"), "{text}");
+    // The demo's unique name, from the bpftool line: kiam-e2e-<id>.
+    let id = text
+        .split("kiam-e2e-")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_alphanumeric()).next())
+        .expect("demo id")
+        .to_owned();
+    let netns = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip");
+    assert!(
+        !String::from_utf8_lossy(&netns.stdout).contains(&id),
+        "network namespaces left behind"
+    );
+    let cgroup = kiam_e2e::node::cgroup_root().join(format!("kiam-e2e-{id}"));
+    assert!(!cgroup.exists(), "cgroup left behind: {}", cgroup.display());
+    assert!(
+        !Path::new(&format!("/sys/fs/bpf/kiam-e2e-{id}")).exists(),
+        "pins left behind"
+    );
+    let ps = Command::new("ps")
+        .args(["-eo", "args"])
+        .output()
+        .expect("ps");
+    let running = String::from_utf8_lossy(&ps.stdout);
+    assert!(!running.contains(&id), "processes left behind:\n{running}");
+}
+
+#[test]
+fn certs_writes_a_usable_development_pki() {
+    let dir = tempfile::tempdir().expect("dir");
+    let out = Command::new(workspace_bin("kiam-dev"))
+        .args(["certs", "--out"])
+        .arg(dir.path())
+        .args(["--nodes", "node-a,node-b"])
+        .output()
+        .expect("run certs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for file in [
+        "ca.pem",
+        "server.pem",
+        "server-key.pem",
+        "agent-shared.pem",
+        "agent-node-a.pem",
+        "agent-node-b-key.pem",
+    ] {
+        assert!(dir.path().join(file).is_file(), "{file} missing");
+    }
+    let mode = std::fs::metadata(dir.path().join("server-key.pem"))
+        .expect("key")
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        "private keys must not be world-readable"
+    );
+    let agent = std::fs::read(dir.path().join("agent-node-a.pem")).expect("cert");
+    let der = rustls_pemfile_cert(&agent);
+    assert_eq!(
+        kiam_server::tls::node_identities(&der),
+        vec!["node-a".to_owned()]
+    );
+}
+
+fn rustls_pemfile_cert(pem: &[u8]) -> rustls::pki_types::CertificateDer<'static> {
+    use rustls::pki_types::pem::PemObject as _;
+    rustls::pki_types::CertificateDer::from_pem_slice(pem).expect("PEM certificate")
+}
