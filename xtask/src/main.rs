@@ -169,13 +169,7 @@ fn test(no_setup: bool, e2e_filter: Option<String>) -> anyhow::Result<()> {
     // Unit tests of the default members (no root needed).
     run(cargo().args(["test"]))?;
     // Privileged tests: real eBPF, cgroups and network namespaces, one at a time.
-    run(cargo().args([
-        "build",
-        "--package",
-        "kiam-agent",
-        "--package",
-        "kiam-server",
-    ]))?;
+    build_all()?;
     let mut e2e = cargo();
     e2e.args(["test", "--package", "kiam-e2e", "--"])
         .arg("--test-threads=1")
@@ -191,6 +185,11 @@ fn test(no_setup: bool, e2e_filter: Option<String>) -> anyhow::Result<()> {
     if let Some(filter) = e2e_filter {
         e2e.arg(filter);
     }
+    run(Command::new(setup::venv().join("bin/python"))
+        .arg(workspace_root().join("deploy/validate.py"))
+        .arg(workspace_root().join("target/debug/kiam-agent"))
+        .arg(workspace_root().join("target/debug/kiam-server")))
+    .context("deploy/ validation (needs kubectl for kustomize)")?;
     if is_root() {
         // As root nothing may be skipped: a skip would hide a broken environment.
         e2e.env("KIAM_E2E_REQUIRE_PRIVILEGED", "1");

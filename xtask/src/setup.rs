@@ -8,7 +8,8 @@ use anyhow::{Context as _, bail};
 use crate::run;
 
 /// Debian packages: LLVM 22 for bpf-linker (must match nightly's LLVM), bpftool for
-/// inspection and the tests, iproute2/util-linux/curl for the test topology.
+/// inspection and the tests, iproute2/util-linux/curl for the test topology. (kubectl, for
+/// rendering the kustomize bases, is not in Debian: it is checked for, not installed.)
 const APT_PACKAGES: [&str; 6] = [
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -20,7 +21,14 @@ const APT_PACKAGES: [&str; 6] = [
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Python packages for the tests, in the project's `.venv`: moto as the STS server, and the
 /// AWS CLI and boto3 as real clients.
-const PYTHON_PACKAGES: [&str; 3] = ["moto[server]==5.2.1", "boto3", "awscli"];
+/// Also the offline deploy validation: Helm as a library and the Kubernetes schemas.
+const PYTHON_PACKAGES: [&str; 5] = [
+    "moto[server]==5.2.1",
+    "boto3",
+    "awscli",
+    "helm-python-sdk",
+    "kubernetes-validate",
+];
 
 /// The project-local virtualenv the tests take moto and the AWS CLI from.
 pub fn venv() -> PathBuf {
@@ -65,13 +73,18 @@ fn rustup(args: &[&str]) -> Command {
 
 fn python() -> anyhow::Result<()> {
     let venv = venv();
-    let moto = venv.join("bin/moto_server");
-    if moto.exists() {
-        eprintln!("setup: {} present", moto.display());
+    let installed = ["bin/moto_server", "bin/aws", "bin/kubernetes-validate"]
+        .iter()
+        .all(|p| venv.join(p).exists());
+    if installed {
+        eprintln!("setup: {} present", venv.display());
         return Ok(());
     }
-    run(Command::new("python3").arg("-m").arg("venv").arg(&venv))
-        .context("creating the test virtualenv (python3 -m venv; apt-get install python3-venv)")?;
+    if !venv.join("bin/pip").exists() {
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv)).context(
+            "creating the test virtualenv (python3 -m venv; apt-get install python3-venv)",
+        )?;
+    }
     run(Command::new(venv.join("bin/pip"))
         .args(["install", "--quiet", "--disable-pip-version-check"])
         .args(PYTHON_PACKAGES))?;

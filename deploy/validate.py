@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Offline validation of deploy/: renders the kustomize bases and the Helm chart (default and
+non-default values), lints the chart, validates every object against the Kubernetes OpenAPI
+schemas (strict: unknown fields fail), and checks that every kiam flag the manifests pass
+exists in the binaries' --help. Run by `cargo xtask test`.
+
+usage: validate.py KIAM_AGENT_BIN KIAM_SERVER_BIN
+"""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import helm_python
+import kubernetes_validate
+import yaml
+
+DEPLOY = Path(__file__).resolve().parent
+# Custom resources: no schema ships with kubernetes-validate; their shape is checked by name.
+CRD_KINDS = {
+    ("cert-manager.io/v1", "Issuer"),
+    ("cert-manager.io/v1", "Certificate"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+}
+NON_DEFAULT = {
+    "server": {
+        "replicas": 3,
+        "roleBaseArn": "arn:aws:iam::123456789012:role/",
+        "assumeRoleArn": "arn:aws:iam::123456789012:role/kiam-gateway",
+        "sessionTags": True,
+        "serviceAccountAnnotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/kiam-server"},
+        "extraArgs": ["--require-node-identity"],
+    },
+    "agent": {"requireImdsv2": True, "extraArgs": ["--hedge-after=100ms"]},
+    "tls": {"certManager": False},
+    "serviceMonitor": {"enabled": True},
+    "logFormat": "text",
+}
+
+
+def fail(message):
+    print(f"deploy validation FAILED: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def rendered_sets():
+    sets = {}
+    for overlay in ["base", "with-cert-manager"]:
+        out = subprocess.run(
+            ["kubectl", "kustomize", str(DEPLOY / "kustomize" / overlay)],
+            capture_output=True, text=True,
+        )
+        if out.returncode != 0:
+            fail(f"kubectl kustomize {overlay}: {out.stderr.strip()}")
+        sets[f"kustomize/{overlay}"] = out.stdout
+    sets["examples"] = (DEPLOY / "examples" / "namespace-and-pod.yaml").read_text()
+    chart_dir = DEPLOY / "helm" / "kiam"
+    lint = helm_python.chart.lint(str(chart_dir), strict=True)
+    if lint.get("errors"):
+        fail(f"helm lint: {lint['errors']}")
+    for label, values in [("default", {}), ("non-default", NON_DEFAULT)]:
+        chart = helm_python.chart.Chart.load(str(chart_dir))
+        files = chart.render(values, name="kiam", namespace="kiam", is_install=True)
+        sets[f"helm/{label}"] = "\n---\n".join(files.values())
+    return sets
+
+
+def flags_of(binary, *args):
+    out = subprocess.run([binary, *args, "--help"], capture_output=True, text=True)
+    if out.returncode != 0:
+        fail(f"{binary} --help: {out.stderr.strip()}")
+    return set(re.findall(r"--[a-z0-9-]+", out.stdout)), set(re.findall(r"\[env: (KIAM_[A-Z0-9_]+)", out.stdout))
+
+
+def main():
+    if len(sys.argv) != 3:
+        fail(__doc__.strip().splitlines()[-1])
+    agent_flags, agent_env = flags_of(sys.argv[1], "run")
+    server_flags, server_env = flags_of(sys.argv[2])
+    counts = {}
+    for name, text in rendered_sets().items():
+        docs = [d for d in yaml.safe_load_all(text) if d]
+        if not docs:
+            fail(f"{name}: rendered nothing")
+        for doc in docs:
+            kind, api = doc.get("kind"), doc.get("apiVersion")
+            where = f"{name}: {kind} {doc.get('metadata', {}).get('name')}"
+            if (api, kind) in CRD_KINDS:
+                if not doc.get("spec") and kind != "Issuer":
+                    fail(f"{where}: no spec")
+            else:
+                try:
+                    kubernetes_validate.validate(doc, "1.37.0", strict=True)
+                except kubernetes_validate.utils.ValidationError as error:
+                    fail(f"{where}: {error.message} at {list(error.path)}")
+                except kubernetes_validate.utils.SchemaNotFoundError as error:
+                    fail(f"{where}: no schema ({error})")
+            for container in (doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers") or []):
+                agent = "agent" in container["name"]
+                flags, env = (agent_flags, agent_env) if agent else (server_flags, server_env)
+                for arg in container.get("args", []):
+                    flag = arg.split("=")[0]
+                    if flag.startswith("--") and flag not in flags:
+                        fail(f"{where}: {flag} is not a flag of the {container['name']}")
+                for var in container.get("env", []):
+                    if var["name"].startswith("KIAM_") and var["name"] not in env:
+                        fail(f"{where}: {var['name']} is not read by the {container['name']}")
+            counts[name] = counts.get(name, 0) + 1
+    for name, n in counts.items():
+        print(f"deploy: {name}: {n} objects valid")
+    print("deploy validation passed")
+
+
+if __name__ == "__main__":
+    main()
