@@ -100,3 +100,30 @@ fn rustls_pemfile_cert(pem: &[u8]) -> rustls::pki_types::CertificateDer<'static>
     use rustls::pki_types::pem::PemObject as _;
     rustls::pki_types::CertificateDer::from_pem_slice(pem).expect("PEM certificate")
 }
+
+#[test]
+fn every_flag_is_documented_as_the_binaries_describe_it() {
+    let out = Command::new(workspace_bin("kiam-dev"))
+        .arg("flags-doc")
+        .output()
+        .expect("kiam-dev flags-doc");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let generated = String::from_utf8_lossy(&out.stdout);
+    let committed = std::fs::read_to_string(kiam_e2e::repo("docs/flags.md")).unwrap_or_default();
+    assert!(
+        generated == committed,
+        "docs/flags.md is out of date with the binaries' --help: run `cargo xtask docs`"
+    );
+    // And every flag and variable is mentioned in the README or the docs an operator reads.
+    let docs = format!(
+        "{committed}{}",
+        std::fs::read_to_string(kiam_e2e::repo("README.md")).unwrap_or_default()
+    );
+    for flag in generated.split_whitespace().filter(|w| w.starts_with("--")) {
+        assert!(docs.contains(flag), "{flag} undocumented");
+    }
+}

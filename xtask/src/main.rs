@@ -37,6 +37,8 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+    /// Regenerate docs/flags.md from the binaries' --help.
+    Docs,
     /// Write a development PKI (CA, server and agent certificates) with rcgen.
     Certs {
         /// Passed on to `kiam-dev certs` (see `cargo xtask certs -- --help`).
@@ -226,6 +228,35 @@ fn demo(keep: bool) -> anyhow::Result<()> {
     run(&mut cmd)
 }
 
+fn docs() -> anyhow::Result<()> {
+    run(cargo().args([
+        "build",
+        "--package",
+        "kiam-agent",
+        "--package",
+        "kiam-server",
+        "--package",
+        "kiam-e2e",
+        "--bin",
+        "kiam-dev",
+    ]))?;
+    let out = Command::new(workspace_root().join("target/debug/kiam-dev"))
+        .arg("flags-doc")
+        .output()
+        .context("running kiam-dev flags-doc")?;
+    if !out.status.success() {
+        bail!(
+            "kiam-dev flags-doc: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let path = workspace_root().join("docs/flags.md");
+    std::fs::create_dir_all(workspace_root().join("docs"))?;
+    std::fs::write(&path, out.stdout)?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
 fn certs(args: Vec<String>) -> anyhow::Result<()> {
     run(cargo().args(["build", "--package", "kiam-e2e", "--bin", "kiam-dev"]))?;
     run(Command::new(workspace_root().join("target/debug/kiam-dev"))
@@ -238,6 +269,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Setup => setup::setup(),
         Cmd::Demo { keep } => demo(keep),
         Cmd::Certs { args } => certs(args),
+        Cmd::Docs => docs(),
         Cmd::BuildEbpf => build_ebpf(),
         Cmd::Test {
             no_setup,

@@ -37,6 +37,8 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+    /// Print docs/flags.md: every command's --help (`cargo xtask docs` writes it).
+    FlagsDoc,
     /// Write a development PKI for kiam.
     Certs {
         /// Output directory.
@@ -271,8 +273,40 @@ fn certs(out: PathBuf, server_names: Vec<String>, nodes: Vec<String>) -> anyhow:
     Ok(())
 }
 
+/// The flags reference, from the binaries' own `--help`, so it cannot drift.
+pub fn flags_doc() -> anyhow::Result<String> {
+    let mut out = String::from(
+        "# Flags\n\nGenerated from each command's `--help` by `cargo xtask docs`; a test fails when this\nfile and the binaries disagree. Every flag can also be set with the environment variable\nshown.\n",
+    );
+    let agent = kiam_e2e::workspace_bin("kiam-agent");
+    let server = kiam_e2e::workspace_bin("kiam-server");
+    for (title, bin, args) in [
+        ("kiam-agent run", &agent, &["run", "--help"][..]),
+        ("kiam-agent status", &agent, &["status", "--help"][..]),
+        ("kiam-agent uninstall", &agent, &["uninstall", "--help"][..]),
+        ("kiam-server", &server, &["--help"][..]),
+    ] {
+        // A clean environment: clap shows the values of set variables.
+        let help = Command::new(bin)
+            .args(args)
+            .env_clear()
+            .env("NO_COLOR", "1")
+            .output()
+            .with_context(|| format!("running {}", bin.display()))?;
+        if !help.status.success() {
+            bail!("{title} --help failed");
+        }
+        out.push_str(&format!(
+            "\n## `{title}`\n\n```text\n{}```\n",
+            String::from_utf8_lossy(&help.stdout)
+        ));
+    }
+    Ok(out)
+}
+
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
+        Cmd::FlagsDoc => flags_doc().map(|doc| print!("{doc}")),
         Cmd::Demo { keep } => demo(keep),
         Cmd::Certs {
             out,
