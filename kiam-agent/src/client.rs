@@ -56,7 +56,9 @@ struct Backend {
 
 pub struct Servers {
     options: Options,
-    tls: ClientTlsConfig,
+    tls: RwLock<ClientTlsConfig>,
+    /// Modification times of the certificate files the current `tls` was built from.
+    tls_files: std::sync::Mutex<Vec<Option<std::time::SystemTime>>>,
     backends: RwLock<Vec<Arc<Backend>>>,
     next: AtomicUsize,
 }
@@ -66,6 +68,23 @@ fn read(path: &PathBuf) -> Result<Vec<u8>, ClientError> {
         path: path.display().to_string(),
         source,
     })
+}
+
+fn tls_config(options: &Options) -> Result<ClientTlsConfig, ClientError> {
+    Ok(ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(&options.ca)?))
+        .identity(Identity::from_pem(
+            read(&options.cert)?,
+            read(&options.key)?,
+        ))
+        .domain_name(options.server_name.clone()))
+}
+
+fn modified(options: &Options) -> Vec<Option<std::time::SystemTime>> {
+    [&options.cert, &options.key, &options.ca]
+        .iter()
+        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .collect()
 }
 
 /// Whether another server may answer better.
@@ -96,23 +115,43 @@ impl Servers {
                 return Err(ClientError::BadServer(server.clone()));
             }
         }
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read(&options.ca)?))
-            .identity(Identity::from_pem(
-                read(&options.cert)?,
-                read(&options.key)?,
-            ))
-            .domain_name(options.server_name.clone());
+        let tls = tls_config(&options)?;
+        let files = modified(&options);
         Ok(Arc::new(Self {
             options,
-            tls,
+            tls: RwLock::new(tls),
+            tls_files: std::sync::Mutex::new(files),
             backends: RwLock::new(Vec::new()),
             next: AtomicUsize::new(0),
         }))
     }
 
-    /// Resolves the server names and keeps connections to addresses that remain.
+    /// Rebuilds the TLS configuration when the certificate files changed (cert-manager
+    /// renews them); returns whether it did. A broken new set is logged and the old one kept.
+    fn reload_tls(&self) -> bool {
+        let now = modified(&self.options);
+        let mut seen = self.tls_files.lock().unwrap_or_else(|e| e.into_inner());
+        if *seen == now {
+            return false;
+        }
+        match tls_config(&self.options) {
+            Ok(tls) => {
+                *self.tls.write().unwrap_or_else(|e| e.into_inner()) = tls;
+                *seen = now;
+                tracing::info!("agent TLS certificates reloaded");
+                true
+            }
+            Err(error) => {
+                tracing::error!(%error, "agent TLS certificates changed but cannot be loaded; keeping the previous ones");
+                false
+            }
+        }
+    }
+
+    /// Resolves the server names and keeps connections to addresses that remain (all
+    /// connections are rebuilt after a certificate reload).
     pub async fn resolve(&self) {
+        let reloaded = self.reload_tls();
         let mut addrs = Vec::new();
         for server in &self.options.servers {
             match tokio::net::lookup_host(server.as_str()).await {
@@ -122,7 +161,11 @@ impl Servers {
         }
         addrs.sort();
         addrs.dedup();
-        let current: Vec<Arc<Backend>> = self.snapshot();
+        let current: Vec<Arc<Backend>> = match reloaded {
+            true => Vec::new(),
+            false => self.snapshot(),
+        };
+        let tls = self.tls.read().unwrap_or_else(|e| e.into_inner()).clone();
         let mut fresh = Vec::new();
         for addr in addrs {
             if let Some(existing) = current.iter().find(|b| b.addr == addr) {
@@ -130,7 +173,7 @@ impl Servers {
                 continue;
             }
             let endpoint = Endpoint::from_shared(format!("https://{addr}"))
-                .and_then(|e| e.tls_config(self.tls.clone()));
+                .and_then(|e| e.tls_config(tls.clone()));
             match endpoint {
                 Ok(endpoint) => {
                     let channel = endpoint
@@ -169,7 +212,9 @@ impl Servers {
             .clone()
     }
 
-    /// Calls `op` on the servers until one answers, within `deadline`.
+    /// Calls `op` on the servers until one answers, within `deadline`. A failed attempt is
+    /// retried on a server not tried yet when there is one, after a growing pause otherwise,
+    /// so a fast-failing server (refused, TLS error, not synced) is never hammered.
     pub async fn call<T: Send + 'static>(
         &self,
         deadline: Instant,
@@ -183,37 +228,38 @@ impl Servers {
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut turn = 0usize;
-        let mut launch =
-            |inflight: &mut FuturesUnordered<BoxFuture<'static, Result<T, Status>>>| {
-                let backend = &backends[(start + turn) % backends.len()];
-                turn += 1;
+        let launch =
+            |turn: &mut usize,
+             inflight: &mut FuturesUnordered<BoxFuture<'static, Result<T, Status>>>| {
+                let backend = &backends[(start + *turn) % backends.len()];
+                *turn += 1;
                 inflight.push(op(backend.client.clone()));
             };
         let mut inflight = FuturesUnordered::new();
-        launch(&mut inflight);
+        launch(&mut turn, &mut inflight);
         let mut hedged = backends.len() < 2;
         let hedge = tokio::time::sleep(self.options.hedge_after);
         tokio::pin!(hedge);
         let mut last = Status::deadline_exceeded("no kiam server answered in time");
-        let mut backoff = Duration::from_millis(25);
+        let mut backoff = Duration::from_millis(20);
         loop {
             tokio::select! {
                 biased;
                 answer = inflight.next(), if !inflight.is_empty() => match answer {
                     Some(Ok(value)) => return Ok(value),
-                    Some(Err(status)) if try_elsewhere(&status) => {
+                    Some(Err(status)) if try_elsewhere(&status) || not_known_yet(&status) => {
                         last = status;
                         if inflight.is_empty() {
-                            launch(&mut inflight);
-                        }
-                    }
-                    Some(Err(status)) if not_known_yet(&status) => {
-                        last = status;
-                        if inflight.is_empty() {
-                            let wake = (Instant::now() + backoff).min(deadline);
-                            tokio::time::sleep_until(wake).await;
-                            backoff = (backoff * 2).min(Duration::from_millis(200));
-                            launch(&mut inflight);
+                            // Another server at once while some are untried; else wait.
+                            if turn >= backends.len() || not_known_yet(&last) {
+                                let wake = (Instant::now() + backoff).min(deadline);
+                                tokio::time::sleep_until(wake).await;
+                                backoff = (backoff * 2).min(Duration::from_millis(200));
+                            }
+                            if Instant::now() >= deadline {
+                                return Err(last);
+                            }
+                            launch(&mut turn, &mut inflight);
                         }
                     }
                     Some(Err(status)) => return Err(status),
@@ -221,7 +267,9 @@ impl Servers {
                 },
                 () = &mut hedge, if !hedged => {
                     hedged = true;
-                    launch(&mut inflight);
+                    if turn < backends.len() {
+                        launch(&mut turn, &mut inflight);
+                    }
                 }
                 () = tokio::time::sleep_until(deadline) => return Err(last),
             }

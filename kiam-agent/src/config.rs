@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use kiam_common::{CONFIG_LOG_CONNECTIONS, Config, addr};
 
 /// kiam node agent: sends pods' instance-metadata connections to itself with eBPF and answers
@@ -30,11 +30,7 @@ pub enum Command {
     Uninstall(PinArgs),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+pub use kiam_ops::LogFormat;
 
 #[derive(Debug, Args)]
 pub struct LogArgs {

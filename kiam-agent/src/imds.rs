@@ -151,7 +151,7 @@ impl Imds {
         let response = match path {
             "/latest/meta-data/iam/security-credentials"
             | "/latest/meta-data/iam/security-credentials/" => {
-                match self.upstream.role(pod).await {
+                match self.upstream.role(pod, self.upstream.deadline()).await {
                     Ok(role) => text(StatusCode::OK, role.name),
                     Err(status) => from_status(&status),
                 }
@@ -209,7 +209,11 @@ impl Imds {
     }
 
     async fn credentials(&self, pod: &str, role: &str) -> Reply {
-        match self.upstream.credentials(pod, role).await {
+        match self
+            .upstream
+            .credentials(pod, role, self.upstream.deadline())
+            .await
+        {
             Ok(creds) => {
                 let body = serde_json::json!({
                     "Code": "Success",
@@ -227,7 +231,7 @@ impl Imds {
     }
 
     async fn info(&self, pod: &str) -> Reply {
-        match self.upstream.role(pod).await {
+        match self.upstream.role(pod, self.upstream.deadline()).await {
             Ok(role) => {
                 let profile = role.arn.replacen(":role/", ":instance-profile/", 1);
                 let body = serde_json::json!({

@@ -14,31 +14,17 @@ mod resolver;
 mod token;
 mod upstream;
 
-use std::{io::IsTerminal as _, path::Path, sync::Arc, time::Duration};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser as _;
 use tokio::net::TcpListener;
 
-use config::{Cli, Command, LogArgs, LogFormat, PinArgs, RunArgs};
-
-fn init_logging(args: &LogArgs) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
-        .with_context(|| format!("--log-level {:?} is not a valid filter", args.log_level))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stdout().is_terminal());
-    // `try_init` also bridges the `log` crate (aya and aya-log log through it).
-    let result = match args.log_format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-    result.map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
-}
+use config::{Cli, Command, PinArgs, RunArgs};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = init_logging(&cli.log) {
+    if let Err(e) = kiam_ops::init_logging(cli.log.log_format, &cli.log.log_level) {
         eprintln!("kiam-agent: {e:#}");
         return std::process::ExitCode::from(2);
     }
@@ -187,10 +173,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
             });
         }
-        tokio::spawn(metrics::serve_admin(
+        tokio::spawn(kiam_ops::serve_admin(
             admin,
-            metrics,
-            Arc::new(move || server_ok.load(std::sync::atomic::Ordering::Relaxed)),
+            kiam_ops::Admin {
+                metrics: Box::new(move || metrics.encode()),
+                ready: Box::new(move || server_ok.load(std::sync::atomic::Ordering::Relaxed)),
+                not_ready: "not ready: no kiam server reachable\n",
+            },
         ));
         tracing::info!(listen = %net.listen, pin_dir = %args.bpffs_dir.display(), "kiam-agent ready");
         tokio::select! {

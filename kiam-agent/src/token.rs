@@ -103,11 +103,18 @@ impl Tokens {
 
     /// A token for `pod_uid` valid for `ttl` (1 to 21600 seconds, checked by the caller).
     pub fn issue(&self, pod_uid: &str, ttl: Duration) -> String {
+        // Rounded up: a token never lives shorter than asked.
         let expiry = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d + ttl)
             .unwrap_or(ttl)
-            .as_secs();
+            .as_secs_f64()
+            .ceil() as u64;
+        self.issue_until(pod_uid, expiry)
+    }
+
+    /// A token for `pod_uid` that expires at `expiry` (Unix seconds).
+    fn issue_until(&self, pod_uid: &str, expiry: u64) -> String {
         let mut payload = expiry.to_be_bytes().to_vec();
         payload.extend_from_slice(pod_uid.as_bytes());
         format!(
@@ -159,7 +166,7 @@ mod tests {
         let token = tokens.issue("pod-a", Duration::from_secs(60));
         assert_eq!(tokens.check(&token, "pod-a"), Ok(()));
         assert_eq!(tokens.check(&token, "pod-b"), Err(TokenError::OtherPod));
-        let expired = tokens.issue("pod-a", Duration::ZERO);
+        let expired = tokens.issue_until("pod-a", 1_000_000);
         assert_eq!(tokens.check(&expired, "pod-a"), Err(TokenError::Expired));
         // Another agent's key, a flipped payload, garbage.
         let other = Tokens::random().expect("key");

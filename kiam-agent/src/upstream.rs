@@ -74,8 +74,14 @@ pub struct Upstream {
     servers: Option<Arc<Servers>>,
     settings: Settings,
     roles: RwLock<HashMap<String, RoleEntry>>,
+    /// Keyed by pod UID and role ARN (names repeat across paths and accounts).
     creds: RwLock<HashMap<(String, String), Arc<Creds>>>,
+    /// Background refreshes started, by key: at most one every `REFRESH_SPACING`.
+    refreshing: std::sync::Mutex<HashMap<(String, String), Instant>>,
 }
+
+/// Minimum time between two background refreshes of one pod's credentials.
+const REFRESH_SPACING: Duration = Duration::from_secs(30);
 
 fn unavailable_or_late(status: &Status) -> bool {
     matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded)
@@ -88,7 +94,14 @@ impl Upstream {
             settings,
             roles: RwLock::new(HashMap::new()),
             creds: RwLock::new(HashMap::new()),
+            refreshing: std::sync::Mutex::new(HashMap::new()),
         })
+    }
+
+    /// When a metadata request starting now must be answered (one deadline for all the calls
+    /// a request makes).
+    pub fn deadline(&self) -> Instant {
+        Instant::now() + self.settings.deadline
     }
 
     fn servers(&self) -> Result<&Arc<Servers>, Status> {
@@ -98,7 +111,7 @@ impl Upstream {
     }
 
     /// The pod's role; a cached one while fresh, or while the servers cannot be reached.
-    pub async fn role(&self, pod_uid: &str) -> Result<Role, Status> {
+    pub async fn role(&self, pod_uid: &str, deadline: Instant) -> Result<Role, Status> {
         let cached = {
             let roles = self.roles.read().unwrap_or_else(|e| e.into_inner());
             roles
@@ -112,7 +125,6 @@ impl Upstream {
             pod_uid: pod_uid.to_owned(),
             node_name: self.settings.node.clone(),
         };
-        let deadline = Instant::now() + self.settings.deadline;
         let answer = self
             .servers()?
             .call(deadline, move |mut client| {
@@ -126,16 +138,18 @@ impl Upstream {
                     name: answer.role_name,
                     arn: answer.role_arn,
                 };
+                if cached.as_ref().is_some_and(|(old, _)| old.arn != role.arn) {
+                    // The annotation changed: nothing held for the old role may be served.
+                    self.forget(pod_uid);
+                }
+                let entry = RoleEntry {
+                    role: role.clone(),
+                    fetched: Instant::now(),
+                };
                 self.roles
                     .write()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(
-                        pod_uid.to_owned(),
-                        RoleEntry {
-                            role: role.clone(),
-                            fetched: Instant::now(),
-                        },
-                    );
+                    .insert(pod_uid.to_owned(), entry);
                 Ok(role)
             }
             Err(status) if unavailable_or_late(&status) => match cached {
@@ -165,21 +179,25 @@ impl Upstream {
         self.settings.min_validity + Duration::from_secs(600)
     }
 
-    fn cached_creds(&self, pod_uid: &str, role: &str) -> Option<Arc<Creds>> {
+    fn cached_creds(&self, pod_uid: &str, role: &Role) -> Option<Arc<Creds>> {
         self.creds
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&(pod_uid.to_owned(), role.to_owned()))
+            .get(&(pod_uid.to_owned(), role.arn.clone()))
             .cloned()
     }
 
-    async fn fetch(&self, pod_uid: &str, role: &str) -> Result<Arc<Creds>, Status> {
+    async fn fetch(
+        &self,
+        pod_uid: &str,
+        role: &Role,
+        deadline: Instant,
+    ) -> Result<Arc<Creds>, Status> {
         let request = GetCredentialsRequest {
             pod_uid: pod_uid.to_owned(),
             node_name: self.settings.node.clone(),
-            role_name: role.to_owned(),
+            role_name: role.name.clone(),
         };
-        let deadline = Instant::now() + self.settings.deadline;
         let answer = self
             .servers()?
             .call(deadline, move |mut client| {
@@ -193,6 +211,14 @@ impl Upstream {
                 .boxed()
             })
             .await?;
+        if answer.role_arn != role.arn {
+            // The pod's role changed between the two calls: the next request starts over.
+            self.forget(pod_uid);
+            return Err(Status::unavailable(format!(
+                "the pod's role changed to {} while asking; retry",
+                answer.role_arn
+            )));
+        }
         let creds = Arc::new(Creds {
             access_key_id: answer.access_key_id,
             secret_access_key: answer.secret_access_key,
@@ -203,40 +229,57 @@ impl Upstream {
         self.creds
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert((pod_uid.to_owned(), role.to_owned()), creds.clone());
+            .insert((pod_uid.to_owned(), role.arn.clone()), creds.clone());
         Ok(creds)
     }
 
-    /// Credentials for the pod's role `role`, with at least the minimum validity left.
+    /// Claims the one background refresh allowed for `key` now.
+    fn claim_refresh(&self, key: (String, String)) -> bool {
+        let mut refreshing = self.refreshing.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        refreshing.retain(|_, at| now.duration_since(*at) < REFRESH_SPACING);
+        match refreshing.contains_key(&key) {
+            true => false,
+            false => {
+                refreshing.insert(key, now);
+                true
+            }
+        }
+    }
+
+    /// Credentials for the pod's role named `role`, with at least the minimum validity left.
     pub async fn credentials(
         self: &Arc<Self>,
         pod_uid: &str,
         role: &str,
+        deadline: Instant,
     ) -> Result<Arc<Creds>, Status> {
-        let current = self.role(pod_uid).await?;
+        let current = self.role(pod_uid, deadline).await?;
         if current.name != role {
             return Err(Status::not_found(format!(
                 "this pod's role is {}, not {role}",
                 current.name
             )));
         }
-        let cached = self.cached_creds(pod_uid, role);
-        if let Some(creds) = &cached {
+        if let Some(creds) = self.cached_creds(pod_uid, &current) {
             let left = creds.remaining();
             if left >= self.refresh_below() {
-                return Ok(creds.clone());
+                return Ok(creds);
             }
             if left >= self.settings.min_validity {
-                let (this, uid, role) = (self.clone(), pod_uid.to_owned(), role.to_owned());
-                tokio::spawn(async move {
-                    if let Err(status) = this.fetch(&uid, &role).await {
-                        tracing::warn!(pod_uid = %uid, %role, error = %status.message(), "background refresh failed");
-                    }
-                });
-                return Ok(creds.clone());
+                if self.claim_refresh((pod_uid.to_owned(), current.arn.clone())) {
+                    let (this, uid, role) = (self.clone(), pod_uid.to_owned(), current.clone());
+                    tokio::spawn(async move {
+                        let deadline = this.deadline();
+                        if let Err(status) = this.fetch(&uid, &role, deadline).await {
+                            tracing::warn!(pod_uid = %uid, role = %role.arn, error = %status.message(), "background refresh failed");
+                        }
+                    });
+                }
+                return Ok(creds);
             }
         }
-        match self.fetch(pod_uid, role).await {
+        match self.fetch(pod_uid, &current, deadline).await {
             Ok(creds) if creds.remaining() >= self.settings.min_validity => Ok(creds),
             Ok(creds) => Err(Status::unavailable(format!(
                 "the servers' credentials have only {}s left",

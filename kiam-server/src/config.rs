@@ -2,15 +2,11 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 
 use crate::policy::{self, BaseArn};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+pub use kiam_ops::LogFormat;
 
 /// kiam server: assumes roles for pods and serves the credentials to kiam agents over gRPC
 /// with mutual TLS. The only kiam component that needs `sts:AssumeRole`.

@@ -171,7 +171,13 @@ type Flight = Shared<BoxFuture<'static, Result<Arc<Credentials>, StsError>>>;
 struct Slot {
     current: Option<Arc<Credentials>>,
     flight: Option<Flight>,
+    /// After a failed call, background refreshes wait until then.
+    retry_after: Option<Instant>,
 }
+
+/// Pause between background refreshes after STS failed (callers without usable credentials
+/// still ask at once).
+const RETRY_PAUSE: Duration = Duration::from_secs(5);
 
 struct Inner {
     source: Box<dyn CredentialSource>,
@@ -235,8 +241,12 @@ impl CredentialCache {
                 })
                 .inc();
             let mut slots = this.lock();
-            let slot = slots.entry(key.clone()).or_default();
+            // The key may have been evicted meanwhile (no pod uses it): do not bring it back.
+            let Some(slot) = slots.get_mut(&key) else {
+                return result.map(Arc::new);
+            };
             slot.flight = None;
+            slot.retry_after = result.is_err().then(|| Instant::now() + RETRY_PAUSE);
             match result {
                 Ok(creds) => {
                     tracing::info!(role = %key.role_arn, expires_in_s = creds.remaining().as_secs(), "assumed role");
@@ -253,7 +263,17 @@ impl CredentialCache {
         .boxed()
         .shared();
         slot.flight = Some(flight.clone());
+        // Driven to completion even if every caller goes away (an agent's deadline or a lost
+        // hedge cancels the gRPC handler that awaited it).
+        let driver = flight.clone();
+        tokio::spawn(async move {
+            let _ = driver.await;
+        });
         flight
+    }
+
+    fn may_refresh(slot: &Slot) -> bool {
+        slot.flight.is_none() && slot.retry_after.is_none_or(|at| Instant::now() >= at)
     }
 
     /// Credentials for `key` with at least the minimum validity left.
@@ -267,12 +287,11 @@ impl CredentialCache {
                     return Ok(creds);
                 }
                 Some(creds) if creds.remaining() >= self.0.min_validity => {
-                    // Good enough to serve; refresh in the background.
+                    // Good enough to serve; refresh in the background (driven by `flight`).
                     self.0.metrics.cache_hits.inc();
-                    let flight = self.flight(key, slot);
-                    tokio::spawn(async move {
-                        let _ = flight.await;
-                    });
+                    if Self::may_refresh(slot) {
+                        drop(self.flight(key, slot));
+                    }
                     return Ok(creds);
                 }
                 _ => {
@@ -312,7 +331,7 @@ impl CredentialCache {
                 .current
                 .as_ref()
                 .is_none_or(|c| c.remaining() < self.refresh_below(c));
-            if due && slot.flight.is_none() {
+            if due && Self::may_refresh(slot) {
                 started.push(self.flight(&key, slot));
             }
         }

@@ -2,40 +2,27 @@
 //! listener together. See the library modules for what each part owns.
 #![forbid(unsafe_code)]
 
-use std::{collections::HashSet, io::IsTerminal as _, sync::Arc, time::Duration};
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser as _;
 use kiam_server::{
-    config::{self, Cli, LogFormat},
+    config::{self, Cli},
     credentials::{CacheKey, CredentialCache, StsSource},
     index::{self, Index},
-    metrics::{self, Metrics},
+    metrics::Metrics,
     policy::{self, BaseArn},
     proto::kiam_server::KiamServer,
     service::{self, Events, KiamService, Settings},
     tls,
 };
 
-fn init_logging(cli: &Cli) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
-        .with_context(|| format!("--log-level {:?} is not a valid filter", cli.log_level))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stdout().is_terminal());
-    let result = match cli.log_format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-    result.map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
-}
-
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // The AWS SDK brings aws-lc-rs and tonic ring: with both compiled in, rustls cannot pick a
     // process default by itself (kube's client needs one).
     let _ = rustls::crypto::ring::default_provider().install_default();
-    if let Err(e) = init_logging(&cli) {
+    if let Err(e) = kiam_ops::init_logging(cli.log_format, &cli.log_level) {
         eprintln!("kiam-server: {e:#}");
         return std::process::ExitCode::from(2);
     }
@@ -103,6 +90,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             base
         }
     };
+    if !cli.require_node_identity {
+        tracing::warn!(
+            "--require-node-identity is off: an agent certificate without a node identity may ask for pods of any node"
+        );
+    }
     let client = kube::Client::try_default()
         .await
         .context("connecting to Kubernetes (in-cluster config or KUBECONFIG)")?;
@@ -211,14 +203,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     tokio::spawn(index::run(client, index.clone()));
     tokio::spawn(tls.clone().watch(cli.tls_reload_interval));
 
-    let admin = metrics::bind(cli.admin_listen)
+    let admin = tokio::net::TcpListener::bind(cli.admin_listen)
         .await
         .with_context(|| format!("listening on {} (--admin-listen)", cli.admin_listen))?;
     let ready_index = index.clone();
-    tokio::spawn(metrics::serve_admin(
+    let exposed = metrics.clone();
+    tokio::spawn(kiam_ops::serve_admin(
         admin,
-        metrics.clone(),
-        Arc::new(move || ready_index.ready()),
+        kiam_ops::Admin {
+            metrics: Box::new(move || exposed.encode()),
+            ready: Box::new(move || ready_index.ready()),
+            not_ready: "not ready: Kubernetes index not synced\n",
+        },
     ));
 
     let listener = tokio::net::TcpListener::bind(cli.listen)

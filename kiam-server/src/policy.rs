@@ -202,7 +202,7 @@ impl NamespaceRules {
     }
 
     /// Whether `role` is permitted in `namespace`. The `permitted` expression matches the
-    /// role's name (path included, as annotated relative to the base) or its full ARN; an
+    /// role's full ARN, or, for a role in the base account, its name (path included); an
     /// `allowed-roles` entry matches when it resolves to the same ARN.
     pub fn check(&self, namespace: &str, role: &RoleArn, base: &BaseArn) -> Result<(), Denied> {
         if self.permitted.is_none() && self.allowed.is_none() {
@@ -220,7 +220,10 @@ impl NamespaceRules {
             let re = rule
                 .as_ref()
                 .map_err(|e| invalid(ANNOTATION_PERMITTED, e))?;
-            permitted |= re.is_match(&role.name) || re.is_match(&role.arn);
+            // A name is only meaningful in the base account: a role of another account must
+            // be permitted by its full ARN, or `app-.*` would permit `app-x` in any account.
+            let in_base = role.account == base.account && role.partition == base.partition;
+            permitted |= (in_base && re.is_match(&role.name)) || re.is_match(&role.arn);
         }
         if let Some(rule) = &self.allowed {
             let list = rule
@@ -335,6 +338,23 @@ mod tests {
         ));
         assert_eq!(
             check(Some(".*"), None, "arn:aws:iam::999999999999:role/x"),
+            Ok(())
+        );
+        // A name rule does not reach into other accounts, nor another partition.
+        assert!(matches!(
+            check(Some("app-.*"), None, "arn:aws:iam::999999999999:role/app-x"),
+            Err(NotPermitted { .. })
+        ));
+        assert!(matches!(
+            check(
+                Some("app-.*"),
+                None,
+                "arn:aws-cn:iam::123456789012:role/app-x"
+            ),
+            Err(NotPermitted { .. })
+        ));
+        assert_eq!(
+            check(Some("app-.*"), None, "arn:aws:iam::123456789012:role/app-x"),
             Ok(())
         );
         assert_eq!(

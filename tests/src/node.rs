@@ -124,6 +124,23 @@ pub fn agent_bin() -> PathBuf {
     path
 }
 
+/// A clean environment for an AWS SDK inside a test pod: no credentials, configuration or
+/// profile but what the metadata service gives, region `us-east-1`, `home` as `$HOME`.
+pub fn sdk_env<'a>(command: &'a mut Command, home: &Path) -> &'a mut Command {
+    command
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env("HOME", home)
+        .env("AWS_CONFIG_FILE", "/nonexistent")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        .env("AWS_DEFAULT_REGION", "us-east-1")
+        .env("AWS_METADATA_SERVICE_TIMEOUT", "2")
+        .env("AWS_METADATA_SERVICE_NUM_ATTEMPTS", "3")
+}
+
 /// A pod: a cgroup shaped like the kubelet's (systemd driver, containerd) and a network
 /// namespace (its own, or the node's for a host-network pod).
 #[derive(Debug, Clone)]

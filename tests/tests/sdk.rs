@@ -5,7 +5,7 @@
 
 use std::{process::Output, time::Duration};
 
-use kiam_e2e::node::{HELPER, Node, Pod, privileged};
+use kiam_e2e::node::{self, HELPER, Node, Pod, privileged};
 use kiam_e2e::stack::{Certs, Kube, Server, Sts};
 use serde_json::json;
 
@@ -80,18 +80,7 @@ impl Cluster {
         let home = self._dir.path().join("home");
         let _ = std::fs::create_dir_all(&home);
         let mut command = self.node.command_in(&pod.cgroup, &pod.netns, cmd);
-        command
-            .env_clear()
-            .env(
-                "PATH",
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            )
-            .env("HOME", &home)
-            .env("AWS_CONFIG_FILE", "/nonexistent")
-            .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-            .env("AWS_DEFAULT_REGION", "us-east-1")
-            .env("AWS_METADATA_SERVICE_TIMEOUT", "2")
-            .env("AWS_METADATA_SERVICE_NUM_ATTEMPTS", "2");
+        node::sdk_env(&mut command, &home);
         for (k, v) in env {
             command.env(k, v);
         }
@@ -243,9 +232,10 @@ fn pods_without_a_permitted_role_get_a_clear_error_and_an_event() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let line = c.helper(&plain, &["get", CREDS]);
     assert!(
-        c.helper(&plain, &["get", CREDS])
-            .starts_with("404 kiam: pod")
+        line.starts_with("404 ") && line.contains("has no iam.amazonaws.com/role annotation"),
+        "{line}"
     );
     let out = c.aws_cli(&sneaky);
     assert!(!out.status.success());

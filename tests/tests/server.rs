@@ -7,9 +7,11 @@ use std::{
 };
 
 use kiam_e2e::stack::{ACCOUNT, Certs, Kube, Server, Sts, eventually};
-use kiam_server::proto::{GetCredentialsRequest, GetPodRoleRequest, HealthRequest};
+use kiam_server::proto::{
+    GetCredentialsRequest, GetPodRoleRequest, HealthRequest, kiam_client::KiamClient,
+};
 use serde_json::json;
-use tonic::Code;
+use tonic::{Code, transport::Channel};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -45,6 +47,16 @@ fn start(extra: &[&str]) -> Env {
     }
 }
 
+impl Env {
+    /// An mTLS client presenting agent certificate `agent`.
+    async fn client(&self, agent: &str) -> KiamClient<Channel> {
+        self.server
+            .client(&self.certs, Some(agent))
+            .await
+            .expect("mTLS client")
+    }
+}
+
 fn role(name: &str) -> serde_json::Value {
     json!({"iam.amazonaws.com/role": name})
 }
@@ -59,10 +71,7 @@ fn creds_request(uid: &str, node: &str, role: &str) -> GetCredentialsRequest {
 
 /// Waits until the server's index has the pod (its watch delivers it asynchronously), as an
 /// agent's retries would.
-async fn wait_known(
-    client: &mut kiam_server::proto::kiam_client::KiamClient<tonic::transport::Channel>,
-    uid: &str,
-) {
+async fn wait_known(client: &mut KiamClient<Channel>, uid: &str) {
     for _ in 0..200 {
         let status = client
             .get_pod_role(GetPodRoleRequest {
@@ -97,11 +106,7 @@ async fn a_permitted_pod_is_prefetched_and_served_with_enough_validity() {
         "no prefetch"
     );
 
-    let mut client = env
-        .server
-        .client(&env.certs, Some("agent-node-1"))
-        .await
-        .expect("mTLS client");
+    let mut client = env.client("agent-node-1").await;
     let role = client
         .get_pod_role(GetPodRoleRequest {
             pod_uid: uid.clone(),
@@ -157,11 +162,7 @@ async fn fifty_pods_sharing_three_roles_cost_three_assume_role_calls() {
         })
         .collect();
     assert!(eventually(WAIT, || env.sts.calls() >= 3).await);
-    let mut client = env
-        .server
-        .client(&env.certs, Some("agent-shared"))
-        .await
-        .expect("client");
+    let mut client = env.client("agent-shared").await;
     for (uid, _) in &uids {
         wait_known(&mut client, uid).await;
     }
@@ -193,11 +194,7 @@ async fn forbidden_roles_are_refused_with_an_event_and_no_sts_call() {
     let env = start(&[]);
     let forbidden = env.kube.pod("team", "sneaky", "node-1", role("admin"));
     let closed = env.kube.pod("closed", "x", "node-1", role("app-x"));
-    let mut client = env
-        .server
-        .client(&env.certs, Some("agent-node-1"))
-        .await
-        .expect("client");
+    let mut client = env.client("agent-node-1").await;
     wait_known(&mut client, &forbidden).await;
     wait_known(&mut client, &closed).await;
     for (uid, want) in [
@@ -244,11 +241,7 @@ async fn cross_account_arns_kube2iam_lists_and_external_ids() {
         "node-1",
         json!({"iam.amazonaws.com/role": "app-x", "iam.amazonaws.com/external-id": "e-123"}),
     );
-    let mut client = env
-        .server
-        .client(&env.certs, Some("agent-node-1"))
-        .await
-        .expect("client");
+    let mut client = env.client("agent-node-1").await;
     for uid in [&cross, &legacy, &plain, &with_id] {
         wait_known(&mut client, uid).await;
     }
@@ -284,11 +277,7 @@ async fn deleted_pods_other_nodes_and_other_roles_are_refused() {
     let env = start(&[]);
     let uid = env.kube.pod("team", "web", "node-1", role("app-web"));
     let elsewhere = env.kube.pod("team", "far", "node-2", role("app-web"));
-    let mut shared = env
-        .server
-        .client(&env.certs, Some("agent-shared"))
-        .await
-        .expect("client");
+    let mut shared = env.client("agent-shared").await;
     wait_known(&mut shared, &uid).await;
     wait_known(&mut shared, &elsewhere).await;
     shared
@@ -303,11 +292,7 @@ async fn deleted_pods_other_nodes_and_other_roles_are_refused() {
     assert_eq!(status.code(), Code::PermissionDenied);
     assert!(status.message().contains("node-2"), "{}", status.message());
     // An agent certificate for node-1 cannot ask about node-2.
-    let mut node1 = env
-        .server
-        .client(&env.certs, Some("agent-node-1"))
-        .await
-        .expect("client");
+    let mut node1 = env.client("agent-node-1").await;
     let status = node1
         .get_credentials(creds_request(&elsewhere, "node-2", "app-web"))
         .await
@@ -358,22 +343,14 @@ async fn clients_without_a_certificate_from_the_ca_are_refused_at_the_tls_layer(
         env.server.log_text()
     );
     // The right certificate works.
-    let mut client = env
-        .server
-        .client(&env.certs, Some("agent-node-1"))
-        .await
-        .expect("client");
+    let mut client = env.client("agent-node-1").await;
     client.health(HealthRequest {}).await.expect("health");
 }
 
 #[tokio::test]
 async fn the_index_recovers_from_dropped_watches_and_410_gone() {
     let env = start(&[]);
-    let mut client = env
-        .server
-        .client(&env.certs, Some("agent-node-1"))
-        .await
-        .expect("client");
+    let mut client = env.client("agent-node-1").await;
     let before = env.kube.requests()["list pods"].as_u64().unwrap_or(0);
     // Every resourceVersion the server knows is now too old, and its watches are cut.
     env.kube.control("compact");
@@ -406,11 +383,7 @@ async fn the_index_recovers_from_dropped_watches_and_410_gone() {
 #[tokio::test]
 async fn sts_throttling_is_retried_denials_are_reported_and_cached_credentials_survive_outages() {
     let env = start(&[]);
-    let mut client = env
-        .server
-        .client(&env.certs, Some("agent-node-1"))
-        .await
-        .expect("client");
+    let mut client = env.client("agent-node-1").await;
     // Two throttled answers, then moto: the SDK's retries get through.
     env.sts.inject(&[(400, "Throttling"), (400, "Throttling")]);
     let uid = env.kube.pod("team", "web", "node-1", role("app-web"));
@@ -426,7 +399,8 @@ async fn sts_throttling_is_retried_denials_are_reported_and_cached_credentials_s
         "two throttled attempts and one good one"
     );
 
-    // STS down for good: the cached credentials keep being served.
+    // STS down for good: the cached credentials keep being served, without asking STS (the
+    // refresh-failure fallback itself is unit-tested in credentials.rs, with short lifetimes).
     env.sts.inject(&[(503, "ServiceUnavailable"); 50]);
     let again = client
         .get_credentials(creds_request(&uid, "node-1", "app-web"))
@@ -480,11 +454,7 @@ async fn session_tags_autodetected_base_and_a_gateway_role() {
         .namespace("team2", json!({"iam.amazonaws.com/permitted": "app-.*"}));
     let a = env.kube.pod("team", "a", "node-1", role("app-shared"));
     let b = env.kube.pod("team2", "b", "node-1", role("app-shared"));
-    let mut client = env
-        .server
-        .client(&env.certs, Some("agent-node-1"))
-        .await
-        .expect("client");
+    let mut client = env.client("agent-node-1").await;
     wait_known(&mut client, &a).await;
     wait_known(&mut client, &b).await;
     // moto's caller identity is in account 123456789012: role names resolve there.

@@ -229,17 +229,7 @@ fn demo(keep: bool) -> anyhow::Result<()> {
 }
 
 fn docs() -> anyhow::Result<()> {
-    run(cargo().args([
-        "build",
-        "--package",
-        "kiam-agent",
-        "--package",
-        "kiam-server",
-        "--package",
-        "kiam-e2e",
-        "--bin",
-        "kiam-dev",
-    ]))?;
+    build_all()?;
     let out = Command::new(workspace_root().join("target/debug/kiam-dev"))
         .arg("flags-doc")
         .output()

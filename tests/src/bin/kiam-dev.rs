@@ -108,30 +108,22 @@ fn preflight() -> anyhow::Result<()> {
 
 fn aws_cli(node: &Node, pod: &Pod, home: &std::path::Path) -> anyhow::Result<String> {
     let aws = repo(".venv/bin/aws");
-    let out = node
-        .command_in(
-            &pod.cgroup,
-            &pod.netns,
-            &[
-                aws.to_str().context("path")?,
-                "sts",
-                "get-caller-identity",
-                "--endpoint-url",
-                STS_URL,
-                "--output",
-                "text",
-                "--query",
-                "Arn",
-            ],
-        )
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .env("HOME", home)
-        .env("AWS_CONFIG_FILE", "/nonexistent")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-        .env("AWS_DEFAULT_REGION", "us-east-1")
-        .env("AWS_METADATA_SERVICE_TIMEOUT", "2")
-        .env("AWS_METADATA_SERVICE_NUM_ATTEMPTS", "3")
+    let mut command = node.command_in(
+        &pod.cgroup,
+        &pod.netns,
+        &[
+            aws.to_str().context("path")?,
+            "sts",
+            "get-caller-identity",
+            "--endpoint-url",
+            STS_URL,
+            "--output",
+            "text",
+            "--query",
+            "Arn",
+        ],
+    );
+    let out = node::sdk_env(&mut command, home)
         .output()
         .context("running the AWS CLI")?;
     match out.status.success() {

@@ -1,0 +1,79 @@
+//! What kiam-agent and kiam-server share to be operable: logging set-up (`--log-format`,
+//! `--log-level`, the `log` crate bridged) and the admin listener (`/metrics`, `/live`,
+//! `/ready`).
+
+use std::{convert::Infallible, io::IsTerminal as _, sync::Arc};
+
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Bytes, service::service_fn};
+use hyper_util::rt::TokioIo;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("--log-level {0:?} is not a valid filter")]
+    Filter(String),
+    #[error("cannot set up logging: {0}")]
+    Init(String),
+}
+
+/// Sets up `tracing` with an EnvFilter; `try_init` also bridges the `log` crate (aya logs
+/// through it). Colours only on a terminal.
+pub fn init_logging(format: LogFormat, filter: &str) -> Result<(), LogError> {
+    let env = tracing_subscriber::EnvFilter::try_new(filter)
+        .map_err(|_| LogError::Filter(filter.to_owned()))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(env)
+        .with_ansi(std::io::stdout().is_terminal());
+    let result = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    result.map_err(|e| LogError::Init(e.to_string()))
+}
+
+/// What the admin listener serves.
+pub struct Admin {
+    /// Prometheus text exposition for `/metrics`.
+    pub metrics: Box<dyn Fn() -> String + Send + Sync>,
+    /// Whether `/ready` answers 200.
+    pub ready: Box<dyn Fn() -> bool + Send + Sync>,
+    /// The body of a 503 from `/ready`.
+    pub not_ready: &'static str,
+}
+
+/// Serves `/metrics`, `/live` (the process answers) and `/ready`.
+pub async fn serve_admin(listener: tokio::net::TcpListener, admin: Admin) {
+    let admin = Arc::new(admin);
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let admin = admin.clone();
+                async move {
+                    let (status, body) = match req.uri().path() {
+                        "/metrics" => (StatusCode::OK, (admin.metrics)()),
+                        "/live" => (StatusCode::OK, "ok\n".to_owned()),
+                        "/ready" if (admin.ready)() => (StatusCode::OK, "ready\n".to_owned()),
+                        "/ready" => (StatusCode::SERVICE_UNAVAILABLE, admin.not_ready.to_owned()),
+                        _ => (StatusCode::NOT_FOUND, "not found\n".to_owned()),
+                    };
+                    let mut response = Response::new(Full::new(Bytes::from(body)));
+                    *response.status_mut() = status;
+                    Ok::<_, Infallible>(response)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
