@@ -173,7 +173,7 @@ fn test(no_setup: bool, e2e_filter: Option<String>) -> anyhow::Result<()> {
     // Privileged tests: real eBPF, cgroups and network namespaces, one at a time.
     build_all()?;
     let mut e2e = cargo();
-    e2e.args(["test", "--package", "kiam-e2e", "--"])
+    e2e.args(["test", "--package", "kiam-e2e", "--tests", "--"])
         .arg("--test-threads=1")
         .env(
             "KIAM_AGENT_BIN",
