@@ -184,7 +184,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::info!(listen = %net.listen, pin_dir = %args.bpffs_dir.display(), "kiam-agent ready");
         tokio::select! {
             () = api::serve(listener, resolver, imds) => {}
-            () = shutdown_signal() => tracing::info!("shutting down; the pinned redirect stays in place"),
+            () = kiam_ops::shutdown_signal() => tracing::info!("shutting down; the pinned redirect stays in place"),
         }
         // The rest of `installed` (links, maps) is dropped here; the pins keep the programs
         // attached.
@@ -222,21 +222,6 @@ fn raise_memlock_limit() {
         nix::sys::resource::RLIM_INFINITY,
     ) {
         tracing::debug!(%error, "could not raise RLIMIT_MEMLOCK (harmless on kernels >= 5.11)");
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
     }
 }
 

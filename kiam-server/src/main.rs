@@ -231,24 +231,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(KiamServer::new(service))
-        .serve_with_incoming_shutdown(tls::incoming(listener, tls), shutdown())
+        .serve_with_incoming_shutdown(tls::incoming(listener, tls), async {
+            kiam_ops::shutdown_signal().await;
+            tracing::info!("shutting down");
+        })
         .await
         .context("gRPC server")?;
     Ok(())
-}
-
-async fn shutdown() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    tracing::info!("shutting down");
 }

@@ -1,7 +1,9 @@
 //! Test infrastructure shared by the end-to-end tests and the demo: test "nodes" (network
-//! namespaces, kubelet-shaped cgroups, the real agent) in [`node`], and the server side (moto,
-//! the Kubernetes API emulator, certificates, kiam servers) in [`stack`].
+//! namespaces, kubelet-shaped cgroups, the real agent) in [`node`], the server side (moto,
+//! the Kubernetes API emulator, certificates, kiam servers) in [`stack`], and both put
+//! together in [`cluster`].
 
+pub mod cluster;
 pub mod node;
 pub mod stack;
 

@@ -5,82 +5,36 @@
 
 use std::{process::Output, time::Duration};
 
-use kiam_e2e::node::{self, HELPER, Node, Pod, privileged};
-use kiam_e2e::stack::{Certs, Kube, Server, Sts};
+use kiam_e2e::{
+    cluster::{Cluster, STS_URL},
+    node::{HELPER, Node, Pod, privileged},
+    repo,
+};
 use serde_json::json;
 
-/// moto, as pods reach it: on the node's address (it listens on all of the node's).
-const STS_URL: &str = "http://198.19.0.1:5000";
 const SDK: &str = env!("CARGO_BIN_EXE_kiam-e2e-sdk");
 const CREDS: &str = "http://169.254.169.254/latest/meta-data/iam/security-credentials/";
 
-use kiam_e2e::repo;
-
-struct Cluster {
-    node: Node,
-    sts: Sts,
-    kube: Kube,
-    servers: Vec<Server>,
-    _certs: Certs,
-    _dir: tempfile::TempDir,
-}
-
 fn cluster(agent_args: &[&str]) -> Cluster {
-    let mut node = Node::new();
-    let dir = tempfile::tempdir().expect("dir");
-    let ns = node.netns.clone();
-    let sts = Sts::start_in(Some(&ns), "0.0.0.0");
-    let kube = Kube::start_in(Some(&ns), dir.path());
-    kube.namespace("team", json!({"iam.amazonaws.com/permitted": "app-.*"}));
-    let certs = Certs::new(dir.path());
-    let servers = [(8443, 9620), (8444, 9621)]
-        .into_iter()
-        .map(|ports| Server::start_in(Some(&ns), ports, dir.path(), &certs, &sts, &kube, &[]))
-        .collect();
-    let path = |name: &str| certs.path(name).to_string_lossy().into_owned();
-    node.agent_args = [
-        "--node-name",
-        "node-1",
-        "--server",
-        "127.0.0.1:8443,127.0.0.1:8444",
-        "--tls-cert",
-        &path("agent-node-1.pem"),
-        "--tls-key",
-        &path("agent-node-1-key.pem"),
-        "--tls-ca",
-        &path("ca.pem"),
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .chain(agent_args.iter().map(|s| (*s).to_owned()))
-    .collect();
-    node.start_agent();
-    Cluster {
-        node,
-        sts,
-        kube,
-        servers,
-        _certs: certs,
-        _dir: dir,
-    }
+    Cluster::start(
+        Node::new(),
+        "team",
+        json!({"iam.amazonaws.com/permitted": "app-.*"}),
+        agent_args,
+    )
 }
 
-impl Cluster {
-    /// A pod with its cgroup and network namespace, known to the API emulator.
-    fn pod(&mut self, name: &str, annotations: serde_json::Value) -> Pod {
-        let pod = self.node.add_pod();
-        self.kube
-            .pod_with_uid("team", name, "node-1", Some(&pod.uid), annotations);
-        pod
-    }
+/// What the tests do inside pods.
+trait InPods {
+    fn run(&self, pod: &Pod, cmd: &[&str], env: &[(&str, &str)]) -> Output;
+    fn arn(&self, pod: &Pod, cmd: &[&str], env: &[(&str, &str)]) -> String;
+    fn wait_served(&self, pod: &Pod, role: &str);
+    fn helper(&self, pod: &Pod, args: &[&str]) -> String;
+}
 
-    /// Runs `cmd` inside `pod` with a clean environment: no credentials but the metadata
-    /// service's.
+impl InPods for Cluster {
     fn run(&self, pod: &Pod, cmd: &[&str], env: &[(&str, &str)]) -> Output {
-        let home = self._dir.path().join("home");
-        let _ = std::fs::create_dir_all(&home);
-        let mut command = self.node.command_in(&pod.cgroup, &pod.netns, cmd);
-        node::sdk_env(&mut command, &home);
+        let mut command = self.command(pod, cmd);
         for (k, v) in env {
             command.env(k, v);
         }
@@ -96,25 +50,6 @@ impl Cluster {
             self.node.agent_log()
         );
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    }
-
-    fn aws_cli(&self, pod: &Pod) -> Output {
-        let aws = repo(".venv/bin/aws");
-        self.run(
-            pod,
-            &[
-                aws.to_str().expect("utf-8"),
-                "sts",
-                "get-caller-identity",
-                "--endpoint-url",
-                STS_URL,
-                "--output",
-                "text",
-                "--query",
-                "Arn",
-            ],
-            &[],
-        )
     }
 
     /// Waits until the servers know `pod` (their watch is asynchronous; the startup race has
@@ -158,7 +93,7 @@ fn real_aws_sdks_in_two_pods_get_their_own_roles() {
     c.wait_served(&a, "app-a");
     c.wait_served(&b, "app-b");
 
-    let cli = c.aws_cli(&a);
+    let cli = c.aws_whoami(&a);
     assert!(
         cli.status.success(),
         "{}",
@@ -225,7 +160,7 @@ fn pods_without_a_permitted_role_get_a_clear_error_and_an_event() {
     let mut c = cluster(&[]);
     let plain = c.pod("plain", json!({}));
     let sneaky = c.pod("sneaky", role("admin"));
-    let out = c.aws_cli(&plain);
+    let out = c.aws_whoami(&plain);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("Unable to locate credentials"),
@@ -237,7 +172,7 @@ fn pods_without_a_permitted_role_get_a_clear_error_and_an_event() {
         line.starts_with("404 ") && line.contains("has no iam.amazonaws.com/role annotation"),
         "{line}"
     );
-    let out = c.aws_cli(&sneaky);
+    let out = c.aws_whoami(&sneaky);
     assert!(!out.status.success());
     let line = c.helper(&sneaky, &["get", CREDS]);
     assert!(

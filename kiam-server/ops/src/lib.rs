@@ -1,6 +1,6 @@
 //! What kiam-agent and kiam-server share to be operable: logging set-up (`--log-format`,
-//! `--log-level`, the `log` crate bridged) and the admin listener (`/metrics`, `/live`,
-//! `/ready`).
+//! `--log-level`, the `log` crate bridged), the admin listener (`/metrics`, `/live`,
+//! `/ready`) and waiting for a stop signal.
 
 use std::{convert::Infallible, io::IsTerminal as _, sync::Arc};
 
@@ -75,5 +75,21 @@ pub async fn serve_admin(listener: tokio::net::TcpListener, admin: Admin) {
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+/// Completes on SIGTERM or SIGINT (never, if the handlers cannot be installed).
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
     }
 }

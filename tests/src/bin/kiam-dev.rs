@@ -16,9 +16,9 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use kiam_e2e::{
+    cluster::Cluster,
     node::{self, Node, Pod},
-    repo,
-    stack::{self, Certs, Kube, Server, Sts},
+    repo, stack,
 };
 use serde_json::json;
 
@@ -58,7 +58,6 @@ enum Cmd {
     },
 }
 
-const STS_URL: &str = "http://198.19.0.1:5000";
 const ROLES: [(&str, &str); 2] = [("frontend", "app-frontend"), ("backend", "app-backend")];
 
 fn is_root() -> bool {
@@ -106,26 +105,9 @@ fn preflight() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn aws_cli(node: &Node, pod: &Pod, home: &std::path::Path) -> anyhow::Result<String> {
-    let aws = repo(".venv/bin/aws");
-    let mut command = node.command_in(
-        &pod.cgroup,
-        &pod.netns,
-        &[
-            aws.to_str().context("path")?,
-            "sts",
-            "get-caller-identity",
-            "--endpoint-url",
-            STS_URL,
-            "--output",
-            "text",
-            "--query",
-            "Arn",
-        ],
-    );
-    let out = node::sdk_env(&mut command, home)
-        .output()
-        .context("running the AWS CLI")?;
+/// The ARN the AWS CLI gets inside `pod`.
+fn whoami(cluster: &Cluster, pod: &Pod) -> anyhow::Result<String> {
+    let out = cluster.aws_whoami(pod);
     match out.status.success() {
         true => Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned()),
         false => bail!("{}", String::from_utf8_lossy(&out.stderr).trim()),
@@ -135,7 +117,7 @@ fn aws_cli(node: &Node, pod: &Pod, home: &std::path::Path) -> anyhow::Result<Str
 fn demo(keep: bool) -> anyhow::Result<()> {
     preflight()?;
     println!("Starting: moto (STS), the Kubernetes API emulator, two kiam servers, the agent …");
-    let mut node = Node::new();
+    let node = Node::new();
     let id = node.id.clone();
     ctrlc::set_handler(move || {
         eprintln!("\ninterrupted: cleaning up");
@@ -145,52 +127,22 @@ fn demo(keep: bool) -> anyhow::Result<()> {
     })
     .context("installing the Ctrl-C handler")?;
 
-    let dir = tempfile::tempdir().context("temp dir")?;
-    let ns = node.netns.clone();
-    let sts = Sts::start_in(Some(&ns), "0.0.0.0");
-    let kube = Kube::start_in(Some(&ns), dir.path());
-    kube.namespace(
+    let mut cluster = Cluster::start(
+        node,
         "demo",
         json!({"iam.amazonaws.com/permitted": "app-frontend|app-backend"}),
+        &[],
     );
-    let certs = Certs::new(dir.path());
-    let _servers: Vec<Server> = [(8443, 9620), (8444, 9621)]
-        .into_iter()
-        .map(|ports| Server::start_in(Some(&ns), ports, dir.path(), &certs, &sts, &kube, &[]))
-        .collect();
-    let path = |name: &str| certs.path(name).to_string_lossy().into_owned();
-    node.agent_args = vec![
-        "--node-name".into(),
-        "node-1".into(),
-        "--server".into(),
-        "127.0.0.1:8443,127.0.0.1:8444".into(),
-        "--tls-cert".into(),
-        path("agent-node-1.pem"),
-        "--tls-key".into(),
-        path("agent-node-1-key.pem"),
-        "--tls-ca".into(),
-        path("ca.pem"),
-    ];
-    node.start_agent();
     let pods: Vec<(Pod, &str, &str)> = ROLES
         .iter()
         .map(|(name, role)| {
-            let pod = node.add_pod();
-            kube.pod_with_uid(
-                "demo",
-                name,
-                "node-1",
-                Some(&pod.uid),
-                json!({"iam.amazonaws.com/role": role}),
-            );
+            let pod = cluster.pod(name, json!({"iam.amazonaws.com/role": role}));
             (pod, *name, *role)
         })
         .collect();
     // The servers prefetch the roles as soon as their watches deliver the pods.
     std::thread::sleep(Duration::from_millis(500));
 
-    let home = dir.path().join("home");
-    std::fs::create_dir_all(&home)?;
     println!();
     println!(
         "{:<10} {:<14} aws sts get-caller-identity, run inside the pod",
@@ -198,8 +150,7 @@ fn demo(keep: bool) -> anyhow::Result<()> {
     );
     let mut arns = Vec::new();
     for (pod, name, role) in &pods {
-        let arn =
-            aws_cli(&node, pod, &home).with_context(|| format!("the AWS CLI in pod {name}"))?;
+        let arn = whoami(&cluster, pod).with_context(|| format!("the AWS CLI in pod {name}"))?;
         println!("{name:<10} {role:<14} {arn}");
         arns.push(arn);
     }
@@ -208,10 +159,11 @@ fn demo(keep: bool) -> anyhow::Result<()> {
     println!("which knew the pod from its cgroup and asked the servers for that pod's role.");
     println!(
         "Nothing reached the node's metadata service: {} connections.",
-        node.fake_imds_connections()
+        cluster.node.fake_imds_connections()
     );
     println!();
     println!("Inspect the kernel side:");
+    let node = &cluster.node;
     let tree = node.bpftool_cgroup_tree();
     println!("  bpftool cgroup tree {}", node.test_cgroup.display());
     for line in tree

@@ -1,0 +1,131 @@
+//! The whole product on one test node: moto (STS), the Kubernetes API emulator, two kiam
+//! servers and the agent, all inside the node's network namespace, and pods whose processes
+//! run real AWS SDKs. Used by the SDK tests and the demo.
+
+use std::{
+    path::PathBuf,
+    process::{Command, Output},
+};
+
+use serde_json::Value;
+
+use crate::{
+    node::{self, Node, Pod},
+    repo,
+    stack::{Certs, Kube, Server, Sts},
+};
+
+/// moto, as pods reach it: on the node's address (it listens on all of the node's).
+pub const STS_URL: &str = "http://198.19.0.1:5000";
+/// The node name the agent runs as and pods are scheduled on.
+pub const NODE_NAME: &str = "node-1";
+
+pub struct Cluster {
+    pub node: Node,
+    pub sts: Sts,
+    pub kube: Kube,
+    pub servers: Vec<Server>,
+    /// The Kubernetes namespace pods are created in.
+    pub namespace: String,
+    _certs: Certs,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts everything on `node`: moto, the emulator with `namespace` (annotated with
+    /// `annotations`), two servers with fresh mTLS material, and the agent with
+    /// `agent_args` on top of what connects it to the servers.
+    pub fn start(
+        mut node: Node,
+        namespace: &str,
+        annotations: Value,
+        agent_args: &[&str],
+    ) -> Cluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ns = node.netns.clone();
+        let sts = Sts::start_in(Some(&ns), "0.0.0.0");
+        let kube = Kube::start_in(Some(&ns), dir.path());
+        kube.namespace(namespace, annotations);
+        let certs = Certs::new(dir.path());
+        let servers = [(8443, 9620), (8444, 9621)]
+            .into_iter()
+            .map(|ports| Server::start_in(Some(&ns), ports, dir.path(), &certs, &sts, &kube, &[]))
+            .collect();
+        let path = |name: &str| certs.path(name).to_string_lossy().into_owned();
+        node.agent_args = [
+            "--node-name",
+            NODE_NAME,
+            "--server",
+            "127.0.0.1:8443,127.0.0.1:8444",
+            "--tls-cert",
+            &path("agent-node-1.pem"),
+            "--tls-key",
+            &path("agent-node-1-key.pem"),
+            "--tls-ca",
+            &path("ca.pem"),
+        ]
+        .iter()
+        .chain(agent_args)
+        .map(|s| (*s).to_owned())
+        .collect();
+        node.start_agent();
+        Cluster {
+            node,
+            sts,
+            kube,
+            servers,
+            namespace: namespace.to_owned(),
+            _certs: certs,
+            dir,
+        }
+    }
+
+    /// A pod with its cgroup and network namespace, known to the API emulator.
+    pub fn pod(&mut self, name: &str, annotations: Value) -> Pod {
+        let pod = self.node.add_pod();
+        self.kube.pod_with_uid(
+            &self.namespace,
+            name,
+            NODE_NAME,
+            Some(&pod.uid),
+            annotations,
+        );
+        pod
+    }
+
+    fn home(&self) -> PathBuf {
+        let home = self.dir.path().join("home");
+        let _ = std::fs::create_dir_all(&home);
+        home
+    }
+
+    /// `cmd` inside `pod` with a clean environment: no credentials but the metadata
+    /// service's.
+    pub fn command(&self, pod: &Pod, cmd: &[&str]) -> Command {
+        let mut command = self.node.command_in(&pod.cgroup, &pod.netns, cmd);
+        node::sdk_env(&mut command, &self.home());
+        command
+    }
+
+    /// The AWS CLI's `sts get-caller-identity` inside `pod`; stdout is the caller's ARN.
+    pub fn aws_whoami(&self, pod: &Pod) -> Output {
+        let aws = repo(".venv/bin/aws");
+        let aws = aws.to_string_lossy();
+        self.command(
+            pod,
+            &[
+                &aws,
+                "sts",
+                "get-caller-identity",
+                "--endpoint-url",
+                STS_URL,
+                "--output",
+                "text",
+                "--query",
+                "Arn",
+            ],
+        )
+        .output()
+        .expect("run the AWS CLI")
+    }
+}
