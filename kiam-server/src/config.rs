@@ -35,6 +35,18 @@ pub struct Cli {
     /// SAN). Without it, such a certificate may ask for pods on any node.
     #[arg(long, env = "KIAM_REQUIRE_NODE_IDENTITY")]
     pub require_node_identity: bool,
+    /// Pods that get the node's own metadata service, verbatim, instead of a role: system
+    /// DaemonSets that need the node's identity (VPC CNI, CSI node plugins, spot handlers).
+    /// Rules `namespace=<ns>[,service-account=<sa>][,host-network=true|false]`, repeated or
+    /// separated by `;`. `none` intercepts every pod. Only this flag selects pods: nothing a
+    /// pod or a namespace user controls does. Mirror pods are never selected.
+    #[arg(
+        long,
+        env = "KIAM_NODE_METADATA_PASSTHROUGH",
+        value_delimiter = ';',
+        default_value = "namespace=kube-system,host-network=true"
+    )]
+    pub node_metadata_passthrough: Vec<String>,
     /// Base ARN for role names without an account, e.g. `arn:aws:iam::123456789012:role/`
     /// (or just the account id).
     #[arg(
@@ -122,12 +134,15 @@ pub enum ConfigError {
     Attempts,
     #[error("--prefetch-workers and --prefetch-queue must be at least 1")]
     Prefetch,
+    #[error("--node-metadata-passthrough: {0}")]
+    PassThrough(String),
 }
 
 /// Validated settings that do not touch the network.
 #[derive(Debug, Clone)]
 pub struct Validated {
     pub base: Option<BaseArn>,
+    pub passthrough: Vec<policy::PassThroughRule>,
     pub session_duration: Duration,
     pub min_validity: Duration,
 }
@@ -160,8 +175,11 @@ pub fn validate(cli: &Cli) -> Result<Validated, ConfigError> {
     if cli.prefetch_workers == 0 || cli.prefetch_queue == 0 {
         return Err(ConfigError::Prefetch);
     }
+    let passthrough = policy::PassThroughRule::parse_all(&cli.node_metadata_passthrough)
+        .map_err(|e| ConfigError::PassThrough(e.to_string()))?;
     Ok(Validated {
         base,
+        passthrough,
         session_duration: cli.session_duration,
         min_validity: cli.min_validity,
     })
@@ -198,13 +216,33 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         let v = validate(&cli(&[])).expect("valid");
+        assert_eq!(
+            v.passthrough,
+            vec![policy::PassThroughRule {
+                namespace: "kube-system".into(),
+                service_account: None,
+                host_network: Some(true),
+            }]
+        );
+        let none = validate(&cli(&["--node-metadata-passthrough", "none"])).expect("valid");
+        assert!(none.passthrough.is_empty());
+        let two = validate(&cli(&[
+            "--node-metadata-passthrough",
+            "namespace=kube-system,service-account=aws-node;namespace=monitoring",
+        ]))
+        .expect("valid");
+        assert_eq!(two.passthrough.len(), 2);
         assert_eq!(v.session_duration, Duration::from_secs(3600));
         assert_eq!(v.min_validity, Duration::from_secs(1800));
     }
 
     #[test]
     fn bad_settings_name_their_flag() {
-        let cases: [(&[&str], &str); 6] = [
+        let cases: [(&[&str], &str); 7] = [
+            (
+                &["--node-metadata-passthrough", "kube-system"],
+                "--node-metadata-passthrough",
+            ),
             (&["--session-duration", "10m"], "--session-duration"),
             (&["--session-duration", "13h"], "--session-duration"),
             (&["--min-validity", "10m"], "--min-validity"),

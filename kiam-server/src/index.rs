@@ -2,6 +2,9 @@
 //!
 //! Objects are read as `DynamicObject`s and only the few fields kiam needs are kept, so an
 //! object with an unexpected shape elsewhere never stops the watch, and 10 k pods stay small.
+//! Each object is projected the moment it arrives, during the initial list too: the full
+//! objects of a list are never all held at once (the server's peak memory would otherwise be
+//! the whole cluster's pods, and glibc keeps a peak as the steady state).
 //! Each watcher restart (`Init` … `InitDone`, e.g. after a 410) replaces the whole set at once,
 //! so objects deleted while the watch was down disappear.
 
@@ -31,6 +34,10 @@ pub struct PodInfo {
     pub node: Option<String>,
     pub phase: Option<String>,
     pub service_account: Option<String>,
+    /// `spec.hostNetwork`.
+    pub host_network: bool,
+    /// A mirror pod: the API's copy of a static pod, annotated `kubernetes.io/config.mirror`.
+    pub mirror: bool,
     /// The annotations kiam reads (role, external id, session name), by key.
     pub annotations: BTreeMap<String, String>,
 }
@@ -41,6 +48,9 @@ impl PodInfo {
         matches!(self.phase.as_deref(), Some("Succeeded" | "Failed"))
     }
 }
+
+/// The annotation the kubelet puts on mirror pods.
+pub const ANNOTATION_MIRROR: &str = "kubernetes.io/config.mirror";
 
 /// Called for every pod added or changed (prefetch hooks in here).
 pub type PodHook = Box<dyn Fn(&PodInfo) + Send + Sync>;
@@ -132,6 +142,8 @@ impl Index {
             node: str_at(&obj.data, &["spec", "nodeName"]),
             phase: str_at(&obj.data, &["status", "phase"]),
             service_account: str_at(&obj.data, &["spec", "serviceAccountName"]),
+            host_network: obj.data["spec"]["hostNetwork"].as_bool().unwrap_or(false),
+            mirror: annotation(obj, ANNOTATION_MIRROR).is_some(),
             annotations,
         })
     }
@@ -170,10 +182,10 @@ impl Index {
         }
     }
 
-    pub fn replace_pods(&self, objs: &[DynamicObject]) {
-        let fresh: HashMap<String, Arc<PodInfo>> = objs
-            .iter()
-            .filter_map(|o| self.pod_info(o))
+    /// Replaces every pod with `pods` (projected as they arrived).
+    pub fn replace_pods(&self, pods: Vec<PodInfo>) {
+        let fresh: HashMap<String, Arc<PodInfo>> = pods
+            .into_iter()
             .map(|p| (p.uid.clone(), Arc::new(p)))
             .collect();
         let added: Vec<Arc<PodInfo>> = {
@@ -192,19 +204,21 @@ impl Index {
         }
     }
 
-    fn rules_of(obj: &DynamicObject) -> Arc<NamespaceRules> {
-        Arc::new(NamespaceRules::parse(
+    /// A namespace's name and parsed rules.
+    pub fn namespace_info(obj: &DynamicObject) -> Option<(String, Arc<NamespaceRules>)> {
+        let rules = NamespaceRules::parse(
             annotation(obj, ANNOTATION_PERMITTED).as_deref(),
             annotation(obj, ANNOTATION_ALLOWED_ROLES).as_deref(),
-        ))
+        );
+        Some((obj.metadata.name.clone()?, Arc::new(rules)))
     }
 
     pub fn apply_namespace(&self, obj: &DynamicObject) {
-        if let Some(name) = &obj.metadata.name {
+        if let Some((name, rules)) = Self::namespace_info(obj) {
             self.namespaces
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(name.clone(), Self::rules_of(obj));
+                .insert(name, rules);
         }
     }
 
@@ -217,15 +231,16 @@ impl Index {
         }
     }
 
-    pub fn replace_namespaces(&self, objs: &[DynamicObject]) {
-        let fresh = objs
-            .iter()
-            .filter_map(|o| Some((o.metadata.name.clone()?, Self::rules_of(o))))
-            .collect();
+    /// Replaces every namespace with `namespaces` (projected as they arrived).
+    pub fn replace_namespaces(&self, namespaces: Vec<(String, Arc<NamespaceRules>)>) {
+        let fresh = namespaces.into_iter().collect();
         *self.namespaces.write().unwrap_or_else(|e| e.into_inner()) = fresh;
         self.namespaces_synced.store(true, Ordering::Release);
     }
 }
+
+/// Objects per list page: the most full objects held at once while listing.
+const LIST_PAGE_SIZE: u32 = 250;
 
 #[derive(Clone, Copy)]
 enum Resource {
@@ -251,25 +266,60 @@ pub async fn run(client: Client, index: Arc<Index>) {
     tokio::join!(pods, namespaces);
 }
 
+/// What an initial list has delivered so far, already projected.
+enum Listed {
+    Pods(Vec<PodInfo>),
+    Namespaces(Vec<(String, Arc<NamespaceRules>)>),
+}
+
+impl Listed {
+    fn new(resource: Resource) -> Self {
+        match resource {
+            Resource::Pods => Self::Pods(Vec::new()),
+            Resource::Namespaces => Self::Namespaces(Vec::new()),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Self::Pods(p) => p.len(),
+            Self::Namespaces(n) => n.len(),
+        }
+    }
+
+    /// Projects `obj` and keeps only the projection.
+    fn push(&mut self, index: &Index, obj: &DynamicObject) {
+        match self {
+            Self::Pods(pods) => pods.extend(index.pod_info(obj)),
+            Self::Namespaces(namespaces) => namespaces.extend(Index::namespace_info(obj)),
+        }
+    }
+
+    fn install(self, index: &Index) {
+        match self {
+            Self::Pods(pods) => index.replace_pods(pods),
+            Self::Namespaces(namespaces) => index.replace_namespaces(namespaces),
+        }
+    }
+}
+
 async fn watch(api: Api<DynamicObject>, index: Arc<Index>, resource: Resource) {
     let name = match resource {
         Resource::Pods => "pods",
         Resource::Namespaces => "namespaces",
     };
-    let stream = watcher(api, watcher::Config::default()).default_backoff();
+    let stream =
+        watcher(api, watcher::Config::default().page_size(LIST_PAGE_SIZE)).default_backoff();
     futures::pin_mut!(stream);
-    let mut buffer: Vec<DynamicObject> = Vec::new();
+    let mut listed = Listed::new(resource);
     while let Some(event) = stream.next().await {
         match event {
-            Ok(watcher::Event::Init) => buffer.clear(),
-            Ok(watcher::Event::InitApply(obj)) => buffer.push(obj),
+            Ok(watcher::Event::Init) => listed = Listed::new(resource),
+            Ok(watcher::Event::InitApply(obj)) => listed.push(&index, &obj),
             Ok(watcher::Event::InitDone) => {
-                match resource {
-                    Resource::Pods => index.replace_pods(&buffer),
-                    Resource::Namespaces => index.replace_namespaces(&buffer),
-                }
-                tracing::info!(resource = name, objects = buffer.len(), "index synced");
-                buffer = Vec::new();
+                let objects = listed.len();
+                std::mem::replace(&mut listed, Listed::new(resource)).install(&index);
+                tracing::info!(resource = name, objects, "index synced");
             }
             Ok(watcher::Event::Apply(obj)) => match resource {
                 Resource::Pods => index.apply_pod(&obj),
@@ -288,7 +338,7 @@ async fn watch(api: Api<DynamicObject>, index: Arc<Index>, resource: Resource) {
 mod tests {
     use super::*;
 
-    fn pod(uid: &str, name: &str, node: &str, role: Option<&str>) -> DynamicObject {
+    fn pod_object(uid: &str, name: &str, node: &str, role: Option<&str>) -> DynamicObject {
         let mut annotations = serde_json::Map::new();
         if let Some(role) = role {
             annotations.insert("iam.amazonaws.com/role".into(), role.into());
@@ -315,8 +365,9 @@ mod tests {
             sink.write().expect("lock").push(p.uid.clone())
         }));
         assert!(!index.ready());
-        index.replace_pods(&[pod("u1", "a", "n1", Some("app"))]);
-        index.replace_namespaces(&[]);
+        let project = |o: DynamicObject| index.pod_info(&o).expect("a pod");
+        index.replace_pods(vec![project(pod_object("u1", "a", "n1", Some("app")))]);
+        index.replace_namespaces(Vec::new());
         assert!(index.ready());
         let a = index.pod("u1").expect("indexed");
         assert_eq!(a.node.as_deref(), Some("n1"));
@@ -327,17 +378,36 @@ mod tests {
             Some("app")
         );
 
-        index.apply_pod(&pod("u2", "b", "n1", None));
+        index.apply_pod(&pod_object("u2", "b", "n1", None));
         // Unchanged objects (a resync) do not fire the hook again.
-        index.apply_pod(&pod("u2", "b", "n1", None));
-        index.delete_pod(&pod("u1", "a", "n1", None));
+        index.apply_pod(&pod_object("u2", "b", "n1", None));
+        index.delete_pod(&pod_object("u1", "a", "n1", None));
         assert!(index.pod("u1").is_none());
         assert_eq!(index.pod_count(), 1);
         // A relist after the watch expired: u2 went away meanwhile, u3 appeared.
-        index.replace_pods(&[pod("u3", "c", "n2", Some("x"))]);
+        index.replace_pods(vec![project(pod_object("u3", "c", "n2", Some("x")))]);
         assert!(index.pod("u2").is_none());
         assert!(index.pod("u3").is_some());
         assert_eq!(*seen.read().expect("lock"), vec!["u1", "u2", "u3"]);
+    }
+
+    #[test]
+    fn host_network_and_mirror_pods_are_recognised() {
+        let index = index();
+        let obj: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "kube-proxy-x", "namespace": "kube-system", "uid": "m1",
+                         "annotations": {"kubernetes.io/config.mirror": "abc"}},
+            "spec": {"nodeName": "n1", "hostNetwork": true, "serviceAccountName": "kube-proxy"},
+        }))
+        .expect("object");
+        let pod = index.pod_info(&obj).expect("pod");
+        assert!(pod.host_network && pod.mirror);
+        assert_eq!(pod.service_account.as_deref(), Some("kube-proxy"));
+        let plain = index
+            .pod_info(&pod_object("u1", "a", "n1", None))
+            .expect("pod");
+        assert!(!plain.host_network && !plain.mirror);
     }
 
     #[test]

@@ -1,11 +1,15 @@
 //! kiam-server: the only kiam component allowed to assume roles.
 //!
-//! Layers, kept apart: [`policy`] (pod and namespace annotations → role decision, no
-//! Kubernetes or AWS types), [`index`] (kube-rs watchers, pods by UID), [`credentials`]
-//! (STS and the cache), [`service`] (the gRPC API), [`tls`] (mutual TLS), [`metrics`].
+//! Layers, kept apart: [`policy`] (annotations, ARNs, namespace and pass-through rules, no
+//! Kubernetes or AWS types), [`decision`] (what a pod may have: pure, typed refusals),
+//! [`index`] (kube-rs watchers, pods by UID), [`credentials`] (STS and the cache),
+//! [`service`] (the thin gRPC layer), [`events`] (Kubernetes Events), [`tls`] (mutual TLS),
+//! [`metrics`].
 
 pub mod config;
 pub mod credentials;
+pub mod decision;
+pub mod events;
 pub mod index;
 pub mod metrics;
 pub mod policy;

@@ -9,11 +9,13 @@ use clap::Parser as _;
 use kiam_server::{
     config::{self, Cli},
     credentials::{CacheKey, CredentialCache, StsSource},
+    decision::{self, Access, Settings},
+    events::Events,
     index::{self, Index},
     metrics::Metrics,
     policy::{self, BaseArn},
     proto::kiam_server::KiamServer,
-    service::{self, Events, KiamService, Settings},
+    service::KiamService,
     tls,
 };
 
@@ -109,8 +111,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         base,
         role_annotation: cli.role_annotation.clone(),
         default_session_name: cli.session_name.clone(),
-        require_node_identity: cli.require_node_identity,
         session_tags: cli.session_tags,
+        passthrough: validated.passthrough.clone(),
     };
     let cache = CredentialCache::new(
         StsSource {
@@ -142,14 +144,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let Some(index) = index_ref.upgrade() else {
                 return;
             };
-            match service::decide_pod(&index, &settings, Arc::new(pod.clone())) {
-                Ok(decision) => {
-                    match prefetch_tx.try_send(decision.key) {
+            match decision::decide_indexed(&index, &settings, pod) {
+                Ok(Access::Role { key, .. }) => {
+                    match prefetch_tx.try_send(key) {
                         Ok(()) => metrics.prefetch_queued.inc(),
                         Err(_) => metrics.prefetch_dropped.inc(),
                     };
                 }
-                Err(refusal) => events.refusal(Some(pod), &refusal),
+                Ok(Access::PassThrough) => {}
+                Err(refusal) => events.refusal(pod, &refusal),
             }
         }));
     }
@@ -187,9 +190,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let pods = index.pods();
                 metrics.pods_indexed.set(pods.len() as i64);
                 let in_use: HashSet<CacheKey> = pods
-                    .into_iter()
-                    .filter_map(|p| service::decide_pod(&index, &settings, p).ok())
-                    .map(|d| d.key)
+                    .iter()
+                    .filter_map(|p| match decision::decide_indexed(&index, &settings, p) {
+                        Ok(Access::Role { key, .. }) => Some(key),
+                        _ => None,
+                    })
                     .collect();
                 for flight in cache.maintain(&in_use) {
                     tokio::spawn(async move {
@@ -224,6 +229,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let service = KiamService {
         index,
         settings,
+        require_node_identity: cli.require_node_identity,
         cache,
         events,
         metrics,

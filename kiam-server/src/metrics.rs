@@ -21,6 +21,12 @@ pub struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// The refusal reason, as the proto names it (`POD_NOT_KNOWN`, `MIRROR_POD`, …).
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: String,
 }
@@ -28,6 +34,7 @@ pub struct ResultLabels {
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
+    pub refusals: Family<ReasonLabels, Counter>,
     pub cache_hits: Counter,
     pub cache_misses: Counter,
     pub sts_calls: Family<ResultLabels, Counter>,
@@ -48,6 +55,8 @@ impl Default for Metrics {
             "gRPC requests by method and result",
             requests.clone(),
         );
+        let refusals = Family::<ReasonLabels, Counter>::default();
+        registry.register("refusals", "Requests refused, by reason", refusals.clone());
         let cache_hits = Counter::default();
         registry.register(
             "cache_hits",
@@ -101,6 +110,7 @@ impl Default for Metrics {
         Self {
             registry,
             requests,
+            refusals,
             cache_hits,
             cache_misses,
             sts_calls,

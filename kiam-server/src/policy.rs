@@ -7,6 +7,8 @@
 //! - The namespace permits roles with kiam's `iam.amazonaws.com/permitted` regular expression
 //!   (anchored at both ends) and/or kube2iam's `iam.amazonaws.com/allowed-roles` JSON list.
 //!   No rule permits nothing; a rule that does not parse denies and says why.
+//! - The operator's pass-through rules (server flags, never pod annotations) select system
+//!   pods that get the node's own metadata service instead of a role.
 
 use std::fmt;
 
@@ -243,6 +245,96 @@ impl NamespaceRules {
     }
 }
 
+/// An operator's rule selecting pods that get the node's own metadata service, verbatim
+/// (`--node-metadata-passthrough namespace=kube-system,host-network=true`). It only ever
+/// comes from the servers' flags: nothing a pod or a namespace user controls selects it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PassThroughRule {
+    /// The pod's namespace (exact).
+    pub namespace: String,
+    /// The pod's service account (exact); any when unset.
+    pub service_account: Option<String>,
+    /// Whether the pod must (or must not) use the host network; either when unset.
+    pub host_network: Option<bool>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PassThroughError {
+    #[error("{0:?}: want namespace=<ns>[,service-account=<sa>][,host-network=true|false], or none")]
+    Syntax(String),
+    #[error("{rule:?}: unknown key {key:?} (namespace, service-account, host-network)")]
+    UnknownKey { rule: String, key: String },
+    #[error("{0:?}: namespace=<ns> is required")]
+    NoNamespace(String),
+    #[error("{0:?}: host-network must be true or false")]
+    HostNetwork(String),
+    #[error("\"none\" cannot be combined with other rules")]
+    NoneWithOthers,
+}
+
+/// The value of `--node-metadata-passthrough` that selects no pod.
+pub const PASSTHROUGH_NONE: &str = "none";
+
+impl PassThroughRule {
+    /// Parses one rule: comma-separated `key=value` pairs.
+    pub fn parse(text: &str) -> Result<Self, PassThroughError> {
+        let mut rule = Self {
+            namespace: String::new(),
+            service_account: None,
+            host_network: None,
+        };
+        for pair in text.split(',') {
+            let (key, value) = pair
+                .split_once('=')
+                .map(|(k, v)| (k.trim(), v.trim()))
+                .filter(|(k, v)| !k.is_empty() && !v.is_empty())
+                .ok_or_else(|| PassThroughError::Syntax(text.to_owned()))?;
+            match key {
+                "namespace" => rule.namespace = value.to_owned(),
+                "service-account" => rule.service_account = Some(value.to_owned()),
+                "host-network" => {
+                    rule.host_network = Some(
+                        value
+                            .parse()
+                            .map_err(|_| PassThroughError::HostNetwork(text.to_owned()))?,
+                    )
+                }
+                other => {
+                    return Err(PassThroughError::UnknownKey {
+                        rule: text.to_owned(),
+                        key: other.to_owned(),
+                    });
+                }
+            }
+        }
+        if rule.namespace.is_empty() {
+            return Err(PassThroughError::NoNamespace(text.to_owned()));
+        }
+        Ok(rule)
+    }
+
+    /// Parses the whole flag: `none` alone selects nothing.
+    pub fn parse_all(values: &[String]) -> Result<Vec<Self>, PassThroughError> {
+        if values.iter().any(|v| v.trim() == PASSTHROUGH_NONE) {
+            return match values.len() {
+                1 => Ok(Vec::new()),
+                _ => Err(PassThroughError::NoneWithOthers),
+            };
+        }
+        values.iter().map(|v| Self::parse(v)).collect()
+    }
+
+    /// Whether the rule selects a pod with these properties.
+    pub fn selects(&self, namespace: &str, service_account: &str, host_network: bool) -> bool {
+        self.namespace == namespace
+            && self
+                .service_account
+                .as_deref()
+                .is_none_or(|sa| sa == service_account)
+            && self.host_network.is_none_or(|h| h == host_network)
+    }
+}
+
 /// STS session names: `[\w+=,.@-]`, 2 to 64 characters.
 pub fn session_name(raw: &str) -> String {
     let mut name: String = raw
@@ -418,6 +510,41 @@ mod tests {
             check(Some("("), Some(list), "app"),
             Err(InvalidRule { .. })
         ));
+    }
+
+    #[test]
+    fn pass_through_rules() {
+        let rule = |text: &str| PassThroughRule::parse(text);
+        let default = rule("namespace=kube-system,host-network=true").expect("valid");
+        assert!(default.selects("kube-system", "aws-node", true));
+        assert!(!default.selects("kube-system", "aws-node", false));
+        assert!(!default.selects("default", "aws-node", true));
+        let sa = rule("namespace=kube-system, service-account=ebs-csi-node").expect("valid");
+        assert!(sa.selects("kube-system", "ebs-csi-node", false));
+        assert!(sa.selects("kube-system", "ebs-csi-node", true));
+        assert!(!sa.selects("kube-system", "default", true));
+        let any = rule("namespace=monitoring").expect("valid");
+        assert!(any.selects("monitoring", "x", false));
+        for bad in [
+            "",
+            "kube-system",
+            "namespace=",
+            "service-account=x",
+            "namespace=a,host-network=yes",
+            "namespace=a,labels=x",
+            "namespace=a,,host-network=true",
+        ] {
+            assert!(rule(bad).is_err(), "{bad:?}");
+        }
+        let all = |v: &[&str]| {
+            PassThroughRule::parse_all(&v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
+        };
+        assert_eq!(all(&["none"]), Ok(Vec::new()));
+        assert_eq!(
+            all(&["none", "namespace=a"]),
+            Err(PassThroughError::NoneWithOthers)
+        );
+        assert_eq!(all(&["namespace=a", "namespace=b"]).map(|r| r.len()), Ok(2));
     }
 
     #[test]

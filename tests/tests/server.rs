@@ -298,8 +298,9 @@ async fn deleted_pods_other_nodes_and_other_roles_are_refused() {
         .await
         .expect_err("not this agent's node");
     assert_eq!(status.code(), Code::PermissionDenied);
-    assert!(
-        status.message().contains("certificate"),
+    assert_eq!(
+        kiam_server::proto::reason_of(&status),
+        kiam_server::proto::Reason::AgentNodeMismatch,
         "{}",
         status.message()
     );

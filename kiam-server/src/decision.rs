@@ -1,0 +1,488 @@
+//! The authorisation decision: what a pod may have, for an agent that proved its node.
+//!
+//! Pure over plain data (the index's projection of the pod and its namespace's rules): no
+//! gRPC, no Events, no I/O, so every edge case is decided, and tested, here. The gRPC
+//! service, the Events and the prefetch are thin callers.
+//!
+//! Order of the checks, each explained where it is decided:
+//! 1. the pod must be known and scheduled on the agent's node (an agent only ever gets the
+//!    pods of its own node);
+//! 2. completed pods get nothing, mirror (static) pods get nothing;
+//! 3. the operator's pass-through rules: the node's own metadata service;
+//! 4. the role annotation, resolved against the base ARN;
+//! 5. the namespace's rule;
+//! 6. the credential cache key (role and every session parameter).
+
+use std::sync::Arc;
+
+use tonic::Code;
+
+use crate::{
+    credentials::{CacheKey, StsError},
+    index::{Index, PodInfo},
+    policy::{
+        ANNOTATION_EXTERNAL_ID, ANNOTATION_SESSION_NAME, BaseArn, Denied, NamespaceRules,
+        PassThroughRule, RoleArn, session_name,
+    },
+    proto::{Reason, Refusal as ProtoRefusal},
+};
+
+/// Settings the decision needs.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub base: BaseArn,
+    pub role_annotation: String,
+    pub default_session_name: String,
+    /// Tag sessions with the pod's namespace and service account. Credentials are then
+    /// shared per role, namespace and service account, not per role.
+    pub session_tags: bool,
+    /// Pods that get the node's own metadata service (operator-controlled).
+    pub passthrough: Vec<PassThroughRule>,
+}
+
+/// What a pod may have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    /// Credentials for this role, shared by every pod with the same cache key.
+    Role { role: RoleArn, key: CacheKey },
+    /// The node's own metadata service, verbatim.
+    PassThrough,
+}
+
+/// A decision for a pod that may have something.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub pod: Arc<PodInfo>,
+    pub access: Access,
+}
+
+impl Decision {
+    /// The role and key, or the refusal for a caller that wants credentials.
+    pub fn role(&self) -> Result<(&RoleArn, &CacheKey), Refusal> {
+        match &self.access {
+            Access::Role { role, key } => Ok((role, key)),
+            Access::PassThrough => Err(Refusal::PassThrough(pod_label(&self.pod))),
+        }
+    }
+}
+
+/// The name the instance-metadata API lists: the last path segment of the role.
+pub fn listed_name(role: &RoleArn) -> &str {
+    role.name.rsplit('/').next().unwrap_or(&role.name)
+}
+
+/// Why a request gets nothing. Each refusal carries a typed [`Reason`] for the agent and a
+/// message for the operator.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("{0}")]
+    BadRequest(&'static str),
+    #[error("the Kubernetes index has not synced yet")]
+    IndexNotSynced,
+    #[error("pod {0} is not known to this server (deleted, or not yet seen)")]
+    UnknownPod(String),
+    #[error("pod {pod} runs on node {actual:?}, not on {asked}")]
+    WrongNode {
+        pod: String,
+        actual: Option<String>,
+        asked: String,
+    },
+    #[error("pod {0} has completed")]
+    Completed(String),
+    #[error("pod {0} is a mirror (static) pod: its node chose its annotations, so it gets no role")]
+    Mirror(String),
+    #[error("pod {pod} has no {annotation} annotation")]
+    NoRole { pod: String, annotation: String },
+    #[error("pod {pod}: {denied}")]
+    Forbidden { pod: String, denied: Denied },
+    #[error("pod {pod} asked for role {asked}, but its role is {actual}")]
+    OtherRole {
+        pod: String,
+        asked: String,
+        actual: String,
+    },
+    #[error(
+        "pod {0} gets the node's own metadata service (--node-metadata-passthrough), not a role"
+    )]
+    PassThrough(String),
+    #[error(
+        "this agent proved no node identity (no service-account token, no spiffe://kiam/node/<name> certificate)"
+    )]
+    AgentIdentityMissing,
+    #[error("this agent runs on node {proven}, not on {asked}")]
+    AgentNodeMismatch { proven: String, asked: String },
+    #[error("assuming {role}: {error}")]
+    Sts { role: String, error: StsError },
+}
+
+impl Refusal {
+    pub fn reason(&self) -> Reason {
+        match self {
+            Self::BadRequest(_) => Reason::BadRequest,
+            Self::IndexNotSynced => Reason::IndexNotSynced,
+            Self::UnknownPod(_) => Reason::PodNotKnown,
+            Self::WrongNode { .. } => Reason::PodOnOtherNode,
+            Self::Completed(_) => Reason::PodCompleted,
+            Self::Mirror(_) => Reason::MirrorPod,
+            Self::NoRole { .. } => Reason::NoRoleAnnotation,
+            Self::Forbidden { denied, .. } => match denied {
+                Denied::BadRole { .. } => Reason::RoleInvalid,
+                Denied::InvalidRule { .. } => Reason::NamespaceRuleInvalid,
+                Denied::NoRule { .. } | Denied::NotPermitted { .. } => Reason::RoleNotPermitted,
+            },
+            Self::OtherRole { .. } => Reason::OtherRole,
+            Self::PassThrough(_) => Reason::NodeMetadataPassthrough,
+            Self::AgentIdentityMissing => Reason::AgentIdentityMissing,
+            Self::AgentNodeMismatch { .. } => Reason::AgentNodeMismatch,
+            Self::Sts { error, .. } => match error {
+                StsError::Denied(_) => Reason::StsDenied,
+                StsError::Invalid(_) => Reason::StsInvalid,
+                StsError::Throttled(_) | StsError::Unavailable(_) | StsError::TooShort(_) => {
+                    Reason::StsUnavailable
+                }
+            },
+        }
+    }
+
+    pub fn code(&self) -> Code {
+        match self.reason() {
+            Reason::BadRequest | Reason::RoleInvalid => Code::InvalidArgument,
+            Reason::IndexNotSynced | Reason::StsUnavailable => Code::Unavailable,
+            Reason::PodNotKnown
+            | Reason::PodCompleted
+            | Reason::NoRoleAnnotation
+            | Reason::OtherRole => Code::NotFound,
+            Reason::NodeMetadataPassthrough | Reason::StsInvalid => Code::FailedPrecondition,
+            Reason::AgentIdentityMissing => Code::Unauthenticated,
+            _ => Code::PermissionDenied,
+        }
+    }
+
+    /// The gRPC status an agent receives.
+    pub fn to_status(&self) -> tonic::Status {
+        ProtoRefusal {
+            reason: self.reason().into(),
+            message: self.to_string(),
+        }
+        .into_status(self.code())
+    }
+
+    /// The label counted in `kiam_server_refusals_total`.
+    pub fn label(&self) -> &'static str {
+        self.reason().as_str_name()
+    }
+}
+
+pub fn pod_label(pod: &PodInfo) -> String {
+    format!("{}/{}", pod.namespace, pod.name)
+}
+
+/// What `pod` may have, given its namespace's rules (none when the namespace is unknown).
+/// Everything but the node check: prefetch and refresh use this for every pod.
+pub fn decide_pod(
+    settings: &Settings,
+    pod: &PodInfo,
+    rules: Option<&NamespaceRules>,
+) -> Result<Access, Refusal> {
+    if pod.completed() {
+        return Err(Refusal::Completed(pod_label(pod)));
+    }
+    // The kubelet creates a mirror pod for each static pod, in any namespace and with any
+    // annotation the node's manifest says: trusting it would let a node pick roles.
+    if pod.mirror {
+        return Err(Refusal::Mirror(pod_label(pod)));
+    }
+    // System pods the operator selected get the node's own metadata service. Only server
+    // flags select them; a pod's annotations or labels play no part.
+    let service_account = pod.service_account.as_deref().unwrap_or("default");
+    if settings
+        .passthrough
+        .iter()
+        .any(|r| r.selects(&pod.namespace, service_account, pod.host_network))
+    {
+        return Ok(Access::PassThrough);
+    }
+    let value = pod
+        .annotations
+        .get(&settings.role_annotation)
+        .ok_or_else(|| Refusal::NoRole {
+            pod: pod_label(pod),
+            annotation: settings.role_annotation.clone(),
+        })?;
+    let forbidden = |denied| Refusal::Forbidden {
+        pod: pod_label(pod),
+        denied,
+    };
+    let role = settings.base.resolve(value).map_err(|e| {
+        forbidden(Denied::BadRole {
+            value: value.clone(),
+            reason: e.to_string(),
+        })
+    })?;
+    let rules = rules.ok_or_else(|| {
+        forbidden(Denied::NoRule {
+            namespace: pod.namespace.clone(),
+        })
+    })?;
+    rules
+        .check(&pod.namespace, &role, &settings.base)
+        .map_err(forbidden)?;
+    let session = pod
+        .annotations
+        .get(ANNOTATION_SESSION_NAME)
+        .map(|s| session_name(s))
+        .unwrap_or_else(|| session_name(&settings.default_session_name));
+    let tags = match settings.session_tags {
+        true => vec![
+            ("kiam-namespace".to_owned(), pod.namespace.clone()),
+            (
+                "kiam-service-account".to_owned(),
+                service_account.to_owned(),
+            ),
+        ],
+        false => Vec::new(),
+    };
+    let key = CacheKey {
+        role_arn: role.arn.clone(),
+        external_id: pod.annotations.get(ANNOTATION_EXTERNAL_ID).cloned(),
+        session_name: session,
+        tags,
+    };
+    Ok(Access::Role { role, key })
+}
+
+/// What a pod of the index may have, without the node check (prefetch and refresh).
+pub fn decide_indexed(
+    index: &Index,
+    settings: &Settings,
+    pod: &PodInfo,
+) -> Result<Access, Refusal> {
+    decide_pod(settings, pod, index.namespace(&pod.namespace).as_deref())
+}
+
+/// The full decision for an agent whose node is `node` (proven, not claimed) asking about
+/// the pod with this UID.
+pub fn decide(
+    index: &Index,
+    settings: &Settings,
+    uid: &str,
+    node: &str,
+) -> Result<Decision, Refusal> {
+    if !index.ready() {
+        return Err(Refusal::IndexNotSynced);
+    }
+    let pod = index
+        .pod(uid)
+        .ok_or_else(|| Refusal::UnknownPod(uid.to_owned()))?;
+    if pod.node.as_deref() != Some(node) {
+        return Err(Refusal::WrongNode {
+            pod: pod_label(&pod),
+            actual: pod.node.clone(),
+            asked: node.to_owned(),
+        });
+    }
+    let access = decide_indexed(index, settings, &pod)?;
+    Ok(Decision { pod, access })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::policy::ANNOTATION_ROLE;
+
+    fn settings() -> Settings {
+        Settings {
+            base: BaseArn::parse("123456789012").expect("base"),
+            role_annotation: ANNOTATION_ROLE.into(),
+            default_session_name: "kiam".into(),
+            session_tags: false,
+            passthrough: vec![
+                PassThroughRule::parse("namespace=kube-system,host-network=true").expect("rule"),
+            ],
+        }
+    }
+
+    fn pod(uid: &str, namespace: &str, annotations: &[(&str, &str)]) -> PodInfo {
+        PodInfo {
+            uid: uid.into(),
+            name: uid.into(),
+            namespace: namespace.into(),
+            node: Some("node-1".into()),
+            phase: Some("Running".into()),
+            service_account: None,
+            host_network: false,
+            mirror: false,
+            annotations: annotations
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect::<BTreeMap<_, _>>(),
+        }
+    }
+
+    fn rules() -> NamespaceRules {
+        NamespaceRules::parse(Some("app|team/.*"), None)
+    }
+
+    #[test]
+    fn decisions_for_pods() {
+        let s = settings();
+        let decide = |p: &PodInfo| decide_pod(&s, p, Some(&rules()));
+        let reason = |p: &PodInfo| decide(p).expect_err("refused").reason();
+
+        let Access::Role { role, key } =
+            decide(&pod("ok", "team", &[(ANNOTATION_ROLE, "app")])).expect("permitted")
+        else {
+            panic!("a role")
+        };
+        assert_eq!(role.arn, "arn:aws:iam::123456789012:role/app");
+        assert_eq!(listed_name(&role), "app");
+        assert_eq!(key.session_name, "kiam");
+        let Access::Role { role, key } = decide(&pod(
+            "path",
+            "team",
+            &[
+                (ANNOTATION_ROLE, "team/db"),
+                (ANNOTATION_EXTERNAL_ID, "x1"),
+                (ANNOTATION_SESSION_NAME, "db job"),
+            ],
+        ))
+        .expect("permitted") else {
+            panic!("a role")
+        };
+        assert_eq!(listed_name(&role), "db");
+        assert_eq!(key.external_id.as_deref(), Some("x1"));
+        assert_eq!(key.session_name, "db-job");
+
+        let mut done = pod("done", "team", &[(ANNOTATION_ROLE, "app")]);
+        done.phase = Some("Succeeded".into());
+        assert_eq!(reason(&done), Reason::PodCompleted);
+        assert_eq!(reason(&pod("none", "team", &[])), Reason::NoRoleAnnotation);
+        assert_eq!(
+            reason(&pod("admin", "team", &[(ANNOTATION_ROLE, "admin")])),
+            Reason::RoleNotPermitted
+        );
+        assert_eq!(
+            reason(&pod("bad", "team", &[(ANNOTATION_ROLE, "no spaces")])),
+            Reason::RoleInvalid
+        );
+        let no_rules = decide_pod(&s, &pod("x", "team", &[(ANNOTATION_ROLE, "app")]), None);
+        assert_eq!(
+            no_rules.expect_err("no rule").reason(),
+            Reason::RoleNotPermitted
+        );
+        let broken = NamespaceRules::parse(Some("("), None);
+        let bad_rule = decide_pod(
+            &s,
+            &pod("x", "team", &[(ANNOTATION_ROLE, "app")]),
+            Some(&broken),
+        );
+        assert_eq!(
+            bad_rule.expect_err("invalid").reason(),
+            Reason::NamespaceRuleInvalid
+        );
+    }
+
+    #[test]
+    fn mirror_pods_get_nothing_whatever_they_carry() {
+        let s = settings();
+        let mut mirror = pod("m", "team", &[(ANNOTATION_ROLE, "app")]);
+        mirror.mirror = true;
+        let refusal = decide_pod(&s, &mirror, Some(&rules())).expect_err("mirror");
+        assert_eq!(refusal.reason(), Reason::MirrorPod);
+        assert_eq!(refusal.code(), Code::PermissionDenied);
+        // Not even the node's metadata through the pass-through policy.
+        let mut system = pod("s", "kube-system", &[]);
+        system.host_network = true;
+        system.mirror = true;
+        assert_eq!(
+            decide_pod(&s, &system, None).expect_err("mirror").reason(),
+            Reason::MirrorPod
+        );
+    }
+
+    #[test]
+    fn pass_through_is_the_operators_choice_never_the_pods() {
+        let s = settings();
+        let mut system = pod("aws-node", "kube-system", &[]);
+        system.host_network = true;
+        assert_eq!(decide_pod(&s, &system, None), Ok(Access::PassThrough));
+        // The same pod without host networking, or in another namespace, is intercepted.
+        let mut own_netns = system.clone();
+        own_netns.host_network = false;
+        assert_eq!(
+            decide_pod(&s, &own_netns, None)
+                .expect_err("no role")
+                .reason(),
+            Reason::NoRoleAnnotation
+        );
+        let mut elsewhere = system.clone();
+        elsewhere.namespace = "team".into();
+        assert!(decide_pod(&s, &elsewhere, Some(&rules())).is_err());
+        // Annotations and labels a pod could set itself change nothing.
+        let mut sneaky = pod(
+            "sneaky",
+            "team",
+            &[
+                ("kiam.amazonaws.com/node-metadata", "passthrough"),
+                ("iam.amazonaws.com/passthrough", "true"),
+            ],
+        );
+        sneaky.host_network = true;
+        assert!(decide_pod(&s, &sneaky, Some(&rules())).is_err());
+        // A pass-through pod asking for credentials gets a clear refusal.
+        let decision = Decision {
+            pod: Arc::new(system),
+            access: Access::PassThrough,
+        };
+        assert_eq!(
+            decision.role().expect_err("no role").reason(),
+            Reason::NodeMetadataPassthrough
+        );
+        // `none`: everything is intercepted.
+        let strict = Settings {
+            passthrough: Vec::new(),
+            ..settings()
+        };
+        let mut system = pod("aws-node", "kube-system", &[]);
+        system.host_network = true;
+        assert!(decide_pod(&strict, &system, None).is_err());
+    }
+
+    #[test]
+    fn session_tags_are_part_of_the_key() {
+        let tagged = Settings {
+            session_tags: true,
+            ..settings()
+        };
+        let Ok(Access::Role { key, .. }) = decide_pod(
+            &tagged,
+            &pod("ok", "team", &[(ANNOTATION_ROLE, "app")]),
+            Some(&rules()),
+        ) else {
+            panic!("a role")
+        };
+        assert_eq!(
+            key.tags,
+            vec![
+                ("kiam-namespace".to_owned(), "team".to_owned()),
+                ("kiam-service-account".to_owned(), "default".to_owned())
+            ]
+        );
+    }
+
+    #[test]
+    fn every_refusal_has_a_reason_and_a_status() {
+        let status = Refusal::UnknownPod("u".into()).to_status();
+        assert_eq!(status.code(), Code::NotFound);
+        assert_eq!(crate::proto::reason_of(&status), Reason::PodNotKnown);
+        assert!(status.message().contains("not known"));
+        let wrong = Refusal::AgentNodeMismatch {
+            proven: "a".into(),
+            asked: "b".into(),
+        };
+        assert_eq!(wrong.code(), Code::PermissionDenied);
+        assert_eq!(wrong.label(), "AGENT_NODE_MISMATCH");
+    }
+}
