@@ -7,7 +7,7 @@
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
-use http_body_util::Full;
+use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::{
     Request, Response, StatusCode,
     body::{Bytes, Incoming},
@@ -88,7 +88,20 @@ async fn handle<S: RecordSource>(
         async move {
             let response = match (caller.as_ref(), req.uri().path()) {
                 (Ok(c), path) if path != IDENTITY_PATH => {
-                    imds.handle(req.method(), path, req.headers(), c).await
+                    let (parts, body) = req.into_parts();
+                    // Metadata requests carry no body worth more than a few bytes.
+                    match Limited::new(body, MAX_BODY).collect().await {
+                        Ok(body) => {
+                            imds.handle(Request::from_parts(parts, body.to_bytes()), c)
+                                .await
+                        }
+                        Err(_) => reply(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "text/plain",
+                            b"kiam: request body too large\n".to_vec(),
+                            true,
+                        ),
+                    }
                 }
                 (caller, _) => respond(caller),
             };
@@ -104,6 +117,9 @@ async fn handle<S: RecordSource>(
         tracing::debug!(%peer, %error, "connection ended with an error");
     }
 }
+
+/// The largest request body read (metadata requests have none).
+const MAX_BODY: usize = 16 * 1024;
 
 /// Shows a pod the identity kiam resolved for it.
 pub const IDENTITY_PATH: &str = "/kiam/v1/identity";

@@ -5,6 +5,9 @@
 //!
 //! "Pod not known yet" answers (a pod asking before the servers' watches delivered it) are
 //! retried with backoff until the deadline, which is kept below the SDKs' own timeouts.
+//!
+//! The retry and hedging policy ([`call_backends`]) is generic over the backend, so it is
+//! unit-tested with fakes under tokio's paused clock.
 
 use std::{
     net::SocketAddr,
@@ -16,8 +19,11 @@ use std::{
     time::Duration,
 };
 
-use futures::{StreamExt as _, future::BoxFuture, stream::FuturesUnordered};
-use kiam_proto::kiam_client::KiamClient;
+use futures::{FutureExt as _, StreamExt as _, future::BoxFuture, stream::FuturesUnordered};
+use kiam_proto::{
+    Credentials as ProtoCredentials, GetCredentialsRequest, GetPodRoleRequest, GetPodRoleResponse,
+    Reason, kiam_client::KiamClient, reason_of,
+};
 use tokio::time::Instant;
 use tonic::{
     Code, Status,
@@ -101,7 +107,7 @@ fn try_elsewhere(status: &Status) -> bool {
 
 /// The startup race: the servers have not seen the pod yet.
 fn not_known_yet(status: &Status) -> bool {
-    status.code() == Code::NotFound && status.message().contains("not known")
+    reason_of(status) == Reason::PodNotKnown
 }
 
 impl Servers {
@@ -212,67 +218,278 @@ impl Servers {
             .clone()
     }
 
-    /// Calls `op` on the servers until one answers, within `deadline`. A failed attempt is
-    /// retried on a server not tried yet when there is one, after a growing pause otherwise,
-    /// so a fast-failing server (refused, TLS error, not synced) is never hammered.
+    /// Calls `op` on the servers until one answers, within `deadline` (see
+    /// [`call_backends`]).
     pub async fn call<T: Send + 'static>(
         &self,
         deadline: Instant,
         op: impl Fn(KiamClient<Channel>) -> BoxFuture<'static, Result<T, Status>>,
     ) -> Result<T, Status> {
         let backends = self.snapshot();
-        if backends.is_empty() {
-            return Err(Status::unavailable(
-                "no kiam server is configured or resolvable",
-            ));
-        }
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut turn = 0usize;
-        let launch =
-            |turn: &mut usize,
-             inflight: &mut FuturesUnordered<BoxFuture<'static, Result<T, Status>>>| {
-                let backend = &backends[(start + *turn) % backends.len()];
-                *turn += 1;
-                inflight.push(op(backend.client.clone()));
-            };
-        let mut inflight = FuturesUnordered::new();
-        launch(&mut turn, &mut inflight);
-        let mut hedged = backends.len() < 2;
-        let hedge = tokio::time::sleep(self.options.hedge_after);
-        tokio::pin!(hedge);
-        let mut last = Status::deadline_exceeded("no kiam server answered in time");
-        let mut backoff = Duration::from_millis(20);
-        loop {
-            tokio::select! {
-                biased;
-                answer = inflight.next(), if !inflight.is_empty() => match answer {
-                    Some(Ok(value)) => return Ok(value),
-                    Some(Err(status)) if try_elsewhere(&status) || not_known_yet(&status) => {
-                        last = status;
-                        if inflight.is_empty() {
-                            // Another server at once while some are untried; else wait.
-                            if turn >= backends.len() || not_known_yet(&last) {
-                                let wake = (Instant::now() + backoff).min(deadline);
-                                tokio::time::sleep_until(wake).await;
-                                backoff = (backoff * 2).min(Duration::from_millis(200));
-                            }
-                            if Instant::now() >= deadline {
-                                return Err(last);
-                            }
-                            launch(&mut turn, &mut inflight);
+        call_backends(&backends, start, self.options.hedge_after, deadline, |b| {
+            op(b.client.clone())
+        })
+        .await
+    }
+}
+
+impl crate::upstream::RoleServer for Servers {
+    fn pod_role(
+        &self,
+        request: GetPodRoleRequest,
+        deadline: Instant,
+    ) -> BoxFuture<'static, Result<GetPodRoleResponse, Status>> {
+        let backends = self.snapshot();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let hedge = self.options.hedge_after;
+        async move {
+            call_backends(&backends, start, hedge, deadline, |b| {
+                let (mut client, request) = (b.client.clone(), request.clone());
+                async move { client.get_pod_role(request).await.map(|r| r.into_inner()) }.boxed()
+            })
+            .await
+        }
+        .boxed()
+    }
+
+    fn credentials(
+        &self,
+        request: GetCredentialsRequest,
+        deadline: Instant,
+    ) -> BoxFuture<'static, Result<ProtoCredentials, Status>> {
+        let backends = self.snapshot();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let hedge = self.options.hedge_after;
+        async move {
+            call_backends(&backends, start, hedge, deadline, |b| {
+                let (mut client, request) = (b.client.clone(), request.clone());
+                async move {
+                    client
+                        .get_credentials(request)
+                        .await
+                        .map(|r| r.into_inner())
+                }
+                .boxed()
+            })
+            .await
+        }
+        .boxed()
+    }
+}
+
+/// Calls `op` on `backends` (starting at `start`, round robin) until one answers, within
+/// `deadline`:
+/// - a failed attempt is retried on a backend not tried yet when there is one, after a
+///   growing pause (20 ms doubling to 200 ms) otherwise, so a fast-failing server (refused,
+///   TLS error, not synced) is never hammered;
+/// - "pod not known yet" is retried after the pause too: the watch is about to deliver it;
+/// - if the first backend has not answered after `hedge_after`, a second one is asked as
+///   well and the first good answer wins;
+/// - definite answers (a refusal) end the call at once.
+pub async fn call_backends<B, T: Send + 'static>(
+    backends: &[B],
+    start: usize,
+    hedge_after: Duration,
+    deadline: Instant,
+    op: impl Fn(&B) -> BoxFuture<'static, Result<T, Status>>,
+) -> Result<T, Status> {
+    if backends.is_empty() {
+        return Err(Status::unavailable(
+            "no kiam server is configured or resolvable",
+        ));
+    }
+    let mut turn = 0usize;
+    let launch =
+        |turn: &mut usize,
+         inflight: &mut FuturesUnordered<BoxFuture<'static, Result<T, Status>>>| {
+            let backend = &backends[(start + *turn) % backends.len()];
+            *turn += 1;
+            inflight.push(op(backend));
+        };
+    let mut inflight = FuturesUnordered::new();
+    launch(&mut turn, &mut inflight);
+    let mut hedged = backends.len() < 2;
+    let hedge = tokio::time::sleep(hedge_after);
+    tokio::pin!(hedge);
+    let mut last = Status::deadline_exceeded("no kiam server answered in time");
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        tokio::select! {
+            biased;
+            answer = inflight.next(), if !inflight.is_empty() => match answer {
+                Some(Ok(value)) => return Ok(value),
+                Some(Err(status)) if try_elsewhere(&status) || not_known_yet(&status) => {
+                    last = status;
+                    if inflight.is_empty() {
+                        // Another server at once while some are untried; else wait.
+                        if turn >= backends.len() || not_known_yet(&last) {
+                            let wake = (Instant::now() + backoff).min(deadline);
+                            tokio::time::sleep_until(wake).await;
+                            backoff = (backoff * 2).min(Duration::from_millis(200));
                         }
-                    }
-                    Some(Err(status)) => return Err(status),
-                    None => {}
-                },
-                () = &mut hedge, if !hedged => {
-                    hedged = true;
-                    if turn < backends.len() {
+                        if Instant::now() >= deadline {
+                            return Err(last);
+                        }
                         launch(&mut turn, &mut inflight);
                     }
                 }
-                () = tokio::time::sleep_until(deadline) => return Err(last),
+                Some(Err(status)) => return Err(status),
+                None => {}
+            },
+            () = &mut hedge, if !hedged => {
+                hedged = true;
+                if turn < backends.len() {
+                    launch(&mut turn, &mut inflight);
+                }
+            }
+            () = tokio::time::sleep_until(deadline) => return Err(last),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use kiam_proto::Refusal;
+
+    use super::*;
+
+    /// What each fake backend does when called.
+    #[derive(Clone, Copy, Debug)]
+    enum Behaviour {
+        Answer(Duration),
+        Fail(Code, Duration),
+        NotKnown,
+        Refuse,
+    }
+
+    /// (backend, time since the test started) of every call.
+    type Calls = Arc<Mutex<Vec<(usize, Duration)>>>;
+
+    struct Fake {
+        id: usize,
+        behaviour: Behaviour,
+        calls: Calls,
+        started: Instant,
+    }
+
+    fn op(b: &Fake) -> BoxFuture<'static, Result<usize, Status>> {
+        b.calls
+            .lock()
+            .expect("lock")
+            .push((b.id, b.started.elapsed()));
+        let (id, behaviour) = (b.id, b.behaviour);
+        async move {
+            match behaviour {
+                Behaviour::Answer(after) => {
+                    tokio::time::sleep(after).await;
+                    Ok(id)
+                }
+                Behaviour::Fail(code, after) => {
+                    tokio::time::sleep(after).await;
+                    Err(Status::new(code, "failed"))
+                }
+                Behaviour::NotKnown => Err(Refusal {
+                    reason: Reason::PodNotKnown.into(),
+                    message: "not known".into(),
+                }
+                .into_status(Code::NotFound)),
+                Behaviour::Refuse => Err(Refusal {
+                    reason: Reason::RoleNotPermitted.into(),
+                    message: "no".into(),
+                }
+                .into_status(Code::PermissionDenied)),
             }
         }
+        .boxed()
+    }
+
+    fn backends(behaviours: &[Behaviour]) -> (Vec<Fake>, Calls) {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let started = Instant::now();
+        let fakes = behaviours
+            .iter()
+            .enumerate()
+            .map(|(id, behaviour)| Fake {
+                id,
+                behaviour: *behaviour,
+                calls: calls.clone(),
+                started,
+            })
+            .collect();
+        (fakes, calls)
+    }
+
+    const HEDGE: Duration = Duration::from_millis(150);
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    async fn call(fakes: &[Fake]) -> Result<usize, Status> {
+        call_backends(fakes, 0, HEDGE, Instant::now() + MS(900), op).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_server_is_hedged_after_hedge_after() {
+        let (fakes, calls) = backends(&[Behaviour::Answer(MS(2000)), Behaviour::Answer(MS(10))]);
+        let started = Instant::now();
+        assert_eq!(call(&fakes).await.expect("answered"), 1);
+        assert_eq!(started.elapsed(), HEDGE + MS(10));
+        assert_eq!(*calls.lock().expect("lock"), vec![(0, MS(0)), (1, HEDGE)]);
+        // A fast first answer asks nobody else.
+        let (fakes, calls) = backends(&[Behaviour::Answer(MS(5)), Behaviour::Answer(MS(5))]);
+        assert_eq!(call(&fakes).await.expect("answered"), 0);
+        assert_eq!(calls.lock().expect("lock").len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_server_is_retried_on_another_at_once() {
+        let (fakes, calls) = backends(&[
+            Behaviour::Fail(Code::Unavailable, MS(1)),
+            Behaviour::Answer(MS(1)),
+        ]);
+        assert_eq!(call(&fakes).await.expect("answered"), 1);
+        assert_eq!(*calls.lock().expect("lock"), vec![(0, MS(0)), (1, MS(1))]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn when_every_server_failed_retries_back_off_until_the_deadline() {
+        let (fakes, calls) = backends(&[
+            Behaviour::Fail(Code::Unavailable, MS(0)),
+            Behaviour::Fail(Code::Unavailable, MS(0)),
+        ]);
+        let started = Instant::now();
+        let err = call(&fakes).await.expect_err("no server");
+        assert_eq!(err.code(), Code::Unavailable);
+        assert_eq!(
+            started.elapsed(),
+            MS(900),
+            "gave up at the deadline, not before"
+        );
+        let times: Vec<Duration> = calls.lock().expect("lock").iter().map(|c| c.1).collect();
+        // Both at once, then pauses of 20, 40, 80, 160, 200, 200 … ms.
+        assert_eq!(
+            &times[..6],
+            &[MS(0), MS(0), MS(20), MS(60), MS(140), MS(300)]
+        );
+        assert!(times.windows(2).all(|w| w[1] - w[0] <= MS(200)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn not_known_yet_is_retried_and_refusals_are_final() {
+        let (fakes, calls) = backends(&[Behaviour::NotKnown]);
+        let err = call(&fakes).await.expect_err("never known");
+        assert_eq!(reason_of(&err), Reason::PodNotKnown);
+        assert!(calls.lock().expect("lock").len() > 3, "retried");
+        let (fakes, calls) = backends(&[Behaviour::Refuse, Behaviour::Answer(MS(0))]);
+        let err = call(&fakes).await.expect_err("refused");
+        assert_eq!(reason_of(&err), Reason::RoleNotPermitted);
+        assert_eq!(calls.lock().expect("lock").len(), 1, "a refusal is final");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_backend_is_unavailable() {
+        let err = call(&[]).await.expect_err("none");
+        assert_eq!(err.code(), Code::Unavailable);
     }
 }

@@ -24,10 +24,22 @@ pub struct Cli {
 pub enum Command {
     /// Load and attach (or re-adopt) the eBPF programs and serve redirected pods.
     Run(Box<RunArgs>),
-    /// Show the pinned programs, configuration, map sizes and counters.
-    Status(PinArgs),
-    /// Detach and unpin the programs and maps (stop the agent first).
+    /// Show the pinned programs, configuration, map sizes and counters, and the running
+    /// agent's requests by route (pass-through included).
+    Status(StatusArgs),
+    /// Detach and unpin the programs and maps (stop the agent first), and remove a
+    /// link-local agent address the agent added.
     Uninstall(PinArgs),
+    /// Mount bpffs at a path unless one is there (the DaemonSet's init container, with the
+    /// host's /sys/fs/bpf and bidirectional mount propagation).
+    MountBpffs(MountArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// Where bpffs must be mounted.
+    #[arg(long, env = "KIAM_BPFFS_MOUNT", default_value = "/sys/fs/bpf")]
+    pub path: PathBuf,
 }
 
 pub use kiam_ops::LogFormat;
@@ -53,23 +65,37 @@ pub struct PinArgs {
     /// bpffs directory holding the pinned programs and maps.
     #[arg(long, env = "KIAM_BPFFS_DIR", default_value = "/sys/fs/bpf/kiam")]
     pub bpffs_dir: PathBuf,
-    /// Print JSON instead of text (status only).
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub pins: PinArgs,
+    /// Print JSON instead of text.
     #[arg(long, env = "KIAM_STATUS_JSON")]
     pub json: bool,
+    /// The running agent's admin listener, for its request counters.
+    #[arg(long, env = "KIAM_ADMIN_LISTEN", default_value = DEFAULT_ADMIN_LISTEN)]
+    pub admin_listen: SocketAddr,
 }
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// IPv4 address of this node that pods are redirected to (the downward API's
-    /// `status.hostIP`). The agent must be reachable there from every pod.
+    /// IPv4 address pods are redirected to. A link-local address (169.254.0.0/16, not
+    /// 169.254.169.254) is added to the node's loopback as a /32 when missing: no Service can
+    /// claim it, so a DNAT rule for the node's address (a Service's `externalIPs`) cannot
+    /// capture pods' metadata traffic. Otherwise a node address every pod reaches (the
+    /// downward API's `status.hostIP`).
     #[arg(long, env = "KIAM_AGENT_IP")]
     pub agent_ip: IpAddr,
     /// IPv6 address of this node for pods connecting to `[fd00:ec2::254]`. Without it they are
     /// sent to the IPv4-mapped `--agent-ip`, which IPv6-only sockets cannot reach.
     #[arg(long, env = "KIAM_AGENT_IP6")]
     pub agent_ip6: Option<Ipv6Addr>,
-    /// TCP port the agent listens on and pods are redirected to.
-    #[arg(long, env = "KIAM_PORT", default_value_t = 8181)]
+    /// TCP port the agent listens on and pods are redirected to. The default is one neither
+    /// kiam's nor kube2iam's agent (8181) uses, so both can run side by side during a
+    /// migration; pods keep the port in their own network namespaces.
+    #[arg(long, env = "KIAM_PORT", default_value_t = DEFAULT_PORT)]
     pub port: u16,
     /// Address to listen on (default: `::` with `--agent-ip6`, else `0.0.0.0`).
     #[arg(long, env = "KIAM_BIND")]
@@ -86,6 +112,11 @@ pub struct RunArgs {
     /// the agent restarts, so pods never reach the node's own credentials.
     #[arg(long, env = "KIAM_BPFFS_DIR", default_value = "/sys/fs/bpf/kiam")]
     pub bpffs_dir: PathBuf,
+    /// Accept pin directories on a bpffs the host does not see, and mount one at
+    /// `/sys/fs/bpf` when missing (development only: the pins, and with them the redirect,
+    /// vanish with the agent's mount namespace).
+    #[arg(long, env = "KIAM_ALLOW_PRIVATE_BPFFS")]
+    pub allow_private_bpffs: bool,
     /// More cgroups (paths, as for `--attach-cgroup`) whose connections to the metadata
     /// service are not redirected. The agent's own cgroup is always exempt.
     #[arg(long, env = "KIAM_EXEMPT_CGROUPS", value_delimiter = ',')]
@@ -134,18 +165,24 @@ pub struct ApiArgs {
     /// How long a pod's role is trusted before the servers are asked again.
     #[arg(long, env = "KIAM_ROLE_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub role_ttl: Duration,
+    /// How long a refusal (no role annotation, role not permitted, …) is remembered before
+    /// the servers are asked again, so a pod without a role costs them little.
+    #[arg(long, env = "KIAM_REFUSAL_TTL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub refusal_ttl: Duration,
     /// Credentials are never served with less than this left.
     #[arg(long, env = "KIAM_MIN_VALIDITY", default_value = "30m", value_parser = humantime::parse_duration)]
     pub min_validity: Duration,
     /// Refuse metadata requests without an IMDSv2 token.
     #[arg(long, env = "KIAM_REQUIRE_IMDSV2")]
     pub require_imdsv2: bool,
-    /// Paths forwarded to the node's real metadata service; everything else is 404. `.*`
-    /// forwards everything (the node's identity documents included: think twice).
+    /// Paths forwarded to the node's real metadata service; everything else is 404. Keep it
+    /// to what pods need (region, zone, the unsigned identity document): every path it
+    /// matches shows pods something about the node. IAM paths, the node's identity
+    /// credentials and its signed identity documents are never forwarded, whatever it says.
     #[arg(
         long,
         env = "KIAM_ALLOW_ROUTE_REGEXP",
-        default_value = "^/latest/meta-data/placement/(region|availability-zone)/?$"
+        default_value = DEFAULT_ALLOW_ROUTE
     )]
     pub allow_route_regexp: String,
     /// The node's real metadata service, for allow-listed paths.
@@ -163,9 +200,19 @@ pub struct ApiArgs {
     )]
     pub token_key_file: PathBuf,
     /// Admin listener: `/metrics`, `/live`, `/ready`.
-    #[arg(long, env = "KIAM_ADMIN_LISTEN", default_value = "0.0.0.0:8182")]
+    #[arg(long, env = "KIAM_ADMIN_LISTEN", default_value = DEFAULT_ADMIN_LISTEN)]
     pub admin_listen: SocketAddr,
 }
+
+/// Where the admin listener is, and where `status` looks for it.
+pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:8182";
+/// The agent's default port: not 8181 (kiam's and kube2iam's agents, OPA), not in the
+/// NodePort range.
+pub const DEFAULT_PORT: u16 = 8186;
+/// What pods may read of the node's metadata by default: what SDKs use to find their region.
+pub const DEFAULT_ALLOW_ROUTE: &str = "^/latest/meta-data/placement/(region|availability-zone)/?$|^/latest/dynamic/instance-identity/document/?$";
+/// Kubernetes' default NodePort range: a Service could take these ports on every node.
+const NODE_PORTS: std::ops::RangeInclusive<u16> = 30000..=32767;
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
@@ -175,8 +222,12 @@ pub enum ConfigError {
     AgentIpUnusable(Ipv4Addr),
     #[error("--agent-ip6 {0} cannot be used: pods need a unicast address of this node")]
     AgentIp6Unusable(Ipv6Addr),
-    #[error("--port must not be 0 or 80 (got {0}); pick a free port such as 8181")]
+    #[error("--port must not be 0 or 80 (got {0}); pick a free port such as {DEFAULT_PORT}")]
     BadPort(u16),
+    #[error(
+        "--port {0} is in the NodePort range (30000-32767), where a Service could take it on every node; pick a port such as {DEFAULT_PORT}"
+    )]
+    NodePort(u16),
     #[error("--bind {bind} is IPv4 but --agent-ip6 is set; use --bind ::")]
     BindFamily { bind: IpAddr },
     #[error("--server needs --node-name, --tls-cert, --tls-key and --tls-ca")]
@@ -239,6 +290,9 @@ pub fn network(args: &RunArgs) -> Result<Network, ConfigError> {
     if args.port == 0 || args.port == 80 {
         return Err(ConfigError::BadPort(args.port));
     }
+    if NODE_PORTS.contains(&args.port) {
+        return Err(ConfigError::NodePort(args.port));
+    }
     let bind = match (args.bind, args.agent_ip6) {
         (Some(bind @ IpAddr::V4(_)), Some(_)) => return Err(ConfigError::BindFamily { bind }),
         (Some(bind), _) => bind,
@@ -262,6 +316,8 @@ pub fn network(args: &RunArgs) -> Result<Network, ConfigError> {
             agent_port: u32::from(args.port),
             flags,
             _reserved: 0,
+            // Filled in by the agent from its own socket.
+            agent_netns_cookie: 0,
         },
     })
 }
@@ -286,8 +342,8 @@ mod tests {
     #[test]
     fn defaults() {
         let net = network(&args(&[])).expect("valid");
-        assert_eq!(net.listen, "0.0.0.0:8181".parse().expect("literal"));
-        assert_eq!(net.kernel.agent_port, 8181);
+        assert_eq!(net.listen, "0.0.0.0:8186".parse().expect("literal"));
+        assert_eq!(net.kernel.agent_port, 8186);
         assert_eq!(
             addr::from_words(net.kernel.agent_addr6),
             "10.0.0.5".parse::<IpAddr>().expect("literal")
@@ -297,7 +353,7 @@ mod tests {
     #[test]
     fn ipv6_agent_listens_dual_stack() {
         let net = network(&args(&["--agent-ip6", "fd00:1::5"])).expect("valid");
-        assert_eq!(net.listen, "[::]:8181".parse().expect("literal"));
+        assert_eq!(net.listen, "[::]:8186".parse().expect("literal"));
         assert_eq!(
             addr::from_words(net.kernel.agent_addr6),
             "fd00:1::5".parse::<IpAddr>().expect("literal")
@@ -306,8 +362,10 @@ mod tests {
 
     #[test]
     fn bad_configurations_name_the_flag() {
-        let cases: [(&[&str], &str); 4] = [
+        let cases: [(&[&str], &str); 6] = [
             (&["--port", "80"], "--port"),
+            (&["--port", "30000"], "NodePort"),
+            (&["--port", "32767"], "NodePort"),
             (&["--port", "0"], "--port"),
             (&["--agent-ip6", "fd00:ec2::254"], "--agent-ip6"),
             (&["--agent-ip6", "fd00::1", "--bind", "0.0.0.0"], "--bind"),
@@ -351,6 +409,8 @@ mod tests {
         let re = api(&run.api).expect("default");
         assert!(re.is_match("/latest/meta-data/placement/region"));
         assert!(re.is_match("/latest/meta-data/placement/availability-zone/"));
+        assert!(re.is_match("/latest/dynamic/instance-identity/document"));
+        assert!(!re.is_match("/latest/dynamic/instance-identity/pkcs7"));
         assert!(!re.is_match("/latest/meta-data/instance-id"));
         assert!(!re.is_match("/latest/user-data"));
     }

@@ -1,36 +1,42 @@
 //! The instance-metadata API pods see, shaped like EC2's so AWS SDKs work unchanged.
 //!
+//! - Paths are checked first ([`crate::route`]): `//`, `.`/`..` segments and encoded
+//!   separators get 400 before anything else looks at them.
+//! - Pods the operator's pass-through policy selects (the servers say so, cached like a role)
+//!   get the node's metadata service verbatim, token PUT included: the node's IMDSv2 token
+//!   is theirs, not the agent's.
 //! - `PUT /latest/api/token` (IMDSv2): a token bound to the calling pod, TTL 1–21600 s from
 //!   `X-aws-ec2-metadata-token-ttl-seconds`; refused with `X-Forwarded-For`, as EC2 does.
-//! - `GET`/`HEAD` `/latest/meta-data/iam/security-credentials/` → the pod's role name;
-//!   `…/<role>` → the credentials document; `/latest/meta-data/iam/info`.
+//! - `GET`/`HEAD` `/<version>/meta-data/iam/security-credentials/` → the pod's role name;
+//!   `…/<role>` → the credentials document; `…/iam/info`. Any version prefix.
 //! - A token, when sent, must be valid, unexpired and the caller's (401 otherwise);
 //!   `--require-imdsv2` refuses requests without one.
 //! - Other paths matching `--allow-route-regexp` are forwarded to the real metadata service
-//!   with the agent's own IMDSv2 session; everything else is 404.
+//!   with the agent's own IMDSv2 session; the node's identity credentials and signed identity
+//!   documents never are; everything else is 404.
 
 use std::{sync::Arc, time::Duration};
 
 use http_body_util::Full;
 use hyper::{
-    HeaderMap, Method, Response, StatusCode,
+    HeaderMap, Method, Request, Response, StatusCode,
     body::Bytes,
     header::{self, HeaderValue},
 };
 use regex::Regex;
-use tonic::Code;
+use tonic::{Code, Status};
 
 use crate::{
     forward::Forwarder,
     metrics::{Metrics, RouteLabels},
     resolver::Caller,
+    route::{self, Route},
     token::{MAX_TTL, Tokens},
-    upstream::Upstream,
+    upstream::{Access, Creds, Upstream},
 };
 
 pub const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
 pub const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
-const CREDENTIALS_PREFIX: &str = "/latest/meta-data/iam/security-credentials/";
 
 pub struct Imds {
     pub tokens: Tokens,
@@ -41,7 +47,7 @@ pub struct Imds {
     pub metrics: Arc<Metrics>,
 }
 
-type Reply = Response<Full<Bytes>>;
+pub type Reply = Response<Full<Bytes>>;
 
 fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Reply {
     let mut response = Response::new(Full::new(body.into()));
@@ -56,6 +62,14 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Reply {
     reply(status, "text/plain", body)
 }
 
+fn method_not_allowed(allow: &'static str) -> Reply {
+    let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "");
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    response
+}
+
 fn rfc3339(unix: i64) -> String {
     jiff::Timestamp::from_second(unix)
         .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
@@ -63,7 +77,7 @@ fn rfc3339(unix: i64) -> String {
 }
 
 /// A gRPC refusal as the HTTP answer an SDK understands, with the reason in the body.
-fn from_status(status: &tonic::Status) -> Reply {
+fn from_status(status: &Status) -> Reply {
     let code = match status.code() {
         Code::NotFound => StatusCode::NOT_FOUND,
         Code::PermissionDenied | Code::Unauthenticated => StatusCode::FORBIDDEN,
@@ -71,6 +85,25 @@ fn from_status(status: &tonic::Status) -> Reply {
         _ => StatusCode::SERVICE_UNAVAILABLE,
     };
     text(code, format!("kiam: {}\n", status.message()))
+}
+
+/// The credentials document EC2 serves, rendered once per credentials.
+fn document(creds: &Creds) -> Bytes {
+    creds
+        .document
+        .get_or_init(|| {
+            let body = serde_json::json!({
+                "Code": "Success",
+                "LastUpdated": rfc3339(creds.last_updated_unix),
+                "Type": "AWS-HMAC",
+                "AccessKeyId": creds.access_key_id,
+                "SecretAccessKey": creds.secret_access_key,
+                "Token": creds.session_token,
+                "Expiration": rfc3339(creds.expiration_unix),
+            });
+            Bytes::from(body.to_string())
+        })
+        .clone()
 }
 
 impl Imds {
@@ -84,14 +117,9 @@ impl Imds {
             .inc();
     }
 
-    pub async fn handle(
-        &self,
-        method: &Method,
-        path: &str,
-        headers: &HeaderMap,
-        caller: &Caller,
-    ) -> Reply {
-        let (route, response) = self.route(method, path, headers, caller).await;
+    pub async fn handle(&self, request: Request<Bytes>, caller: &Caller) -> Reply {
+        let path = request.uri().path().to_owned();
+        let (route, response) = self.route(request, caller).await;
         self.count(route, response.status());
         if response.status().is_client_error() || response.status().is_server_error() {
             tracing::info!(
@@ -104,82 +132,98 @@ impl Imds {
         response
     }
 
-    async fn route(
-        &self,
-        method: &Method,
-        path: &str,
-        headers: &HeaderMap,
-        caller: &Caller,
-    ) -> (&'static str, Reply) {
+    async fn route(&self, request: Request<Bytes>, caller: &Caller) -> (&'static str, Reply) {
         let pod = caller.pod.pod_uid.as_str();
-        if path == "/latest/api/token" {
+        let route = match route::classify(request.uri().path()) {
+            Ok(route) => route,
+            Err(error) => {
+                return (
+                    "bad_path",
+                    text(StatusCode::BAD_REQUEST, format!("kiam: {error}\n")),
+                );
+            }
+        };
+        let deadline = self.upstream.deadline();
+        // One answer per request, cached across requests: what the pod may have.
+        let access = self.upstream.access(pod, deadline).await;
+        if let (Ok(Access::PassThrough), Some(forwarder)) = (&access, &self.forwarder) {
+            tracing::debug!(pod_uid = %pod, path = %request.uri().path(), "node metadata pass-through");
+            return ("passthrough", forwarder.relay(request).await);
+        }
+        let (method, headers) = (request.method(), request.headers());
+        if route == Route::Token {
             return ("token", self.token(method, headers, pod));
         }
         if !matches!(*method, Method::GET | Method::HEAD) {
-            let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "");
-            response
-                .headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-            return ("other", response);
+            return ("other", method_not_allowed("GET, HEAD"));
         }
-        match headers.get(TOKEN_HEADER).map(|v| v.to_str()) {
-            Some(Ok(token)) => {
-                if let Err(error) = self.tokens.check(token, pod) {
-                    return (
-                        "token",
-                        text(StatusCode::UNAUTHORIZED, format!("kiam: {error}\n")),
-                    );
-                }
-            }
-            Some(Err(_)) => {
-                return (
-                    "token",
-                    text(StatusCode::UNAUTHORIZED, "kiam: malformed token\n"),
-                );
-            }
-            None if self.require_v2 => {
-                return (
-                    "token",
-                    text(
-                        StatusCode::UNAUTHORIZED,
-                        "kiam: IMDSv2 required: PUT /latest/api/token first\n",
-                    ),
-                );
-            }
-            None => {}
+        if let Some(refusal) = self.check_token(headers, pod) {
+            return ("token", refusal);
         }
-        let response = match path {
-            "/latest/meta-data/iam/security-credentials"
-            | "/latest/meta-data/iam/security-credentials/" => {
-                match self.upstream.role(pod, self.upstream.deadline()).await {
-                    Ok(role) => text(StatusCode::OK, role.name),
-                    Err(status) => from_status(&status),
-                }
-            }
-            "/latest/meta-data/iam/info" | "/latest/meta-data/iam/info/" => self.info(pod).await,
-            "/latest/meta-data/iam" | "/latest/meta-data/iam/" => {
-                text(StatusCode::OK, "info\nsecurity-credentials/")
-            }
-            _ => match path.strip_prefix(CREDENTIALS_PREFIX) {
-                Some(role) => {
-                    return (
-                        "credentials",
-                        self.credentials(pod, role.trim_end_matches('/')).await,
-                    );
-                }
-                None => return self.other(path).await,
-            },
+        let role = || match &access {
+            Ok(Access::Role(role)) => Ok(role.clone()),
+            Ok(Access::PassThrough) => Err(Status::failed_precondition(
+                "this pod gets the node's metadata service, but this agent cannot reach it",
+            )),
+            Err(status) => Err(status.clone()),
         };
-        ("role", response)
+        match route {
+            Route::IamRoleList => match role() {
+                Ok(role) => ("role", text(StatusCode::OK, role.name.clone())),
+                Err(status) => ("role", from_status(&status)),
+            },
+            Route::IamInfo => match role() {
+                Ok(role) => ("role", info(&role.arn)),
+                Err(status) => ("role", from_status(&status)),
+            },
+            Route::IamRoot => ("role", text(StatusCode::OK, "info\nsecurity-credentials/")),
+            Route::IamCredentials(asked) => {
+                let response = match role() {
+                    Ok(role) if role.name != asked => text(
+                        StatusCode::NOT_FOUND,
+                        format!("kiam: this pod's role is {}, not {asked}\n", role.name),
+                    ),
+                    Ok(role) => match self.upstream.credentials(pod, &role, deadline).await {
+                        Ok(creds) => reply(StatusCode::OK, "application/json", document(&creds)),
+                        Err(status) => from_status(&status),
+                    },
+                    Err(status) => from_status(&status),
+                };
+                ("credentials", response)
+            }
+            Route::IamOther => (
+                "not_allowed",
+                text(StatusCode::NOT_FOUND, "kiam: not found\n"),
+            ),
+            Route::NodeIdentity => (
+                "not_allowed",
+                text(
+                    StatusCode::NOT_FOUND,
+                    "kiam: the node's identity is not available to pods\n",
+                ),
+            ),
+            Route::Other | Route::Token => self.other(request.uri().path()).await,
+        }
+    }
+
+    /// The refusal of a request whose token is not acceptable, if it is not.
+    fn check_token(&self, headers: &HeaderMap, pod: &str) -> Option<Reply> {
+        let unauthorized =
+            |why: &str| Some(text(StatusCode::UNAUTHORIZED, format!("kiam: {why}\n")));
+        match headers.get(TOKEN_HEADER).map(|v| v.to_str()) {
+            Some(Ok(token)) => match self.tokens.check(token, pod) {
+                Ok(()) => None,
+                Err(error) => unauthorized(&error.to_string()),
+            },
+            Some(Err(_)) => unauthorized("malformed token"),
+            None if self.require_v2 => unauthorized("IMDSv2 required: PUT /latest/api/token first"),
+            None => None,
+        }
     }
 
     fn token(&self, method: &Method, headers: &HeaderMap, pod: &str) -> Reply {
         if *method != Method::PUT {
-            let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "");
-            response
-                .headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("PUT"));
-            return response;
+            return method_not_allowed("PUT");
         }
         // EC2 refuses token requests that went through a proxy.
         if headers.contains_key("x-forwarded-for") {
@@ -208,44 +252,6 @@ impl Imds {
         response
     }
 
-    async fn credentials(&self, pod: &str, role: &str) -> Reply {
-        match self
-            .upstream
-            .credentials(pod, role, self.upstream.deadline())
-            .await
-        {
-            Ok(creds) => {
-                let body = serde_json::json!({
-                    "Code": "Success",
-                    "LastUpdated": rfc3339(creds.last_updated_unix),
-                    "Type": "AWS-HMAC",
-                    "AccessKeyId": creds.access_key_id,
-                    "SecretAccessKey": creds.secret_access_key,
-                    "Token": creds.session_token,
-                    "Expiration": rfc3339(creds.expiration_unix),
-                });
-                reply(StatusCode::OK, "application/json", body.to_string())
-            }
-            Err(status) => from_status(&status),
-        }
-    }
-
-    async fn info(&self, pod: &str) -> Reply {
-        match self.upstream.role(pod, self.upstream.deadline()).await {
-            Ok(role) => {
-                let profile = role.arn.replacen(":role/", ":instance-profile/", 1);
-                let body = serde_json::json!({
-                    "Code": "Success",
-                    "LastUpdated": rfc3339(jiff::Timestamp::now().as_second()),
-                    "InstanceProfileArn": profile,
-                    "InstanceProfileId": format!("AIPAKIAM{}", role.name.len()),
-                });
-                reply(StatusCode::OK, "application/json", body.to_string())
-            }
-            Err(status) => from_status(&status),
-        }
-    }
-
     async fn other(&self, path: &str) -> (&'static str, Reply) {
         match (&self.forwarder, self.allow.is_match(path)) {
             (Some(forwarder), true) => ("forwarded", forwarder.get(path).await),
@@ -257,6 +263,18 @@ impl Imds {
     }
 }
 
+fn info(arn: &str) -> Reply {
+    let profile = arn.replacen(":role/", ":instance-profile/", 1);
+    let name_len = arn.rsplit('/').next().map_or(0, str::len);
+    let body = serde_json::json!({
+        "Code": "Success",
+        "LastUpdated": rfc3339(jiff::Timestamp::now().as_second()),
+        "InstanceProfileArn": profile,
+        "InstanceProfileId": format!("AIPAKIAM{name_len}"),
+    });
+    reply(StatusCode::OK, "application/json", body.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use http_body_util::BodyExt as _;
@@ -264,7 +282,7 @@ mod tests {
     use super::*;
     use crate::{
         identity::{PodCgroup, QosClass},
-        upstream::{Settings, Upstream},
+        upstream::{Settings, SystemClock, Upstream},
     };
 
     fn caller(uid: &str) -> Caller {
@@ -286,26 +304,28 @@ mod tests {
             tokens: Tokens::random().expect("key"),
             upstream: Upstream::new(
                 None,
+                Arc::new(SystemClock),
                 Settings {
                     node: "node".into(),
                     deadline: Duration::from_millis(100),
                     min_validity: Duration::from_secs(1800),
                     role_ttl: Duration::from_secs(10),
+                    refusal_ttl: Duration::from_secs(1),
                 },
             ),
-            allow: Regex::new("^/latest/meta-data/placement/region$").expect("regex"),
+            allow: Regex::new("^/latest/meta-data/placement/region$|^/latest/.*$").expect("regex"),
             require_v2,
             forwarder: None,
             metrics: Arc::default(),
         }
     }
 
-    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        for (k, v) in pairs {
-            map.insert(*k, HeaderValue::from_str(v).expect("value"));
+    fn request(method: Method, path: &str, headers: &[(&'static str, &str)]) -> Request<Bytes> {
+        let mut builder = Request::builder().method(method).uri(path);
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
         }
-        map
+        builder.body(Bytes::new()).expect("request")
     }
 
     async fn body(reply: Reply) -> String {
@@ -317,12 +337,10 @@ mod tests {
     async fn tokens_follow_ec2_rules() {
         let api = imds(false);
         let a = caller("pod-a");
-        let put = |h: HeaderMap| {
-            let api = &api;
-            let a = &a;
-            async move { api.handle(&Method::PUT, "/latest/api/token", &h, a).await }
+        let put = |h: &[(&'static str, &str)]| {
+            api.handle(request(Method::PUT, "/latest/api/token", h), &a)
         };
-        let ok = put(headers(&[(TTL_HEADER, "21600")])).await;
+        let ok = put(&[(TTL_HEADER, "21600")]).await;
         assert_eq!(ok.status(), StatusCode::OK);
         assert_eq!(
             ok.headers().get(TTL_HEADER).map(|v| v.as_bytes()),
@@ -330,66 +348,85 @@ mod tests {
         );
         let token = body(ok).await;
         for bad in ["0", "21601", "x", ""] {
-            let r = put(headers(&[(TTL_HEADER, bad)])).await;
+            let r = put(&[(TTL_HEADER, bad)]).await;
             assert_eq!(r.status(), StatusCode::BAD_REQUEST, "ttl {bad:?}");
         }
-        assert_eq!(
-            put(HeaderMap::new()).await.status(),
-            StatusCode::BAD_REQUEST
-        );
-        let proxied = put(headers(&[
-            (TTL_HEADER, "60"),
-            ("x-forwarded-for", "1.2.3.4"),
-        ]))
-        .await;
+        assert_eq!(put(&[]).await.status(), StatusCode::BAD_REQUEST);
+        let proxied = put(&[(TTL_HEADER, "60"), ("x-forwarded-for", "1.2.3.4")]).await;
         assert_eq!(proxied.status(), StatusCode::FORBIDDEN);
         let get = api
-            .handle(&Method::GET, "/latest/api/token", &HeaderMap::new(), &a)
+            .handle(request(Method::GET, "/latest/api/token", &[]), &a)
             .await;
         assert_eq!(get.status(), StatusCode::METHOD_NOT_ALLOWED);
 
         // The token works for its pod only, and a forged one for nobody.
         let path = "/latest/meta-data/iam/";
-        let with = |t: &str| headers(&[(TOKEN_HEADER, t)]);
-        let mine = api.handle(&Method::GET, path, &with(&token), &a).await;
-        assert_eq!(mine.status(), StatusCode::OK);
-        let theirs = api
-            .handle(&Method::GET, path, &with(&token), &caller("pod-b"))
-            .await;
+        let with = |t: &str| request(Method::GET, path, &[(TOKEN_HEADER, t)]);
+        assert_eq!(api.handle(with(&token), &a).await.status(), StatusCode::OK);
+        let theirs = api.handle(with(&token), &caller("pod-b")).await;
         assert_eq!(theirs.status(), StatusCode::UNAUTHORIZED);
-        let forged = api
-            .handle(&Method::GET, path, &with(&format!("{token}x")), &a)
-            .await;
+        let forged = api.handle(with(&format!("{token}x")), &a).await;
         assert_eq!(forged.status(), StatusCode::UNAUTHORIZED);
         // IMDSv1 is allowed unless required otherwise.
-        let v1 = api.handle(&Method::GET, path, &HeaderMap::new(), &a).await;
+        let v1 = api.handle(request(Method::GET, path, &[]), &a).await;
         assert_eq!(v1.status(), StatusCode::OK);
         let strict = imds(true);
-        let v1 = strict
-            .handle(&Method::GET, path, &HeaderMap::new(), &a)
-            .await;
+        let v1 = strict.handle(request(Method::GET, path, &[]), &a).await;
         assert_eq!(v1.status(), StatusCode::UNAUTHORIZED);
+    }
+
+    #[tokio::test]
+    async fn bad_paths_and_the_nodes_identity_are_refused_whatever_the_allow_list() {
+        // The allow-list here matches everything under /latest/.
+        let api = imds(false);
+        let a = caller("pod-a");
+        for (path, status) in [
+            ("/latest//meta-data/iam/security-credentials/", 400),
+            ("/latest/./meta-data/iam/info", 400),
+            (
+                "/latest/meta-data/iam/%2E%2E/iam/security-credentials/",
+                400,
+            ),
+            (
+                "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
+                404,
+            ),
+            ("/latest/dynamic/instance-identity/pkcs7", 404),
+            ("/latest/dynamic/instance-identity/signature", 404),
+            ("/latest/meta-data/IAM/security-credentials/", 404),
+            // Any version: kiam's own answer (here: no server configured).
+            ("/2016-09-02/meta-data/iam/security-credentials/", 503),
+            ("/2021-01-03/meta-data/iam/info", 503),
+        ] {
+            let r = api.handle(request(Method::GET, path, &[]), &a).await;
+            assert_eq!(r.status().as_u16(), status, "{path}");
+        }
+        let r = api
+            .handle(request(Method::GET, "/latest/./x", &[]), &a)
+            .await;
+        assert!(body(r).await.contains(". and .."));
     }
 
     #[tokio::test]
     async fn other_paths_and_methods() {
         let api = imds(false);
         let a = caller("pod-a");
-        let none = HeaderMap::new();
         let r = api
-            .handle(&Method::GET, "/latest/user-data", &none, &a)
+            .handle(request(Method::GET, "/2009-04-04/user-data", &[]), &a)
             .await;
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
         let r = api
-            .handle(&Method::POST, "/latest/meta-data/", &none, &a)
+            .handle(request(Method::POST, "/latest/meta-data/", &[]), &a)
             .await;
         assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
         // Without servers, role lookups are unavailable, with the reason.
         let r = api
             .handle(
-                &Method::GET,
-                "/latest/meta-data/iam/security-credentials/",
-                &none,
+                request(
+                    Method::GET,
+                    "/latest/meta-data/iam/security-credentials/",
+                    &[],
+                ),
                 &a,
             )
             .await;

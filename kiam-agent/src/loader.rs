@@ -47,12 +47,17 @@ pub enum LoaderError {
     )]
     NoObject,
     #[error(
-        "{} is not on a bpf file system and cannot be mounted there (set --bpffs-dir under a bpffs mount)",
+        "{} is not on a bpf file system: mount bpffs on the host at /sys/fs/bpf (the manifests' init container runs `kiam-agent mount-bpffs`) and give the agent the host's /sys/fs/bpf, or set --bpffs-dir; pins anywhere else would vanish with the agent and let pods reach the node's credentials",
         .0.display()
     )]
     NotBpffs(PathBuf),
-    #[error("mounting bpffs at {BPFFS_MOUNT} (the agent needs CAP_SYS_ADMIN for this)")]
-    Mount(#[source] nix::Error),
+    #[error(
+        "{} is on a bpf file system only this agent's mount namespace sees (a private mount): give the agent the host's /sys/fs/bpf with mountPropagation: HostToContainer, or pins would vanish with the agent and let pods reach the node's credentials (--allow-private-bpffs accepts this for development only)",
+        .0.display()
+    )]
+    PrivateBpffs(PathBuf),
+    #[error("mounting bpffs at {} (needs CAP_SYS_ADMIN)", .0.display())]
+    Mount(PathBuf, #[source] nix::Error),
     #[error(
         "loading the eBPF programs (the agent needs root or CAP_BPF + CAP_NET_ADMIN, and a kernel with cgroup sock_addr, sock_ops and cgroup_skb programs, 5.8 or newer)"
     )]
@@ -121,6 +126,8 @@ pub struct InstallOptions {
     pub config: Config,
     /// Cgroup ids whose connections are left alone (the agent's own first).
     pub exempt: Vec<u64>,
+    /// Accept a bpffs the host does not see (development only).
+    pub allow_private_bpffs: bool,
 }
 
 /// What happened to each program's link.
@@ -161,35 +168,125 @@ fn is_bpffs(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Makes sure `dir` can be created on bpffs, mounting bpffs at `/sys/fs/bpf` when that is
-/// where it should be and nothing is mounted yet.
-///
-/// A bpffs mounted by the agent inside a container lives in the container's mount namespace
-/// unless `/sys/fs/bpf` is a host path with bidirectional propagation; its pins, and with them
-/// the redirect, would vanish with the container. That is logged loudly.
-fn ensure_bpffs(dir: &Path) -> Result<(), LoaderError> {
+/// A line of `/proc/self/mountinfo`, as far as the checks need it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    pub mount_point: PathBuf,
+    pub fs_type: String,
+    /// The mount has a peer group (`shared:N`) or a master (`master:N`): it propagates
+    /// between mount namespaces, i.e. it is (or receives) the host's.
+    pub propagated: bool,
+}
+
+/// `\040`-style escapes of mountinfo paths.
+fn unescape(field: &str) -> String {
+    let mut out = String::new();
+    let mut rest = field;
+    while let Some(i) = rest.find('\\') {
+        out.push_str(&rest[..i]);
+        let code = rest
+            .get(i + 1..i + 4)
+            .and_then(|o| u8::from_str_radix(o, 8).ok());
+        match code {
+            Some(byte) => {
+                out.push(char::from(byte));
+                rest = &rest[i + 4..];
+            }
+            None => {
+                out.push('\\');
+                rest = &rest[i + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The mount holding `path`: the entry with the longest mount point that contains it (the
+/// last one when several are stacked on the same point).
+pub fn mount_of(mountinfo: &str, path: &Path) -> Option<MountEntry> {
+    let mut best: Option<MountEntry> = None;
+    for line in mountinfo.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let fields: Vec<&str> = left.split(' ').collect();
+        let (Some(point), Some(fs_type)) = (fields.get(4), right.split(' ').next()) else {
+            continue;
+        };
+        let mount_point = PathBuf::from(unescape(point));
+        if !path.starts_with(&mount_point) {
+            continue;
+        }
+        let longer = best
+            .as_ref()
+            .is_none_or(|b| mount_point.as_os_str().len() >= b.mount_point.as_os_str().len());
+        if longer {
+            best = Some(MountEntry {
+                mount_point,
+                fs_type: fs_type.to_owned(),
+                propagated: fields
+                    .iter()
+                    .skip(6)
+                    .any(|f| f.starts_with("shared:") || f.starts_with("master:")),
+            });
+        }
+    }
+    best
+}
+
+/// Whether this process shares the mount namespace of the kernel's own threads (the host's).
+/// Only answerable with the host's pid namespace (pid 2 is then `kthreadd`); in a container
+/// it is `false` and the mount's propagation decides.
+fn in_host_mount_namespace() -> bool {
+    let kthreadd = fs::read_to_string("/proc/2/comm").is_ok_and(|c| c.trim() == "kthreadd");
+    let ns = |pid: &str| fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+    kthreadd && ns("2").is_some() && ns("2") == ns("self")
+}
+
+/// Makes sure `dir` can be created on a bpffs the host sees, so the pins outlive this agent
+/// (and its container). With `allow_private` (development), a bpffs only this mount
+/// namespace sees is accepted, and mounted at `/sys/fs/bpf` when missing.
+fn ensure_bpffs(dir: &Path, allow_private: bool) -> Result<(), LoaderError> {
     let parent = dir.parent().unwrap_or(dir);
-    if is_bpffs(parent) {
+    if !is_bpffs(parent) {
+        if allow_private && parent == Path::new(BPFFS_MOUNT) {
+            mount_bpffs(parent)?;
+            tracing::warn!(
+                path = BPFFS_MOUNT,
+                "--allow-private-bpffs: mounted a bpffs the host may not see; the pins vanish with this agent"
+            );
+            return Ok(());
+        }
+        return Err(LoaderError::NotBpffs(dir.to_owned()));
+    }
+    if allow_private || in_host_mount_namespace() {
         return Ok(());
     }
-    if parent == Path::new(BPFFS_MOUNT) {
-        fs::create_dir_all(parent).map_err(io_err(parent))?;
-        nix::mount::mount(
-            Some("bpf"),
-            BPFFS_MOUNT,
-            Some("bpf"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .map_err(LoaderError::Mount)?;
-        tracing::warn!(
-            path = BPFFS_MOUNT,
-            "mounted bpffs: the pins outlive this agent only if this mount is the host's (in a \
-             container: hostPath /sys/fs/bpf with mountPropagation: Bidirectional)"
-        );
-        return Ok(());
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").map_err(io_err(parent))?;
+    match mount_of(&mountinfo, parent) {
+        Some(entry) if entry.fs_type == "bpf" && entry.propagated => Ok(()),
+        _ => Err(LoaderError::PrivateBpffs(dir.to_owned())),
     }
-    Err(LoaderError::NotBpffs(dir.to_owned()))
+}
+
+/// Mounts bpffs at `path` unless one is there (`kiam-agent mount-bpffs`, run by the
+/// manifests' init container with the host's `/sys/fs/bpf` and bidirectional propagation, so
+/// the mount is the host's). Returns whether it mounted.
+pub fn mount_bpffs(path: &Path) -> Result<bool, LoaderError> {
+    if is_bpffs(path) {
+        return Ok(false);
+    }
+    fs::create_dir_all(path).map_err(io_err(path))?;
+    nix::mount::mount(
+        Some("bpf"),
+        path,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| LoaderError::Mount(path.to_owned(), e))?;
+    Ok(true)
 }
 
 /// Maps of the current layout; other `maps-v*` directories belong to older agents.
@@ -233,7 +330,7 @@ pub fn install(opts: &InstallOptions) -> Result<Installed, LoaderError> {
     if OBJECT.is_empty() {
         return Err(LoaderError::NoObject);
     }
-    ensure_bpffs(&opts.pin_dir)?;
+    ensure_bpffs(&opts.pin_dir, opts.allow_private_bpffs)?;
     let maps = maps_dir(&opts.pin_dir);
     let links = links_dir(&opts.pin_dir);
     for dir in [&opts.pin_dir, &maps, &links] {
@@ -554,6 +651,7 @@ pub struct ConfigStatus {
     pub agent_addr4: String,
     pub agent_addr6: String,
     pub agent_port: u32,
+    pub agent_netns_cookie: u64,
     pub ready: bool,
 }
 
@@ -612,6 +710,7 @@ pub fn status(pin_dir: &Path) -> Result<Status, LoaderError> {
                     .to_string(),
                 agent_addr6: kiam_common::addr::from_words(c.agent_addr6).to_string(),
                 agent_port: c.agent_port,
+                agent_netns_cookie: c.agent_netns_cookie,
                 ready: c.flags & CONFIG_READY != 0,
             })
         }
@@ -658,4 +757,62 @@ pub fn status(pin_dir: &Path) -> Result<Status, LoaderError> {
         map_entries,
         counters,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOST: &str = "\
+27 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
+23 27 0:22 / /sys rw,relatime shared:7 - sysfs sysfs rw
+44 23 0:39 / /sys/fs/bpf rw,relatime shared:12 - bpf bpf rw
+45 23 0:40 / /sys/fs/bpf/odd\\040dir rw,relatime - tmpfs tmpfs rw
+";
+    const CONTAINER_HOST_TO_CONTAINER: &str = "\
+700 650 0:80 / / rw,relatime - overlay overlay rw
+720 700 0:39 / /sys/fs/bpf rw,relatime master:12 - bpf bpf rw
+";
+    const CONTAINER_PRIVATE: &str = "\
+700 650 0:80 / / rw,relatime - overlay overlay rw
+720 700 0:22 / /sys rw,relatime - sysfs sysfs rw
+721 720 0:91 / /sys/fs/bpf rw,relatime - bpf bpf rw
+";
+
+    #[test]
+    fn the_mount_holding_a_path_and_whether_it_propagates() {
+        let pins = Path::new("/sys/fs/bpf/kiam");
+        let cases = [
+            (HOST, pins, Some(("/sys/fs/bpf", "bpf", true))),
+            (
+                CONTAINER_HOST_TO_CONTAINER,
+                pins,
+                Some(("/sys/fs/bpf", "bpf", true)),
+            ),
+            (CONTAINER_PRIVATE, pins, Some(("/sys/fs/bpf", "bpf", false))),
+            (
+                HOST,
+                Path::new("/sys/fs/bpf/odd dir/x"),
+                Some(("/sys/fs/bpf/odd dir", "tmpfs", false)),
+            ),
+            (
+                HOST,
+                Path::new("/sys/fs/bpfx"),
+                Some(("/sys", "sysfs", true)),
+            ),
+            (HOST, Path::new("/tmp/x"), Some(("/", "ext4", true))),
+            ("", pins, None),
+        ];
+        for (mountinfo, path, want) in cases {
+            let got = mount_of(mountinfo, path);
+            let got = got.as_ref().map(|m| {
+                (
+                    m.mount_point.to_str().unwrap_or(""),
+                    m.fs_type.as_str(),
+                    m.propagated,
+                )
+            });
+            assert_eq!(got, want, "{}", path.display());
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! `kiam-agent`: the per-node half of kiam. See the modules for what each part owns.
 #![forbid(unsafe_code)]
 
+mod address;
 mod api;
 mod cgroup;
 mod client;
@@ -11,16 +12,18 @@ mod imds;
 mod loader;
 mod metrics;
 mod resolver;
+mod route;
+mod status;
 mod token;
 mod upstream;
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{net::IpAddr, path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser as _;
 use tokio::net::TcpListener;
 
-use config::{Cli, Command, PinArgs, RunArgs};
+use config::{Cli, Command, RunArgs};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -30,8 +33,9 @@ fn main() -> std::process::ExitCode {
     }
     let result = match cli.command {
         Command::Run(args) => run(*args),
-        Command::Status(args) => status(&args),
+        Command::Status(args) => status::show(&args),
         Command::Uninstall(args) => uninstall(&args.bpffs_dir),
+        Command::MountBpffs(args) => mount_bpffs(&args.path),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -43,7 +47,8 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    let net = config::network(&args)?;
+    let mut net = config::network(&args)?;
+    net.kernel.agent_netns_cookie = own_netns_cookie();
     let allow = config::api(&args.api)?;
     let tokens = token::Tokens::from_file(&args.api.token_key_file).context("--token-key-file")?;
     let root = cgroup::find_root(args.cgroup_root.as_deref())?;
@@ -68,6 +73,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     runtime.block_on(async move {
         raise_memlock_limit();
+        if let IpAddr::V4(v4) = args.agent_ip
+            && address::is_link_local(v4)
+            && address::ensure_on_loopback(v4).await?
+        {
+            tracing::info!(address = %v4, "added the link-local agent address to lo");
+        }
         // Install first: pinned programs from a previous run refuse bind() to the agent's port
         // until this agent's cgroup is in the exempt set. Until the listener is up, redirected
         // pods get "connection refused".
@@ -79,6 +90,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             own_cgroup: own,
             config: net.kernel,
             exempt,
+            allow_private_bpffs: args.allow_private_bpffs,
         })?;
         let listener = TcpListener::bind(net.listen)
             .await
@@ -89,7 +101,6 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             root,
             attach,
         ));
-        tokio::spawn(resolver.clone().prune_forever(Duration::from_secs(60)));
 
         let servers = match args.api.servers.is_empty() {
             true => {
@@ -119,21 +130,31 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         };
         let upstream = upstream::Upstream::new(
-            servers.clone(),
+            servers
+                .clone()
+                .map(|s| s as Arc<dyn upstream::RoleServer>),
+            Arc::new(upstream::SystemClock),
             upstream::Settings {
                 node: args.api.node_name.clone().unwrap_or_default(),
                 deadline: args.api.request_deadline,
                 min_validity: args.api.min_validity,
                 role_ttl: args.api.role_ttl,
+                refusal_ttl: args.api.refusal_ttl,
             },
         );
         {
-            let upstream = upstream.clone();
+            // Forget removed cgroups, and with them what was held for pods no longer here.
+            let (resolver, upstream) = (resolver.clone(), upstream.clone());
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(60));
                 loop {
                     tick.tick().await;
-                    upstream.prune();
+                    let pruned = resolver.prune();
+                    if pruned > 0 {
+                        tracing::debug!(pruned, "forgot removed cgroups");
+                    }
+                    let alive = resolver.pods();
+                    upstream.prune(|uid| alive.contains(uid));
                 }
             });
         }
@@ -212,6 +233,19 @@ fn start_kernel_logs(installed: &loader::Installed) {
     }
 }
 
+/// The cookie of the agent's network namespace, where the bind guard keeps the agent's port;
+/// 0 (every namespace guarded) on kernels that cannot tell (before 5.14).
+fn own_netns_cookie() -> u64 {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None);
+    match socket.and_then(|s| kiam_common::sys::netns_cookie(&s)) {
+        Ok(cookie) => cookie,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read this network namespace's cookie (Linux 5.14+): the agent's port is guarded in every network namespace, pods' included");
+            0
+        }
+    }
+}
+
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones use memcg accounting,
 /// so failing to raise it (no CAP_SYS_RESOURCE) is only worth a note.
 fn raise_memlock_limit() {
@@ -225,52 +259,36 @@ fn raise_memlock_limit() {
     }
 }
 
-fn status(args: &PinArgs) -> anyhow::Result<()> {
-    if !args.bpffs_dir.exists() {
-        anyhow::bail!(
-            "nothing pinned at {} (--bpffs-dir): the agent has not run here, or was uninstalled",
-            args.bpffs_dir.display()
-        );
-    }
-    let status = loader::status(&args.bpffs_dir)?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
-        return Ok(());
-    }
-    println!("pinned at {}", status.pin_dir.display());
-    for link in &status.links {
-        println!(
-            "  link {:<14} link_id={} prog_id={} tag={} runs={}",
-            link.program, link.link_id, link.program_id, link.program_tag, link.run_count
-        );
-    }
-    for name in &status.missing_links {
-        println!("  link {name:<14} MISSING");
-    }
-    match &status.config {
-        Some(c) => println!(
-            "  config: agent {}:{} / [{}]:{} attach_cgroup_id={} ready={}",
-            c.agent_addr4, c.agent_port, c.agent_addr6, c.agent_port, c.attach_cgroup_id, c.ready
-        ),
-        None => println!("  config: MISSING"),
-    }
-    println!("  exempt cgroups: {:?}", status.exempt_cgroups);
-    for (name, entries) in &status.map_entries {
-        println!("  map {name:<14} entries={entries}");
-    }
-    for (name, value) in &status.counters {
-        println!("  counter {name:<22} {value}");
-    }
-    Ok(())
-}
-
 fn uninstall(dir: &Path) -> anyhow::Result<()> {
+    // The configured address, to remove it from lo if the agent added it there.
+    let agent_addr = loader::status(dir)
+        .ok()
+        .and_then(|s| s.config)
+        .and_then(|c| c.agent_addr4.parse::<std::net::Ipv4Addr>().ok())
+        .filter(|a| address::is_link_local(*a));
     let removed = loader::uninstall(dir)?;
+    if let Some(addr) = agent_addr {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        if runtime.block_on(address::remove_from_loopback(addr))? {
+            println!("removed {addr}/32 from lo");
+        }
+    }
     if removed.is_empty() {
         println!("nothing pinned at {}", dir.display());
     }
     for path in removed {
         println!("removed {}", path.display());
+    }
+    Ok(())
+}
+
+fn mount_bpffs(path: &Path) -> anyhow::Result<()> {
+    match loader::mount_bpffs(path)? {
+        true => println!("mounted bpffs at {}", path.display()),
+        false => println!("bpffs already mounted at {}", path.display()),
     }
     Ok(())
 }

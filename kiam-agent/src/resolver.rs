@@ -14,7 +14,6 @@ use std::{
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, RwLock},
-    time::Duration,
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
@@ -225,16 +224,13 @@ impl<S: RecordSource> Resolver<S> {
         before - cache.len()
     }
 
-    /// Prunes every `every` until the task is dropped.
-    pub async fn prune_forever(self: Arc<Self>, every: Duration) {
-        let mut tick = tokio::time::interval(every);
-        loop {
-            tick.tick().await;
-            let pruned = self.prune();
-            if pruned > 0 {
-                tracing::debug!(pruned, "forgot removed cgroups");
-            }
-        }
+    /// UIDs of the pods whose cgroups the cache holds (after [`Self::prune`]: that exist).
+    pub fn pods(&self) -> HashSet<String> {
+        let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
+        cache
+            .values()
+            .filter_map(|entry| entry.pod.as_ref().ok().map(|p| p.pod_uid.clone()))
+            .collect()
     }
 }
 

@@ -25,8 +25,8 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_addr,
     },
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_socket_cookie,
-        bpf_skb_cgroup_id,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_netns_cookie,
+        bpf_get_socket_cookie, bpf_skb_cgroup_id,
     },
     macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -393,8 +393,9 @@ fn remote_addr(ctx: &SockOpsContext) -> [u32; 4] {
     }
 }
 
-/// Refuses `bind()` to the agent's TCP port for everyone but exempt cgroups, so a host-network
-/// pod cannot take the agent's place while it restarts and answer other pods' requests.
+/// Refuses `bind()` to the agent's TCP port in the agent's network namespace for everyone but
+/// exempt cgroups, so a host-network pod cannot take the agent's place while it restarts and
+/// answer other pods' requests. Pods keep the port in their own namespaces.
 #[cgroup_sock_addr(bind4)]
 pub fn kiam_bind4(ctx: SockAddrContext) -> i32 {
     guard_bind(&ctx)
@@ -416,6 +417,13 @@ fn guard_bind(ctx: &SockAddrContext) -> i32 {
     };
     if sock_type != SOCK_STREAM || port != agent_port_net(&config) {
         return ALLOW;
+    }
+    if config.agent_netns_cookie != 0 {
+        // SAFETY: the sock_addr context is a valid argument for the helper (Linux 5.7).
+        let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+        if netns != config.agent_netns_cookie {
+            return ALLOW;
+        }
     }
     // SAFETY: helper without arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };

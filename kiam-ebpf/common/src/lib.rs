@@ -5,8 +5,9 @@
 //! addresses use their IPv4-mapped IPv6 form (`::ffff:a.b.c.d`) so one key type serves both
 //! families. Ports are host order.
 //!
-//! With the `user` feature the types implement `aya::Pod`, and [`addr`] converts between these
-//! words and `std::net` types.
+//! With the `user` feature the types implement `aya::Pod`, [`addr`] converts between these
+//! words and `std::net` types, and [`sys`] reads what the programs compare against: a
+//! socket's network-namespace cookie, and a cgroup's directory from its id.
 #![no_std]
 
 #[cfg(feature = "user")]
@@ -57,7 +58,7 @@ pub mod program_names {
 /// `maps-v<LAYOUT_VERSION>`, so an agent with another layout gets fresh maps and swaps its
 /// programs in instead of reusing incompatible ones. Bump on any change to the types below or
 /// to `limits`.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Bounds of the maps. Entries live for the few milliseconds between a pod's `connect()` and
 /// the agent's `accept()`; the bounds only matter under a flood.
@@ -129,6 +130,10 @@ pub struct Config {
     /// `CONFIG_*` bits.
     pub flags: u32,
     pub _reserved: u32,
+    /// Cookie of the agent's network namespace: only binds there are guarded, so pods keep
+    /// the agent's port in their own namespaces. 0: every namespace is guarded (kernels
+    /// before 5.14 cannot tell the agent its cookie).
+    pub agent_netns_cookie: u64,
 }
 
 /// `ConnRecord::flags`: two connections claimed the same 4-tuple (one of them spoofing the
@@ -237,6 +242,131 @@ pub mod addr {
     }
 }
 
+/// The system calls behind what the programs compare against. The agent forbids `unsafe`;
+/// these calls have no safe wrapper in the crates it uses, so they live here, beside the
+/// kernel-facing types, each with its reasoning.
+#[cfg(feature = "user")]
+pub mod sys {
+    use std::{
+        fs::File,
+        io,
+        mem::size_of,
+        os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+    };
+
+    /// The cookie of the network namespace `socket` lives in: what `bpf_get_netns_cookie()`
+    /// returns for it (`SO_NETNS_COOKIE`, Linux 5.14).
+    pub fn netns_cookie(socket: &impl AsFd) -> io::Result<u64> {
+        let mut cookie = 0u64;
+        let mut len = size_of::<u64>() as libc::socklen_t;
+        // SAFETY: the fd is a valid open socket for the duration of the call; `cookie` and
+        // `len` are live, writable and `len` holds the size of `cookie`.
+        let rc = unsafe {
+            libc::getsockopt(
+                socket.as_fd().as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_NETNS_COOKIE,
+                (&raw mut cookie).cast(),
+                &raw mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(cookie)
+    }
+
+    /// `FILEID_KERNFS`: the file handle type of kernfs (cgroup2) directories, whose payload
+    /// is the node id, i.e. the cgroup id.
+    const FILEID_KERNFS: i32 = 0xfe;
+
+    /// `struct file_handle` with the 8-byte kernfs payload.
+    #[repr(C)]
+    struct KernfsHandle {
+        handle_bytes: u32,
+        handle_type: i32,
+        id: u64,
+    }
+
+    /// Opens the cgroup directory with id `id` (what `bpf_get_current_cgroup_id()` returns)
+    /// through `mount`, an open directory of the cgroup2 mount: one `open_by_handle_at(2)`,
+    /// whatever the number of cgroups. Needs `CAP_DAC_READ_SEARCH`. `ESTALE` means the cgroup
+    /// is gone.
+    pub fn open_cgroup(mount: &File, id: u64) -> io::Result<OwnedFd> {
+        let mut handle = KernfsHandle {
+            handle_bytes: size_of::<u64>() as u32,
+            handle_type: FILEID_KERNFS,
+            id,
+        };
+        // SAFETY: `handle` is a live, correctly laid out `struct file_handle` whose
+        // `handle_bytes` matches the payload that follows it; `mount` is an open fd. On
+        // success the kernel returns a new fd that nothing else owns.
+        let fd = unsafe {
+            libc::open_by_handle_at(
+                mount.as_raw_fd(),
+                (&raw mut handle).cast(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by the kernel and is owned by nobody else.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use std::os::unix::fs::MetadataExt as _;
+
+        use super::*;
+
+        #[test]
+        fn netns_cookies_are_stable_per_namespace() {
+            let a = std::net::UdpSocket::bind("127.0.0.1:0").expect("socket");
+            let b = std::net::UdpSocket::bind("127.0.0.1:0").expect("socket");
+            match (netns_cookie(&a), netns_cookie(&b)) {
+                (Ok(x), Ok(y)) => assert_eq!(x, y),
+                // Kernels before 5.14.
+                (Err(e), _) => assert_eq!(e.raw_os_error(), Some(libc::ENOPROTOOPT)),
+                (Ok(_), Err(e)) => panic!("{e}"),
+            }
+        }
+
+        #[test]
+        fn a_cgroup_opens_by_its_id_or_says_why_not() {
+            let root = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+                .iter()
+                .map(std::path::Path::new)
+                .find(|p| p.join("cgroup.controllers").exists());
+            let Some(root) = root else {
+                std::eprintln!("no cgroup2 mount: nothing to open");
+                return;
+            };
+            let mount = File::open(root).expect("open cgroup2 mount");
+            let id = std::fs::metadata(root).expect("stat").ino();
+            match open_cgroup(&mount, id) {
+                Ok(fd) => {
+                    let opened = File::from(fd).metadata().expect("fstat").ino();
+                    assert_eq!(opened, id);
+                }
+                // Without CAP_DAC_READ_SEARCH.
+                Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}"),
+            }
+            // A cgroup id that does not exist.
+            let gone = open_cgroup(&mount, u64::MAX - 1).expect_err("no such cgroup");
+            assert!(
+                matches!(e_code(&gone), libc::ESTALE | libc::EPERM),
+                "{gone}"
+            );
+        }
+
+        fn e_code(e: &io::Error) -> i32 {
+            e.raw_os_error().unwrap_or(0)
+        }
+    }
+}
+
 #[cfg(all(test, feature = "user"))]
 mod tests {
     use super::*;
@@ -245,7 +375,7 @@ mod tests {
 
     #[test]
     fn layouts_have_no_padding() {
-        assert_eq!(size_of::<Config>(), 8 + 4 + 16 + 4 + 4 + 4);
+        assert_eq!(size_of::<Config>(), 8 + 4 + 16 + 4 + 4 + 4 + 8);
         assert_eq!(size_of::<ConnRecord>(), 8 + 8 + 4 + 4 + 16 + 4 + 4);
         assert_eq!(size_of::<TupleKey>(), 16 + 16 + 4 + 4);
     }

@@ -1,0 +1,236 @@
+//! Which part of the instance-metadata API a request path names. Pure parsing, no I/O.
+//!
+//! The rules that keep the node's credentials out of reach, whatever `--allow-route-regexp`
+//! says:
+//! - Paths that a server could read differently from this parser are refused: empty segments
+//!   (`//`), `.` and `..` segments, backslashes, percent-encoded `.`, `/`, `\` or NUL.
+//! - Every IAM path is kiam's own, under any version prefix (`/latest`, `/2016-09-02`, …), as
+//!   kiam did with `/{version}/`: a pod sees its own role there, never the node's.
+//! - The node's EC2 identity credentials (`identity-credentials/`) and its signed identity
+//!   documents (`dynamic/instance-identity/{pkcs7,signature,rsa2048}`, which let a pod pose
+//!   as the node, e.g. to Vault's AWS auth) are never forwarded.
+//!
+//! Those checks compare case-insensitively: a real metadata service that folded case must
+//! not see a spelling this parser let through.
+
+/// Where a request path leads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route<'a> {
+    /// `PUT /latest/api/token`.
+    Token,
+    /// `/<version>/meta-data/iam` (the listing of `info` and `security-credentials/`).
+    IamRoot,
+    /// `/<version>/meta-data/iam/info`.
+    IamInfo,
+    /// `/<version>/meta-data/iam/security-credentials/`: the role name.
+    IamRoleList,
+    /// `/<version>/meta-data/iam/security-credentials/<role>`.
+    IamCredentials(&'a str),
+    /// Anything else below `meta-data/iam` (in any spelling): answered 404 by kiam.
+    IamOther,
+    /// The node's identity credentials and signed identity documents: never forwarded.
+    NodeIdentity,
+    /// Anything else: forwarded only when the allow-list matches.
+    Other,
+}
+
+/// Why a path is refused before anything else looks at it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("the path must start with /")]
+    NotAbsolute,
+    #[error("empty path segments (//) are not allowed")]
+    EmptySegment,
+    #[error(". and .. path segments are not allowed")]
+    DotSegment,
+    #[error("backslashes are not allowed in paths")]
+    Backslash,
+    #[error("percent-encoded ., /, \\ or NUL are not allowed in paths")]
+    EncodedSeparator,
+}
+
+/// Percent-encodings that could turn into a separator or a dot segment further along.
+const ENCODED: [&str; 4] = ["%2e", "%2f", "%5c", "%00"];
+
+/// Checks a path (without query) and says where it leads.
+pub fn classify(path: &str) -> Result<Route<'_>, PathError> {
+    let rest = path.strip_prefix('/').ok_or(PathError::NotAbsolute)?;
+    if path.contains('\\') {
+        return Err(PathError::Backslash);
+    }
+    let lower = path.to_ascii_lowercase();
+    if ENCODED.iter().any(|e| lower.contains(e)) {
+        return Err(PathError::EncodedSeparator);
+    }
+    // A trailing slash is how directories are listed; any other empty segment is refused.
+    let segments: Vec<&str> = rest.strip_suffix('/').unwrap_or(rest).split('/').collect();
+    if rest.is_empty() {
+        return Ok(Route::Other);
+    }
+    for segment in &segments {
+        match *segment {
+            "" => return Err(PathError::EmptySegment),
+            "." | ".." => return Err(PathError::DotSegment),
+            _ => {}
+        }
+    }
+    if path == "/latest/api/token" {
+        return Ok(Route::Token);
+    }
+    let lowered: Vec<String> = segments.iter().map(|s| s.to_ascii_lowercase()).collect();
+    let lowered: Vec<&str> = lowered.iter().map(String::as_str).collect();
+    // Never forwarded, wherever they sit in the path and however they are spelled.
+    if lowered.contains(&"identity-credentials") {
+        return Ok(Route::NodeIdentity);
+    }
+    if let Some(i) = lowered.iter().position(|s| *s == "instance-identity")
+        && lowered.get(i + 1).is_some_and(|doc| *doc != "document")
+    {
+        return Ok(Route::NodeIdentity);
+    }
+    let Some(iam) = lowered
+        .windows(2)
+        .position(|pair| pair == ["meta-data", "iam"])
+    else {
+        return Ok(Route::Other);
+    };
+    // kiam answers IAM paths with the exact spelling SDKs use, under one version segment.
+    let exact = iam == 1
+        && segments[1] == "meta-data"
+        && segments[2] == "iam"
+        && segments[3..]
+            .first()
+            .is_none_or(|s| *s == "info" || *s == "security-credentials");
+    if !exact {
+        return Ok(Route::IamOther);
+    }
+    Ok(match &segments[3..] {
+        [] => Route::IamRoot,
+        ["info"] => Route::IamInfo,
+        ["security-credentials"] => Route::IamRoleList,
+        ["security-credentials", role] => Route::IamCredentials(role),
+        _ => Route::IamOther,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_lead_where_kiam_says() {
+        use Route::*;
+        let cases: &[(&str, Result<Route<'_>, PathError>)] = &[
+            ("/latest/api/token", Ok(Token)),
+            ("/latest/meta-data/iam", Ok(IamRoot)),
+            ("/latest/meta-data/iam/", Ok(IamRoot)),
+            ("/latest/meta-data/iam/info", Ok(IamInfo)),
+            ("/latest/meta-data/iam/info/", Ok(IamInfo)),
+            (
+                "/latest/meta-data/iam/security-credentials",
+                Ok(IamRoleList),
+            ),
+            (
+                "/latest/meta-data/iam/security-credentials/",
+                Ok(IamRoleList),
+            ),
+            (
+                "/latest/meta-data/iam/security-credentials/app",
+                Ok(IamCredentials("app")),
+            ),
+            (
+                "/latest/meta-data/iam/security-credentials/app/",
+                Ok(IamCredentials("app")),
+            ),
+            // Any version prefix: kiam's answer, never the node's.
+            (
+                "/2016-09-02/meta-data/iam/security-credentials/",
+                Ok(IamRoleList),
+            ),
+            ("/2021-01-03/meta-data/iam/info", Ok(IamInfo)),
+            (
+                "/1.0/meta-data/iam/security-credentials/x",
+                Ok(IamCredentials("x")),
+            ),
+            // Other spellings and depths below meta-data/iam: kiam's 404, never forwarded.
+            ("/latest/meta-data/IAM/security-credentials/", Ok(IamOther)),
+            ("/latest/Meta-Data/iam/info", Ok(IamOther)),
+            ("/meta-data/iam/security-credentials/", Ok(IamOther)),
+            ("/a/b/meta-data/iam/info", Ok(IamOther)),
+            (
+                "/latest/meta-data/iam/security-credentials/a/b",
+                Ok(IamOther),
+            ),
+            ("/latest/meta-data/iam/unknown", Ok(IamOther)),
+            // The node's identity: never forwarded.
+            (
+                "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
+                Ok(NodeIdentity),
+            ),
+            ("/latest/meta-data/Identity-Credentials/", Ok(NodeIdentity)),
+            ("/latest/dynamic/instance-identity/pkcs7", Ok(NodeIdentity)),
+            (
+                "/latest/dynamic/instance-identity/signature",
+                Ok(NodeIdentity),
+            ),
+            (
+                "/latest/dynamic/instance-identity/rsa2048",
+                Ok(NodeIdentity),
+            ),
+            (
+                "/latest/dynamic/instance-identity/rsa4096/",
+                Ok(NodeIdentity),
+            ),
+            (
+                "/2022-09-24/dynamic/instance-identity/PKCS7",
+                Ok(NodeIdentity),
+            ),
+            // The unsigned document and listings are ordinary paths.
+            ("/latest/dynamic/instance-identity/document", Ok(Other)),
+            ("/latest/dynamic/instance-identity/", Ok(Other)),
+            ("/latest/meta-data/placement/region", Ok(Other)),
+            ("/latest/meta-data/", Ok(Other)),
+            ("/", Ok(Other)),
+            ("/kiam/v1/identity", Ok(Other)),
+            // Refused before anything else.
+            (
+                "/latest//meta-data/iam/security-credentials/",
+                Err(PathError::EmptySegment),
+            ),
+            ("//latest/meta-data/", Err(PathError::EmptySegment)),
+            ("/latest/meta-data//", Err(PathError::EmptySegment)),
+            ("/latest/./meta-data/iam/info", Err(PathError::DotSegment)),
+            (
+                "/latest/meta-data/iam/../iam/info",
+                Err(PathError::DotSegment),
+            ),
+            ("/latest/meta-data/..", Err(PathError::DotSegment)),
+            (
+                "/latest/meta-data/iam/%2E%2E/iam/security-credentials/",
+                Err(PathError::EncodedSeparator),
+            ),
+            (
+                "/latest/meta-data%2fiam/info",
+                Err(PathError::EncodedSeparator),
+            ),
+            ("/latest/meta-data/%2e/x", Err(PathError::EncodedSeparator)),
+            ("/latest/meta-data/%5C", Err(PathError::EncodedSeparator)),
+            ("/latest/meta-data/x%00", Err(PathError::EncodedSeparator)),
+            ("/latest\\meta-data", Err(PathError::Backslash)),
+            ("latest/meta-data", Err(PathError::NotAbsolute)),
+            ("", Err(PathError::NotAbsolute)),
+        ];
+        for (path, want) in cases {
+            assert_eq!(classify(path), *want, "{path:?}");
+        }
+    }
+
+    #[test]
+    fn ordinary_percent_encodings_pass() {
+        // Instance tag keys may contain spaces.
+        assert_eq!(
+            classify("/latest/meta-data/tags/instance/Cost%20Center"),
+            Ok(Route::Other)
+        );
+    }
+}
