@@ -27,7 +27,9 @@ pub static HELPER: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 pub const AGENT_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
 /// The node's IPv6 address pods connecting to `[fd00:ec2::254]` are sent to.
 pub const AGENT_IP6: &str = "fd00:198:19::1";
-pub const AGENT_PORT: u16 = 8181;
+pub const AGENT_PORT: u16 = 8186;
+/// A link-local agent address (`--agent-ip`): the agent puts it on the node's loopback.
+pub const LINK_LOCAL_AGENT_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 181, 254);
 pub const IMDS: &str = "169.254.169.254";
 pub const IMDS6: &str = "fd00:ec2::254";
 
@@ -169,6 +171,8 @@ pub struct Node {
     pub agent: Option<Agent>,
     /// More flags for `kiam-agent run`.
     pub agent_args: Vec<String>,
+    /// `--agent-ip` of the agent: the node's address, or a link-local one.
+    pub agent_ip: Ipv4Addr,
     fake_imds: Vec<Child>,
     pod_netns: Vec<String>,
     pods: u32,
@@ -211,6 +215,7 @@ impl Node {
             dir,
             agent: None,
             agent_args: Vec::new(),
+            agent_ip: AGENT_IP,
             fake_imds: Vec::new(),
             pod_netns: Vec::new(),
             pods: 0,
@@ -272,8 +277,18 @@ impl Node {
     /// Connections the fake real metadata service has accepted.
     pub fn fake_imds_connections(&self) -> usize {
         fs::read_to_string(self.fake_imds_log())
-            .map(|s| s.lines().count())
+            .map(|s| s.lines().filter(|l| l.starts_with("connection ")).count())
             .unwrap_or(0)
+    }
+
+    /// Requests the fake real metadata service has seen: `<method> <path> token=<token>`.
+    pub fn fake_imds_requests(&self) -> Vec<String> {
+        fs::read_to_string(self.fake_imds_log())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix("request "))
+            .map(str::to_owned)
+            .collect()
     }
 
     /// A cgroup outside the attach point (a system service, not a pod).
@@ -428,48 +443,54 @@ impl Node {
             .to_owned()
     }
 
+    /// The agent's command line for this node (`kiam-agent` and its flags, without
+    /// `agent_args`).
+    pub fn agent_command_line(&self) -> Vec<String> {
+        let attach = self
+            .kubepods
+            .strip_prefix(&self.cgroup_root)
+            .expect("under root")
+            .to_owned();
+        let utf8 = |p: &Path| p.to_str().expect("utf-8").to_owned();
+        [
+            utf8(&agent_bin()),
+            "--log-format".into(),
+            "json".into(),
+            "--log-level".into(),
+            "info,kiam_agent=debug".into(),
+            "run".into(),
+            "--agent-ip".into(),
+            self.agent_ip.to_string(),
+            "--agent-ip6".into(),
+            AGENT_IP6.into(),
+            "--port".into(),
+            AGENT_PORT.to_string(),
+            "--cgroup-root".into(),
+            utf8(&self.cgroup_root),
+            "--attach-cgroup".into(),
+            utf8(&attach),
+            "--bpffs-dir".into(),
+            utf8(&self.pin_dir),
+            "--token-key-file".into(),
+            utf8(&self.dir.join("token.key")),
+            "--admin-listen".into(),
+            "127.0.0.1:8182".into(),
+        ]
+        .into_iter()
+        .chain(self.agent_args.iter().cloned())
+        .collect()
+    }
+
     /// Starts the agent (as the agent pod) and waits until it serves.
     pub fn start_agent(&mut self) {
         assert!(self.agent.is_none(), "agent already running");
         self.agent_starts += 1;
         let log = self.dir.join(format!("agent-{}.log", self.agent_starts));
         let file = fs::File::create(&log).expect("agent log");
-        let attach = self
-            .kubepods
-            .strip_prefix(&self.cgroup_root)
-            .expect("under root")
-            .to_owned();
-        let agent = agent_bin();
+        let line = self.agent_command_line();
+        let line: Vec<&str> = line.iter().map(String::as_str).collect();
         let child = self
-            .command_in(
-                &self.agent_pod.cgroup,
-                &self.netns,
-                &[
-                    agent.to_str().expect("utf-8"),
-                    "--log-format",
-                    "json",
-                    "--log-level",
-                    "info,kiam_agent=debug",
-                    "run",
-                    "--agent-ip",
-                    &AGENT_IP.to_string(),
-                    "--agent-ip6",
-                    AGENT_IP6,
-                    "--port",
-                    &AGENT_PORT.to_string(),
-                    "--cgroup-root",
-                    self.cgroup_root.to_str().expect("utf-8"),
-                    "--attach-cgroup",
-                    attach.to_str().expect("utf-8"),
-                    "--bpffs-dir",
-                    self.pin_dir.to_str().expect("utf-8"),
-                    "--token-key-file",
-                    self.dir.join("token.key").to_str().expect("utf-8"),
-                    "--admin-listen",
-                    "127.0.0.1:8182",
-                ],
-            )
-            .args(&self.agent_args)
+            .command_in(&self.agent_pod.cgroup, &self.netns, &line)
             .stdout(file.try_clone().expect("dup"))
             .stderr(file)
             .spawn()
@@ -500,6 +521,14 @@ impl Node {
             .as_ref()
             .map(|a| fs::read_to_string(&a.log).unwrap_or_default())
             .unwrap_or_default()
+    }
+
+    /// The agent's `/metrics` (its admin listener, in the node's network namespace).
+    pub fn agent_metrics(&self) -> String {
+        crate::stack::in_netns(Some(&self.netns), || {
+            crate::stack::http(8182, "GET", "/metrics", None)
+        })
+        .1
     }
 
     /// The agent's JSON log records.

@@ -257,6 +257,34 @@ fn proxy(client: TcpStream, upstream: u16, calls: &AtomicUsize, faults: &Mutex<V
     }
 }
 
+/// A pod object for the emulator: what the tests vary.
+#[derive(Debug, Clone)]
+pub struct PodObject<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub node: &'a str,
+    pub uid: Option<&'a str>,
+    pub annotations: Value,
+    pub labels: Value,
+    pub host_network: bool,
+    pub service_account: &'a str,
+}
+
+impl<'a> PodObject<'a> {
+    pub fn new(namespace: &'a str, name: &'a str, node: &'a str) -> Self {
+        Self {
+            namespace,
+            name,
+            node,
+            uid: None,
+            annotations: json!({}),
+            labels: json!({}),
+            host_network: false,
+            service_account: "default",
+        }
+    }
+}
+
 /// The Kubernetes API emulator.
 pub struct Kube {
     child: Child,
@@ -333,21 +361,31 @@ impl Kube {
         uid: Option<&str>,
         annotations: Value,
     ) -> String {
-        let mut metadata = json!({"name": name, "namespace": ns, "annotations": annotations});
-        if let Some(uid) = uid {
+        self.put_pod(&PodObject {
+            uid,
+            annotations,
+            ..PodObject::new(ns, name, node)
+        })
+    }
+
+    /// Creates or updates a running pod shaped by `pod`; returns its UID.
+    pub fn put_pod(&self, pod: &PodObject<'_>) -> String {
+        let mut metadata = json!({"name": pod.name, "namespace": pod.namespace,
+            "annotations": pod.annotations, "labels": pod.labels});
+        if let Some(uid) = pod.uid {
             metadata["uid"] = json!(uid);
         }
-        let pod = self.put(json!({"apiVersion": "v1", "kind": "Pod",
+        let stored = self.put(json!({"apiVersion": "v1", "kind": "Pod",
             "metadata": metadata,
-            "spec": {"nodeName": node, "serviceAccountName": "default",
+            "spec": {"nodeName": pod.node, "serviceAccountName": pod.service_account,
+                     "hostNetwork": pod.host_network,
                      "containers": [{"name": "app", "image": "app"}]},
             "status": {"phase": "Running"}}));
-        pod["metadata"]["uid"].as_str().expect("uid").to_owned()
+        stored["metadata"]["uid"].as_str().expect("uid").to_owned()
     }
 
     pub fn delete_pod(&self, ns: &str, name: &str) {
-        let (status, body) = http(
-            self.port,
+        let (status, body) = self.http(
             "DELETE",
             &format!("/_emulator/objects/pods/{ns}/{name}"),
             None,

@@ -410,19 +410,36 @@ fn only_the_agent_may_bind_its_port_even_while_it_is_down() {
     }
     let mut node = Node::new();
     let pod = node.add_host_network_pod();
+    let own_netns = node.add_pod();
     node.start_agent();
     node.kill_agent();
     let ns = node.netns.clone();
+    let port = AGENT_PORT;
     // A host-network pod would otherwise receive every pod's metadata connections.
-    for addr in ["0.0.0.0:8181", "198.19.0.1:8181", "[::]:8181"] {
-        let line = node.run_in(&pod.cgroup, &ns, &[HELPER.as_str(), "bind", addr]);
+    for addr in [
+        format!("0.0.0.0:{port}"),
+        format!("198.19.0.1:{port}"),
+        format!("[::]:{port}"),
+    ] {
+        let line = node.run_in(&pod.cgroup, &ns, &[HELPER.as_str(), "bind", &addr]);
         assert!(line.starts_with("denied"), "{addr}: {line}");
+    }
+    // A pod keeps the port in its own network namespace (OPA's 8181 was refused everywhere
+    // when the guard ignored namespaces).
+    for addr in [format!("0.0.0.0:{port}"), format!("[::]:{port}")] {
+        let line = node.run_in(
+            &own_netns.cgroup,
+            &own_netns.netns,
+            &[HELPER.as_str(), "bind", &addr],
+        );
+        assert_eq!(line.trim(), "bound", "{addr} in the pod's own namespace");
     }
     // Other ports are untouched, and the port itself is free: a system service may bind it.
     let line = node.run_in(&pod.cgroup, &ns, &[HELPER.as_str(), "bind", "0.0.0.0:8182"]);
     assert_eq!(line.trim(), "bound");
     let outside = node.outside_cgroup();
-    let line = node.run_in(&outside, &ns, &[HELPER.as_str(), "bind", "0.0.0.0:8181"]);
+    let any = format!("0.0.0.0:{port}");
+    let line = node.run_in(&outside, &ns, &[HELPER.as_str(), "bind", &any]);
     assert_eq!(line.trim(), "bound");
     // The restarted agent is exempt before it binds.
     node.start_agent();

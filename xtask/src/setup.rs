@@ -8,15 +8,17 @@ use anyhow::{Context as _, bail};
 use crate::run;
 
 /// Debian packages: LLVM 22 for bpf-linker (must match nightly's LLVM), bpftool for
-/// inspection and the tests, iproute2/util-linux/curl for the test topology. (kubectl, for
-/// rendering the kustomize bases, is not in Debian: it is checked for, not installed.)
-const APT_PACKAGES: [&str; 6] = [
+/// inspection and the tests, iproute2/util-linux/curl for the test topology, iptables for the
+/// DNAT a kube-proxy Service installs (node-safety tests). (kubectl, for rendering the
+/// kustomize bases, is not in Debian: it is checked for, not installed.)
+const APT_PACKAGES: [&str; 7] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "bpftool",
     "iproute2",
     "util-linux",
     "curl",
+    "iptables",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Python packages for the tests, in the project's `.venv`: moto as the STS server, and the

@@ -94,12 +94,18 @@ enum Cmd {
         #[arg(long, default_value_t = 1500)]
         duration_ms: u64,
     },
-    /// The node's "real" metadata service: logs every connection to `log`, answers `real-imds`.
+    /// The node's "real" metadata service, one request per connection. Logs every
+    /// connection (`connection from <peer>`) and request (`request <method> <path>
+    /// token=<token or ->`) to `log`. Issues IMDSv2 tokens (`node-token-<n>`) on
+    /// `PUT /latest/api/token` and checks the ones it is sent (401 otherwise); answers the
+    /// role listing with `node-role` and every other GET with `answer`.
     FakeImds {
         #[arg(long)]
         listen: SocketAddr,
         #[arg(long)]
         log: std::path::PathBuf,
+        #[arg(long, default_value = "real-imds")]
+        answer: String,
     },
 }
 
@@ -352,24 +358,122 @@ fn sniff(dst: Ipv4Addr, dst_port: u16, seq: u32, duration: Duration) -> anyhow::
     Ok(())
 }
 
-fn fake_imds(listen: SocketAddr, log: &std::path::Path) -> anyhow::Result<()> {
+/// One HTTP/1.1 request head and body, read from `stream`.
+struct Incoming {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+}
+
+impl Incoming {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn read_request(stream: &mut TcpStream) -> anyhow::Result<Incoming> {
+    let mut raw = Vec::new();
+    let mut byte = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte)? == 0 || raw.len() > 16 * 1024 {
+            bail!("incomplete request head");
+        }
+        raw.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&raw);
+    let mut lines = head.lines();
+    let mut first = lines.next().unwrap_or("").split_whitespace();
+    let (method, path) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let request = Incoming {
+        method: method.to_owned(),
+        path: path.to_owned(),
+        headers,
+    };
+    let length: usize = request
+        .header("content-length")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; length.min(64 * 1024)];
+    stream.read_exact(&mut body)?;
+    Ok(request)
+}
+
+fn fake_imds(listen: SocketAddr, log: &std::path::Path, answer: &str) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
     println!("ready");
     std::io::stdout().flush()?;
+    let tokens = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let log = Arc::new(std::sync::Mutex::new(
+        OpenOptions::new().create(true).append(true).open(log)?,
+    ));
+    let answer = Arc::new(answer.to_owned());
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
         let peer = stream
             .peer_addr()
             .map(|p| p.to_string())
             .unwrap_or_default();
-        let mut file = OpenOptions::new().create(true).append(true).open(log)?;
-        writeln!(file, "connection from {peer}")?;
+        writeln!(
+            log.lock().map_err(|_| anyhow!("log lock"))?,
+            "connection from {peer}"
+        )?;
+        let (tokens, log, answer) = (tokens.clone(), log.clone(), answer.clone());
         thread::spawn(move || {
             let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-            let mut buf = [0u8; 4096];
-            let _ = stream.read(&mut buf);
-            let _ = stream.write_all(
-                b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nConnection: close\r\n\r\nreal-imds",
+            let Ok(request) = read_request(&mut stream) else {
+                return;
+            };
+            let token = request
+                .header("x-aws-ec2-metadata-token")
+                .map(str::to_owned);
+            if let Ok(mut log) = log.lock() {
+                let _ = writeln!(
+                    log,
+                    "request {} {} token={}",
+                    request.method,
+                    request.path,
+                    token.as_deref().unwrap_or("-")
+                );
+            }
+            let mut tokens = tokens.lock().unwrap_or_else(|e| e.into_inner());
+            let (status, extra, body) = if request.path == "/latest/api/token" {
+                match (
+                    request.method.as_str(),
+                    request.header("x-aws-ec2-metadata-token-ttl-seconds"),
+                    request.header("x-forwarded-for"),
+                ) {
+                    ("PUT", _, Some(_)) => ("403 Forbidden", String::new(), String::new()),
+                    ("PUT", Some(ttl), None) => {
+                        let issued = format!("node-token-{}", tokens.len() + 1);
+                        tokens.push(issued.clone());
+                        (
+                            "200 OK",
+                            format!("X-aws-ec2-metadata-token-ttl-seconds: {ttl}\r\n"),
+                            issued,
+                        )
+                    }
+                    ("PUT", None, None) => ("400 Bad Request", String::new(), String::new()),
+                    _ => ("405 Method Not Allowed", String::new(), String::new()),
+                }
+            } else if token.as_ref().is_some_and(|t| !tokens.contains(t)) {
+                ("401 Unauthorized", String::new(), String::new())
+            } else if request.path.ends_with("/iam/security-credentials/") {
+                ("200 OK", String::new(), "node-role".to_owned())
+            } else {
+                ("200 OK", String::new(), answer.to_string())
+            };
+            drop(tokens);
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
             );
         });
     }
@@ -406,6 +510,10 @@ fn main() -> anyhow::Result<()> {
             seq,
             duration_ms,
         } => sniff(dst, dst_port, seq, Duration::from_millis(duration_ms)),
-        Cmd::FakeImds { listen, log } => fake_imds(listen, &log),
+        Cmd::FakeImds {
+            listen,
+            log,
+            answer,
+        } => fake_imds(listen, &log, &answer),
     }
 }
