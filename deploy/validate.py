@@ -32,7 +32,7 @@ NON_DEFAULT = {
         "serviceAccountAnnotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/kiam-server"},
         "extraArgs": ["--require-node-identity"],
     },
-    "agent": {"requireImdsv2": True, "extraArgs": ["--hedge-after=100ms"]},
+    "agent": {"requireImdsv2": True, "address": "", "extraArgs": ["--hedge-after=100ms"]},
     "tls": {"certManager": False},
     "serviceMonitor": {"enabled": True},
     "logFormat": "text",
@@ -73,11 +73,31 @@ def flags_of(binary, *args):
     return set(re.findall(r"--[a-z0-9-]+", out.stdout)), set(re.findall(r"\[env: (KIAM_[A-Z0-9_]+)", out.stdout))
 
 
+def check_node_safety(where, pod_spec):
+    """The agent's pins must live on the host's bpffs: an init container mounts it when the
+    node has none (the only place with bidirectional propagation), the agent sees it with
+    HostToContainer."""
+    init = pod_spec.get("initContainers") or []
+    if not any((c.get("args") or [None])[0] == "mount-bpffs" for c in init):
+        fail(f"{where}: no init container runs `kiam-agent mount-bpffs`")
+    for container in pod_spec.get("containers") or []:
+        for mount in container.get("volumeMounts") or []:
+            if mount.get("mountPropagation") == "Bidirectional":
+                fail(f"{where}: {container['name']} must not use Bidirectional propagation")
+            if mount["mountPath"] == "/sys/fs/bpf" and mount.get("mountPropagation") != "HostToContainer":
+                fail(f"{where}: {container['name']} must see the host's /sys/fs/bpf (HostToContainer)")
+
+
 def main():
     if len(sys.argv) != 3:
         fail(__doc__.strip().splitlines()[-1])
-    agent_flags, agent_env = flags_of(sys.argv[1], "run")
-    server_flags, server_env = flags_of(sys.argv[2])
+    agent_bin, server_bin = sys.argv[1], sys.argv[2]
+    subcommands = {}
+
+    def flags(binary, subcommand):
+        if (binary, subcommand) not in subcommands:
+            subcommands[(binary, subcommand)] = flags_of(binary, *([subcommand] if subcommand else []))
+        return subcommands[(binary, subcommand)]
     counts = {}
     for name, text in rendered_sets().items():
         docs = [d for d in yaml.safe_load_all(text) if d]
@@ -96,13 +116,21 @@ def main():
                     fail(f"{where}: {error.message} at {list(error.path)}")
                 except kubernetes_validate.utils.SchemaNotFoundError as error:
                     fail(f"{where}: no schema ({error})")
-            for container in (doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers") or []):
-                agent = "agent" in container["name"]
-                flags, env = (agent_flags, agent_env) if agent else (server_flags, server_env)
-                for arg in container.get("args", []):
+            pod_spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+            if kind == "DaemonSet":
+                check_node_safety(where, pod_spec)
+            for container in (pod_spec.get("containers") or []) + (pod_spec.get("initContainers") or []):
+                args = container.get("args", [])
+                agent = kind == "DaemonSet"
+                binary = agent_bin if agent else server_bin
+                subcommand = args[0] if args and not args[0].startswith("-") else None
+                if agent and subcommand is None:
+                    fail(f"{where}: {container['name']} runs kiam-agent without a subcommand")
+                known_flags, env = flags(binary, subcommand)
+                for arg in args:
                     flag = arg.split("=")[0]
-                    if flag.startswith("--") and flag not in flags:
-                        fail(f"{where}: {flag} is not a flag of the {container['name']}")
+                    if flag.startswith("--") and flag not in known_flags:
+                        fail(f"{where}: {flag} is not a flag of `{' '.join(filter(None, [binary.rsplit('/', 1)[-1], subcommand]))}`")
                 for var in container.get("env", []):
                     if var["name"].startswith("KIAM_") and var["name"] not in env:
                         fail(f"{where}: {var['name']} is not read by the {container['name']}")
