@@ -27,6 +27,8 @@ use kiam_proto::{
 use tokio::time::Instant;
 use tonic::{
     Code, Status,
+    metadata::MetadataValue,
+    service::{Interceptor, interceptor::InterceptedService},
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 
@@ -53,15 +55,73 @@ pub struct Options {
     pub ca: PathBuf,
     pub hedge_after: Duration,
     pub resolve_every: Duration,
+    /// The agent's projected service-account token, sent with every call.
+    pub token_file: Option<PathBuf>,
 }
+
+/// The agent's projected service-account token, re-read whenever the kubelet rotates it
+/// (a new file behind the same path: its modification time changes).
+pub struct TokenFile {
+    path: PathBuf,
+    current: std::sync::Mutex<Option<(std::time::SystemTime, Arc<str>)>>,
+}
+
+impl TokenFile {
+    pub fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            current: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The token as the file holds it now; the last one read if the file is unreadable.
+    pub fn token(&self) -> Option<Arc<str>> {
+        let modified = std::fs::metadata(&self.path)
+            .and_then(|m| m.modified())
+            .ok();
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh = match (&*current, modified) {
+            (Some((seen, _)), Some(now)) => *seen != now,
+            (None, Some(_)) => true,
+            (_, None) => false,
+        };
+        if fresh && let (Ok(text), Some(modified)) = (std::fs::read_to_string(&self.path), modified)
+        {
+            let token: Arc<str> = Arc::from(text.trim());
+            if !token.is_empty() {
+                *current = Some((modified, token));
+            }
+        }
+        current.as_ref().map(|(_, token)| token.clone())
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub struct BearerToken(Option<Arc<TokenFile>>);
+
+impl Interceptor for BearerToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(token) = self.0.as_ref().and_then(|t| t.token())
+            && let Ok(value) = MetadataValue::try_from(format!("Bearer {token}"))
+        {
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
+    }
+}
+
+/// A server's client, with the agent's token on every call.
+pub type Client = KiamClient<InterceptedService<Channel, BearerToken>>;
 
 struct Backend {
     addr: SocketAddr,
-    client: KiamClient<Channel>,
+    client: Client,
 }
 
 pub struct Servers {
     options: Options,
+    token: BearerToken,
     tls: RwLock<ClientTlsConfig>,
     /// Modification times of the certificate files the current `tls` was built from.
     tls_files: std::sync::Mutex<Vec<Option<std::time::SystemTime>>>,
@@ -123,8 +183,15 @@ impl Servers {
         }
         let tls = tls_config(&options)?;
         let files = modified(&options);
+        let token = BearerToken(
+            options
+                .token_file
+                .clone()
+                .map(|path| Arc::new(TokenFile::new(path))),
+        );
         Ok(Arc::new(Self {
             options,
+            token,
             tls: RwLock::new(tls),
             tls_files: std::sync::Mutex::new(files),
             backends: RwLock::new(Vec::new()),
@@ -190,7 +257,7 @@ impl Servers {
                         .connect_lazy();
                     fresh.push(Arc::new(Backend {
                         addr,
-                        client: KiamClient::new(channel),
+                        client: KiamClient::with_interceptor(channel, self.token.clone()),
                     }));
                 }
                 Err(error) => tracing::warn!(%addr, %error, "bad server endpoint"),
@@ -223,7 +290,7 @@ impl Servers {
     pub async fn call<T: Send + 'static>(
         &self,
         deadline: Instant,
-        op: impl Fn(KiamClient<Channel>) -> BoxFuture<'static, Result<T, Status>>,
+        op: impl Fn(Client) -> BoxFuture<'static, Result<T, Status>>,
     ) -> Result<T, Status> {
         let backends = self.snapshot();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
@@ -485,6 +552,29 @@ mod tests {
         let err = call(&fakes).await.expect_err("refused");
         assert_eq!(reason_of(&err), Reason::RoleNotPermitted);
         assert_eq!(calls.lock().expect("lock").len(), 1, "a refusal is final");
+    }
+
+    #[test]
+    fn the_token_is_re_read_when_the_file_changes() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("token");
+        let file = TokenFile::new(path.clone());
+        assert_eq!(file.token(), None, "no file yet");
+        std::fs::write(&path, "first\n").expect("write");
+        assert_eq!(file.token().as_deref(), Some("first"));
+        // The kubelet swaps in a new file; its modification time differs.
+        std::fs::write(dir.path().join("new"), "second").expect("write");
+        let later = std::time::SystemTime::now() + Duration::from_secs(5);
+        std::fs::File::options()
+            .write(true)
+            .open(dir.path().join("new"))
+            .and_then(|f| f.set_modified(later))
+            .expect("mtime");
+        std::fs::rename(dir.path().join("new"), &path).expect("rename");
+        assert_eq!(file.token().as_deref(), Some("second"));
+        // Unreadable for a moment: the last token stands.
+        std::fs::remove_file(&path).expect("rm");
+        assert_eq!(file.token().as_deref(), Some("second"));
     }
 
     #[tokio::test(start_paused = true)]

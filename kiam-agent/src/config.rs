@@ -140,6 +140,14 @@ pub struct ApiArgs {
     /// all their addresses and re-resolved every `--resolve-interval`.
     #[arg(long = "server", env = "KIAM_SERVERS", value_delimiter = ',')]
     pub servers: Vec<String>,
+    /// The agent's projected service-account token (audience `kiam`), sent with every call:
+    /// it proves to the servers which node this agent runs on. Re-read when rotated.
+    #[arg(
+        long,
+        env = "KIAM_TOKEN_FILE",
+        default_value = "/var/run/secrets/kiam/token"
+    )]
+    pub token_file: PathBuf,
     /// Name the servers' certificates must carry.
     #[arg(long, env = "KIAM_SERVER_TLS_NAME", default_value = "kiam-server")]
     pub server_tls_name: String,

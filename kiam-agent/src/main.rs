@@ -123,7 +123,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                     ca,
                     hedge_after: args.api.hedge_after,
                     resolve_every: args.api.resolve_interval,
+                    token_file: Some(args.api.token_file.clone()),
                 })?;
+                if !args.api.token_file.exists() {
+                    tracing::warn!(
+                        path = %args.api.token_file.display(),
+                        "no service-account token (--token-file): servers refuse this agent unless its certificate names this node"
+                    );
+                }
                 servers.resolve().await;
                 tokio::spawn(servers.clone().resolve_forever());
                 Some(servers)

@@ -31,10 +31,22 @@ pub struct Cli {
     /// How often the certificate files are checked for changes (cert-manager rotates them).
     #[arg(long, env = "KIAM_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub tls_reload_interval: Duration,
-    /// Refuse agent certificates that carry no node identity (`spiffe://kiam/node/<name>` URI
-    /// SAN). Without it, such a certificate may ask for pods on any node.
-    #[arg(long, env = "KIAM_REQUIRE_NODE_IDENTITY")]
-    pub require_node_identity: bool,
+    /// The agents' service account, `<namespace>:<name>`: their projected tokens prove which
+    /// node they run on (TokenReview).
+    #[arg(
+        long,
+        env = "KIAM_AGENT_SERVICE_ACCOUNT",
+        default_value = "kiam:kiam-agent"
+    )]
+    pub agent_service_account: String,
+    /// The audience of the agents' projected service-account tokens.
+    #[arg(long, env = "KIAM_AGENT_TOKEN_AUDIENCE", default_value = "kiam")]
+    pub agent_token_audience: String,
+    /// Let agents that prove no node (no token, a certificate without
+    /// `spiffe://kiam/node/<name>`) ask about pods of any node: anyone holding the agents'
+    /// certificate then gets any pod's role. Insecure; for migrations only.
+    #[arg(long, env = "KIAM_ALLOW_UNIDENTIFIED_AGENTS")]
+    pub allow_unidentified_agents: bool,
     /// Pods that get the node's own metadata service, verbatim, instead of a role: system
     /// DaemonSets that need the node's identity (VPC CNI, CSI node plugins, spot handlers).
     /// Rules `namespace=<ns>[,service-account=<sa>][,host-network=true|false]`, repeated or
@@ -136,6 +148,10 @@ pub enum ConfigError {
     Prefetch,
     #[error("--node-metadata-passthrough: {0}")]
     PassThrough(String),
+    #[error("--agent-service-account must be <namespace>:<name>, got {0:?}")]
+    AgentServiceAccount(String),
+    #[error("--agent-token-audience must not be empty")]
+    AgentAudience,
 }
 
 /// Validated settings that do not touch the network.
@@ -174,6 +190,15 @@ pub fn validate(cli: &Cli) -> Result<Validated, ConfigError> {
     }
     if cli.prefetch_workers == 0 || cli.prefetch_queue == 0 {
         return Err(ConfigError::Prefetch);
+    }
+    let sa_parts: Vec<&str> = cli.agent_service_account.split(':').collect();
+    if sa_parts.len() != 2 || sa_parts.iter().any(|p| p.trim().is_empty()) {
+        return Err(ConfigError::AgentServiceAccount(
+            cli.agent_service_account.clone(),
+        ));
+    }
+    if cli.agent_token_audience.trim().is_empty() {
+        return Err(ConfigError::AgentAudience);
     }
     let passthrough = policy::PassThroughRule::parse_all(&cli.node_metadata_passthrough)
         .map_err(|e| ConfigError::PassThrough(e.to_string()))?;
@@ -238,7 +263,12 @@ mod tests {
 
     #[test]
     fn bad_settings_name_their_flag() {
-        let cases: [(&[&str], &str); 7] = [
+        let cases: [(&[&str], &str); 9] = [
+            (
+                &["--agent-service-account", "kiam-agent"],
+                "--agent-service-account",
+            ),
+            (&["--agent-token-audience", " "], "--agent-token-audience"),
             (
                 &["--node-metadata-passthrough", "kube-system"],
                 "--node-metadata-passthrough",

@@ -111,6 +111,20 @@ pub enum Refusal {
     AgentIdentityMissing,
     #[error("this agent runs on node {proven}, not on {asked}")]
     AgentNodeMismatch { proven: String, asked: String },
+    #[error("the agent's service-account token was refused by the API server: {0}")]
+    AgentTokenInvalid(String),
+    #[error(
+        "the agent's service-account token has expired ({0}); the agent must re-read its token file"
+    )]
+    AgentTokenExpired(String),
+    #[error("the agent's token is for audiences {got:?}, not {want:?} (--agent-token-audience)")]
+    AgentTokenWrongAudience { want: String, got: Vec<String> },
+    #[error("the agent's token belongs to {got}, not {want} (--agent-service-account)")]
+    AgentTokenWrongServiceAccount { want: String, got: String },
+    #[error("the agent's token could not be reviewed (TokenReview failed: {0}); retry")]
+    AgentTokenReviewUnavailable(String),
+    #[error("the agent's token names no node: {0}")]
+    AgentTokenNoNode(String),
     #[error("assuming {role}: {error}")]
     Sts { role: String, error: StsError },
 }
@@ -134,6 +148,12 @@ impl Refusal {
             Self::PassThrough(_) => Reason::NodeMetadataPassthrough,
             Self::AgentIdentityMissing => Reason::AgentIdentityMissing,
             Self::AgentNodeMismatch { .. } => Reason::AgentNodeMismatch,
+            Self::AgentTokenInvalid(_) => Reason::AgentTokenInvalid,
+            Self::AgentTokenExpired(_) => Reason::AgentTokenExpired,
+            Self::AgentTokenWrongAudience { .. } => Reason::AgentTokenWrongAudience,
+            Self::AgentTokenWrongServiceAccount { .. } => Reason::AgentTokenWrongServiceAccount,
+            Self::AgentTokenReviewUnavailable(_) => Reason::AgentTokenReviewUnavailable,
+            Self::AgentTokenNoNode(_) => Reason::AgentTokenNoNode,
             Self::Sts { error, .. } => match error {
                 StsError::Denied(_) => Reason::StsDenied,
                 StsError::Invalid(_) => Reason::StsInvalid,
@@ -147,13 +167,18 @@ impl Refusal {
     pub fn code(&self) -> Code {
         match self.reason() {
             Reason::BadRequest | Reason::RoleInvalid => Code::InvalidArgument,
-            Reason::IndexNotSynced | Reason::StsUnavailable => Code::Unavailable,
+            Reason::IndexNotSynced
+            | Reason::StsUnavailable
+            | Reason::AgentTokenReviewUnavailable => Code::Unavailable,
             Reason::PodNotKnown
             | Reason::PodCompleted
             | Reason::NoRoleAnnotation
             | Reason::OtherRole => Code::NotFound,
             Reason::NodeMetadataPassthrough | Reason::StsInvalid => Code::FailedPrecondition,
-            Reason::AgentIdentityMissing => Code::Unauthenticated,
+            Reason::AgentIdentityMissing
+            | Reason::AgentTokenInvalid
+            | Reason::AgentTokenExpired
+            | Reason::AgentTokenWrongAudience => Code::Unauthenticated,
             _ => Code::PermissionDenied,
         }
     }

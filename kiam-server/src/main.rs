@@ -11,6 +11,7 @@ use kiam_server::{
     credentials::{CacheKey, CredentialCache, StsSource},
     decision::{self, Access, Settings},
     events::Events,
+    identity::{self, AgentAuth, KubeReviewer},
     index::{self, Index},
     metrics::Metrics,
     policy::{self, BaseArn},
@@ -92,9 +93,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             base
         }
     };
-    if !cli.require_node_identity {
+    if cli.allow_unidentified_agents {
         tracing::warn!(
-            "--require-node-identity is off: an agent certificate without a node identity may ask for pods of any node"
+            "--allow-unidentified-agents: an agent that proves no node (no token, a certificate without one) may ask for the pods of any node, so anyone holding the agents' certificate gets any pod's role"
         );
     }
     let client = kube::Client::try_default()
@@ -205,7 +206,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         });
     }
 
-    tokio::spawn(index::run(client, index.clone()));
+    tokio::spawn(index::run(client.clone(), index.clone()));
     tokio::spawn(tls.clone().watch(cli.tls_reload_interval));
 
     let admin = tokio::net::TcpListener::bind(cli.admin_listen)
@@ -226,10 +227,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {} (--listen)", cli.listen))?;
     tracing::info!(listen = %cli.listen, admin = %cli.admin_listen, "kiam-server started; waiting for the Kubernetes index");
+    let auth = Arc::new(AgentAuth::new(
+        Arc::new(KubeReviewer(client.clone())),
+        identity::Settings {
+            service_account: cli.agent_service_account.clone(),
+            audience: cli.agent_token_audience.clone(),
+            allow_unidentified: cli.allow_unidentified_agents,
+        },
+        index.clone(),
+    ));
     let service = KiamService {
         index,
         settings,
-        require_node_identity: cli.require_node_identity,
+        auth,
         cache,
         events,
         metrics,

@@ -1,5 +1,6 @@
 //! The gRPC service agents call: a thin layer over [`crate::decision`]. It establishes which
-//! node the calling agent proved it runs on, asks the decision what the pod may have, fetches
+//! node the calling agent proved it runs on ([`crate::identity`]: its bearer token or its
+//! certificate), asks the decision what the pod may have, fetches
 //! credentials from the cache, and turns refusals into statuses with a typed reason (and an
 //! Event on the pod where its owner must see it). Every refusal is counted by reason.
 
@@ -11,6 +12,7 @@ use crate::{
     credentials::CredentialCache,
     decision::{self, Access, Decision, Refusal, Settings, listed_name},
     events::Events,
+    identity::AgentAuth,
     index::Index,
     metrics::{Method, Metrics, ReasonLabels, RequestLabels},
     proto::{
@@ -23,8 +25,7 @@ use crate::{
 pub struct KiamService {
     pub index: Arc<Index>,
     pub settings: Settings,
-    /// Refuse agents that prove no node (certificate identity); the opt-out is explicit.
-    pub require_node_identity: bool,
+    pub auth: Arc<AgentAuth>,
     pub cache: CredentialCache,
     pub events: Arc<Events>,
     pub metrics: Arc<Metrics>,
@@ -67,42 +68,41 @@ impl KiamService {
         refusal.to_status()
     }
 
-    /// Checks that the agent may ask about `node`: its certificate's node identities must
-    /// include it.
-    fn check_node<T>(&self, request: &Request<T>, node: &str) -> Result<(), Refusal> {
-        let identities: Vec<String> = request
-            .peer_certs()
-            .and_then(|certs| certs.first().map(tls::node_identities))
-            .unwrap_or_default();
-        if identities.is_empty() {
-            return match self.require_node_identity {
-                true => Err(Refusal::AgentIdentityMissing),
-                false => Ok(()),
-            };
-        }
-        match identities.iter().any(|n| n == node) {
-            true => Ok(()),
-            false => Err(Refusal::AgentNodeMismatch {
-                proven: identities.join(","),
-                asked: node.to_owned(),
-            }),
-        }
-    }
-
-    fn decide_for<T>(
+    async fn decide_for<T>(
         &self,
         request: &Request<T>,
         uid: &str,
         node: &str,
     ) -> Result<Decision, Status> {
-        let decided = match uid.is_empty() || node.is_empty() {
-            true => Err(Refusal::BadRequest("pod_uid and node_name are required")),
-            false => self
-                .check_node(request, node)
-                .and_then(|()| decision::decide(&self.index, &self.settings, uid, node)),
+        let decided = async {
+            if uid.is_empty() || node.is_empty() {
+                return Err(Refusal::BadRequest("pod_uid and node_name are required"));
+            }
+            let certificate_nodes: Vec<String> = request
+                .peer_certs()
+                .and_then(|certs| certs.first().map(tls::node_identities))
+                .unwrap_or_default();
+            let proven = self
+                .auth
+                .authenticate(bearer(request), certificate_nodes)
+                .await?;
+            proven.check(node)?;
+            decision::decide(&self.index, &self.settings, uid, node)
         };
-        decided.map_err(|refusal| self.refuse(uid, &refusal))
+        decided.await.map_err(|refusal| self.refuse(uid, &refusal))
     }
+}
+
+/// The agent's token: `authorization: Bearer <token>`.
+fn bearer<T>(request: &Request<T>) -> Option<&str> {
+    request
+        .metadata()
+        .get("authorization")?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
 }
 
 #[tonic::async_trait]
@@ -114,6 +114,7 @@ impl Kiam for KiamService {
         let r = request.get_ref();
         let result = self
             .decide_for(&request, &r.pod_uid, &r.node_name)
+            .await
             .map(|d| {
                 let mut response = GetPodRoleResponse {
                     namespace: d.pod.namespace.clone(),
@@ -142,7 +143,7 @@ impl Kiam for KiamService {
     ) -> Result<Response<ProtoCredentials>, Status> {
         let result = async {
             let r = request.get_ref();
-            let decision = self.decide_for(&request, &r.pod_uid, &r.node_name)?;
+            let decision = self.decide_for(&request, &r.pod_uid, &r.node_name).await?;
             let (role, key) = decision
                 .role()
                 .map_err(|refusal| self.refuse(&r.pod_uid, &refusal))?;

@@ -2,10 +2,9 @@
 //! configured CA), reloaded when the files change on disk (cert-manager rotates them), and the
 //! node identity an agent certificate may carry.
 //!
-//! Node identity scheme: an agent certificate may carry URI SANs `spiffe://kiam/node/<node>`;
-//! such an agent may only ask about pods on those nodes. A certificate without any (one
-//! certificate shared by all agents) may ask about any node, unless
-//! `--require-node-identity` is set.
+//! Node identity by certificate: an agent certificate may carry URI SANs
+//! `spiffe://kiam/node/<node>`; such an agent may only ask about pods on those nodes (see
+//! [`crate::identity`] for the token way and what happens without either).
 
 use std::{
     fs,
