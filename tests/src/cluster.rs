@@ -1,6 +1,10 @@
 //! The whole product on one test node: moto (STS), the Kubernetes API emulator, two kiam
 //! servers and the agent, all inside the node's network namespace, and pods whose processes
 //! run real AWS SDKs. Used by the SDK tests and the demo.
+//!
+//! The agent proves its node as in a real cluster: a projected service-account token minted
+//! for its pod on `node-1` (reviewed by the servers with TokenReview), with the one agent
+//! certificate every agent shares, which names no node.
 
 use std::{
     path::PathBuf,
@@ -52,17 +56,21 @@ impl Cluster {
             .map(|ports| Server::start_in(Some(&ns), ports, dir.path(), &certs, &sts, &kube, &[]))
             .collect();
         let path = |name: &str| certs.path(name).to_string_lossy().into_owned();
+        let token_file = dir.path().join("agent-token");
+        std::fs::write(&token_file, kube.agent_token(NODE_NAME)).expect("agent token");
         node.agent_args = [
             "--node-name",
             NODE_NAME,
             "--server",
             "127.0.0.1:8443,127.0.0.1:8444",
             "--tls-cert",
-            &path("agent-node-1.pem"),
+            &path("agent-shared.pem"),
             "--tls-key",
-            &path("agent-node-1-key.pem"),
+            &path("agent-shared-key.pem"),
             "--tls-ca",
             &path("ca.pem"),
+            "--token-file",
+            token_file.to_str().expect("utf-8"),
         ]
         .iter()
         .chain(agent_args)
@@ -78,6 +86,14 @@ impl Cluster {
             _certs: certs,
             dir,
         }
+    }
+
+    /// Replaces the agent's token file, as the kubelet does when it rotates the token.
+    pub fn write_agent_token(&self, token: &str) {
+        let path = self.dir.path().join("agent-token");
+        let staged = self.dir.path().join("agent-token.new");
+        std::fs::write(&staged, token).expect("token");
+        std::fs::rename(&staged, &path).expect("rotate token");
     }
 
     /// A pod with its cgroup and network namespace, known to the API emulator.

@@ -285,6 +285,37 @@ impl<'a> PodObject<'a> {
     }
 }
 
+/// Where the kiam agents run in the tests, as in the manifests.
+pub const AGENT_NAMESPACE: &str = "kiam";
+pub const AGENT_SERVICE_ACCOUNT: &str = "kiam-agent";
+
+/// What a minted service-account token says.
+#[derive(Debug, Clone)]
+pub struct TokenSpec<'a> {
+    pub namespace: &'a str,
+    pub service_account: &'a str,
+    /// The pod it is bound to: name and UID.
+    pub pod: Option<(&'a str, &'a str)>,
+    /// The node it names (`None`: an API server before 1.30, which does not say).
+    pub node: Option<&'a str>,
+    pub audiences: Vec<&'a str>,
+    pub expiration_seconds: i64,
+}
+
+impl TokenSpec<'_> {
+    /// The kiam agent's service account, audience `kiam`, an hour.
+    pub fn agent() -> Self {
+        Self {
+            namespace: AGENT_NAMESPACE,
+            service_account: AGENT_SERVICE_ACCOUNT,
+            pod: None,
+            node: None,
+            audiences: vec!["kiam"],
+            expiration_seconds: 3600,
+        }
+    }
+}
+
 /// The Kubernetes API emulator.
 pub struct Kube {
     child: Child,
@@ -406,6 +437,59 @@ impl Kube {
     pub fn requests(&self) -> Value {
         let (_, body) = self.http("GET", "/_emulator/requests", None);
         serde_json::from_str(&body).unwrap_or_default()
+    }
+
+    /// TokenReviews the emulator has answered (or failed).
+    pub fn token_reviews(&self) -> u64 {
+        self.requests()["create tokenreviews"].as_u64().unwrap_or(0)
+    }
+
+    /// Answers the next `count` TokenReviews with 503 (0: none).
+    pub fn fail_token_reviews(&self, count: u64) {
+        let (status, body) = self.http(
+            "POST",
+            "/_emulator/fail-token-reviews",
+            Some(&json!({"count": count})),
+        );
+        assert_eq!(status, 200, "{body}");
+    }
+
+    /// A service-account token, as the kubelet gets one for a pod.
+    pub fn mint_token(&self, spec: &TokenSpec<'_>) -> String {
+        let mut body = json!({"namespace": spec.namespace, "serviceAccount": spec.service_account,
+            "audiences": spec.audiences, "expirationSeconds": spec.expiration_seconds});
+        if let Some((name, uid)) = spec.pod {
+            body["podName"] = json!(name);
+            body["podUid"] = json!(uid);
+        }
+        if let Some(node) = spec.node {
+            body["nodeName"] = json!(node);
+        }
+        let (status, answer) = self.http("POST", "/_emulator/tokens", Some(&body));
+        assert_eq!(status, 200, "{answer}");
+        let answer: Value = serde_json::from_str(&answer).expect("json");
+        answer["token"].as_str().expect("token").to_owned()
+    }
+
+    /// The kiam agent pod of `node` (namespace `kiam`, service account `kiam-agent`); returns
+    /// its name and UID.
+    pub fn agent_pod(&self, node: &str) -> (String, String) {
+        let name = format!("kiam-agent-{node}");
+        let mut pod = PodObject::new(AGENT_NAMESPACE, &name, node);
+        pod.service_account = AGENT_SERVICE_ACCOUNT;
+        pod.host_network = true;
+        let uid = self.put_pod(&pod);
+        (name, uid)
+    }
+
+    /// The projected token the kubelet gives `node`'s agent pod (audience `kiam`, an hour).
+    pub fn agent_token(&self, node: &str) -> String {
+        let (name, uid) = self.agent_pod(node);
+        self.mint_token(&TokenSpec {
+            pod: Some((&name, &uid)),
+            node: Some(node),
+            ..TokenSpec::agent()
+        })
     }
 }
 
@@ -652,7 +736,17 @@ impl Server {
         &self,
         certs: &Certs,
         agent: Option<&str>,
-    ) -> Result<KiamClient<Channel>, tonic::transport::Error> {
+    ) -> Result<AgentClient, tonic::transport::Error> {
+        self.client_with_token(certs, agent, None).await
+    }
+
+    /// The same, sending `token` as the agent's bearer token on every call.
+    pub async fn client_with_token(
+        &self,
+        certs: &Certs,
+        agent: Option<&str>,
+        token: Option<String>,
+    ) -> Result<AgentClient, tonic::transport::Error> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let mut tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(certs.read("ca.pem")))
@@ -669,9 +763,31 @@ impl Server {
             .connect_timeout(Duration::from_secs(5))
             .connect()
             .await?;
-        Ok(KiamClient::new(channel))
+        Ok(KiamClient::with_interceptor(channel, Bearer(token)))
     }
 }
+
+/// Sends a bearer token with every call, as the agent does.
+#[derive(Clone)]
+pub struct Bearer(pub Option<String>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = &self.0 {
+            let value = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| tonic::Status::internal("token is not a header value"))?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
+    }
+}
+
+/// A test agent's gRPC client.
+pub type AgentClient = KiamClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
 
 impl Drop for Server {
     fn drop(&mut self) {

@@ -6,12 +6,10 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use kiam_e2e::stack::{ACCOUNT, Certs, Kube, Server, Sts, eventually};
-use kiam_server::proto::{
-    GetCredentialsRequest, GetPodRoleRequest, HealthRequest, kiam_client::KiamClient,
-};
+use kiam_e2e::stack::{ACCOUNT, AgentClient, Certs, Kube, Server, Sts, eventually};
+use kiam_server::proto::{GetCredentialsRequest, GetPodRoleRequest, HealthRequest};
 use serde_json::json;
-use tonic::{Code, transport::Channel};
+use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -49,7 +47,7 @@ fn start(extra: &[&str]) -> Env {
 
 impl Env {
     /// An mTLS client presenting agent certificate `agent`.
-    async fn client(&self, agent: &str) -> KiamClient<Channel> {
+    async fn client(&self, agent: &str) -> AgentClient {
         self.server
             .client(&self.certs, Some(agent))
             .await
@@ -71,7 +69,7 @@ fn creds_request(uid: &str, node: &str, role: &str) -> GetCredentialsRequest {
 
 /// Waits until the server's index has the pod (its watch delivers it asynchronously), as an
 /// agent's retries would.
-async fn wait_known(client: &mut KiamClient<Channel>, uid: &str) {
+async fn wait_known(client: &mut AgentClient, uid: &str) {
     for _ in 0..200 {
         let status = client
             .get_pod_role(GetPodRoleRequest {
@@ -80,7 +78,9 @@ async fn wait_known(client: &mut KiamClient<Channel>, uid: &str) {
             })
             .await;
         match status {
-            Err(s) if s.message().contains("not known") => {
+            Err(s)
+                if kiam_server::proto::reason_of(&s) == kiam_server::proto::Reason::PodNotKnown =>
+            {
                 tokio::time::sleep(Duration::from_millis(25)).await;
             }
             _ => return,
@@ -162,7 +162,7 @@ async fn fifty_pods_sharing_three_roles_cost_three_assume_role_calls() {
         })
         .collect();
     assert!(eventually(WAIT, || env.sts.calls() >= 3).await);
-    let mut client = env.client("agent-shared").await;
+    let mut client = env.client("agent-node-1").await;
     for (uid, _) in &uids {
         wait_known(&mut client, uid).await;
     }
@@ -277,23 +277,22 @@ async fn deleted_pods_other_nodes_and_other_roles_are_refused() {
     let env = start(&[]);
     let uid = env.kube.pod("team", "web", "node-1", role("app-web"));
     let elsewhere = env.kube.pod("team", "far", "node-2", role("app-web"));
-    let mut shared = env.client("agent-shared").await;
-    wait_known(&mut shared, &uid).await;
-    wait_known(&mut shared, &elsewhere).await;
-    shared
+    let mut agent = env.client("agent-node-1").await;
+    wait_known(&mut agent, &uid).await;
+    wait_known(&mut agent, &elsewhere).await;
+    agent
         .get_credentials(creds_request(&uid, "node-1", "app-web"))
         .await
         .expect("served");
     // The pod lives elsewhere.
-    let status = shared
+    let status = agent
         .get_credentials(creds_request(&elsewhere, "node-1", "app-web"))
         .await
         .expect_err("other node");
     assert_eq!(status.code(), Code::PermissionDenied);
     assert!(status.message().contains("node-2"), "{}", status.message());
     // An agent certificate for node-1 cannot ask about node-2.
-    let mut node1 = env.client("agent-node-1").await;
-    let status = node1
+    let status = agent
         .get_credentials(creds_request(&elsewhere, "node-2", "app-web"))
         .await
         .expect_err("not this agent's node");
@@ -305,7 +304,7 @@ async fn deleted_pods_other_nodes_and_other_roles_are_refused() {
         status.message()
     );
     // Another role than the pod's.
-    let status = shared
+    let status = agent
         .get_credentials(creds_request(&uid, "node-1", "app-other"))
         .await
         .expect_err("other role");
@@ -314,7 +313,7 @@ async fn deleted_pods_other_nodes_and_other_roles_are_refused() {
     env.kube.delete_pod("team", "web");
     let mut refused = false;
     for _ in 0..100 {
-        match shared
+        match agent
             .get_credentials(creds_request(&uid, "node-1", "app-web"))
             .await
         {

@@ -9,12 +9,22 @@
 //!   status, as etcd compaction causes.
 //! - `POST .../namespaces/{ns}/events` (core and `events.k8s.io/v1`): stored and listed by the
 //!   control API; `PATCH` of a stored event updates it.
+//! - `POST /apis/authentication.k8s.io/v1/tokenreviews`: reviews the service-account tokens
+//!   this emulator minted as the real API server does: signature, expiry, audiences (the
+//!   requested ones, else the API server's own), the bound pod still existing with its UID;
+//!   `status.user` with `system:serviceaccount:<ns>:<name>` and the `authentication.
+//!   kubernetes.io/{pod-name,pod-uid,node-name,node-uid,credential-id}` extras,
+//!   `status.audiences` the intersection; `authenticated: false` with an `error` otherwise.
 //!
 //! Control API for tests (not Kubernetes): `PUT /_emulator/objects` (a Pod or Namespace, created
 //! or replaced), `DELETE /_emulator/objects/{pods|namespaces}/{namespace or -}/{name}`,
 //! `POST /_emulator/compact` (every older resourceVersion becomes 410),
 //! `POST /_emulator/drop-watches`, `POST /_emulator/bookmark`, `GET /_emulator/events`,
-//! `GET /_emulator/requests` (counts of list and watch requests by resource).
+//! `GET /_emulator/requests` (counts of list, watch and create requests by resource),
+//! `POST /_emulator/tokens` (mint a token as the kubelet would: `namespace`,
+//! `serviceAccount`, `podName`, `podUid`, `nodeName` (omitted: an API server before 1.30 that
+//! does not say), `audiences`, `expirationSeconds`), `POST /_emulator/fail-token-reviews`
+//! (`count` reviews answered 503).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -93,12 +103,21 @@ struct State {
     events: Vec<Value>,
     requests: HashMap<String, u64>,
     next_uid: u64,
+    /// Token reviews still to answer with 503.
+    failing_reviews: u64,
+    /// Tokens minted (each gets its own `jti`).
+    minted: u64,
 }
 
 struct Emulator {
     state: Mutex<State>,
     live: broadcast::Sender<Live>,
+    /// Signs the service-account tokens this emulator mints.
+    token_key: [u8; 32],
 }
+
+/// The API server's own audience, for reviews that ask for none.
+const API_AUDIENCE: &str = "https://kubernetes.default.svc.cluster.local";
 
 fn key_of(kind: Kind, object: &Value) -> Key {
     let meta = &object["metadata"];
@@ -181,6 +200,163 @@ impl Emulator {
         object["metadata"]["resourceVersion"] = json!(state.rv.to_string());
         self.record(&mut state, kind, "DELETED", object.clone());
         Some(object)
+    }
+}
+
+fn b64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl Emulator {
+    fn sign(&self, data: &str) -> String {
+        use hmac::Mac as _;
+        let mut mac =
+            hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.token_key).expect("any key length");
+        mac.update(data.as_bytes());
+        b64(&mac.finalize().into_bytes())
+    }
+
+    /// A projected service-account token, as the kubelet gets one for a pod.
+    fn mint(&self, spec: &Value) -> Result<Value, String> {
+        let field = |k: &str| spec[k].as_str().map(str::to_owned);
+        let namespace = field("namespace").ok_or("namespace is required")?;
+        let account = field("serviceAccount").ok_or("serviceAccount is required")?;
+        let now = unix_now();
+        let mut binding = json!({"namespace": namespace,
+            "serviceaccount": {"name": account, "uid": format!("sa-{namespace}-{account}")}});
+        if let (Some(name), Some(uid)) = (field("podName"), field("podUid")) {
+            binding["pod"] = json!({"name": name, "uid": uid});
+        }
+        if let Some(node) = field("nodeName") {
+            binding["node"] = json!({"name": node, "uid": format!("node-uid-{node}")});
+        }
+        let jti = {
+            let mut state = self.lock();
+            state.minted += 1;
+            format!("jti-{}", state.minted)
+        };
+        let claims = json!({
+            "iss": "https://kubernetes.default.svc.cluster.local",
+            "sub": format!("system:serviceaccount:{namespace}:{account}"),
+            "aud": spec["audiences"].clone(),
+            "iat": now, "nbf": now,
+            "exp": now + spec["expirationSeconds"].as_i64().unwrap_or(3600),
+            "jti": jti,
+            "kubernetes.io": binding,
+        });
+        let unsigned = format!(
+            "{}.{}",
+            b64(br#"{"alg":"HS256","kid":"emulator"}"#),
+            b64(claims.to_string().as_bytes())
+        );
+        let signature = self.sign(&unsigned);
+        Ok(json!({"token": format!("{unsigned}.{signature}")}))
+    }
+
+    /// `TokenReview.status` for a token, as the real API server reviews service-account
+    /// tokens.
+    fn review(&self, spec: &Value) -> Value {
+        let refused = |why: &str| json!({"authenticated": false, "error": format!("[invalid bearer token, {why}]")});
+        let token = spec["token"].as_str().unwrap_or("");
+        let parts: Vec<&str> = token.split('.').collect();
+        let [header, payload, signature] = parts.as_slice() else {
+            return refused("token is not a JWT");
+        };
+        if self.sign(&format!("{header}.{payload}")) != *signature {
+            return refused("token signature is invalid");
+        }
+        let claims: Value = {
+            use base64::Engine as _;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or(Value::Null)
+        };
+        if claims["exp"].as_i64().is_none_or(|exp| exp <= unix_now()) {
+            return refused("service account token has expired");
+        }
+        let wanted: Vec<String> = match spec["audiences"].as_array() {
+            Some(a) if !a.is_empty() => a
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect(),
+            _ => vec![API_AUDIENCE.to_owned()],
+        };
+        let token_audiences: Vec<String> = claims["aud"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let audiences: Vec<String> = wanted
+            .iter()
+            .filter(|a| token_audiences.contains(a))
+            .cloned()
+            .collect();
+        if audiences.is_empty() {
+            return refused(&format!(
+                "token audiences {token_audiences:?} is invalid for the target audiences {wanted:?}"
+            ));
+        }
+        let binding = &claims["kubernetes.io"];
+        let namespace = binding["namespace"].as_str().unwrap_or("");
+        let account = binding["serviceaccount"]["name"].as_str().unwrap_or("");
+        let mut extra = serde_json::Map::new();
+        if let Some(pod) = binding.get("pod") {
+            let (name, uid) = (
+                pod["name"].as_str().unwrap_or(""),
+                pod["uid"].as_str().unwrap_or(""),
+            );
+            // A bound token dies with its pod.
+            let alive = self
+                .lock()
+                .objects
+                .get(&(Kind::Pod, namespace.to_owned(), name.to_owned()))
+                .is_some_and(|p| p["metadata"]["uid"] == uid);
+            if !alive {
+                return refused(&format!("pod {namespace}/{name} ({uid}) no longer exists"));
+            }
+            extra.insert(
+                "authentication.kubernetes.io/pod-name".into(),
+                json!([name]),
+            );
+            extra.insert("authentication.kubernetes.io/pod-uid".into(), json!([uid]));
+        }
+        if let Some(node) = binding.get("node") {
+            extra.insert(
+                "authentication.kubernetes.io/node-name".into(),
+                json!([node["name"]]),
+            );
+            extra.insert(
+                "authentication.kubernetes.io/node-uid".into(),
+                json!([node["uid"]]),
+            );
+        }
+        extra.insert(
+            "authentication.kubernetes.io/credential-id".into(),
+            json!([format!("JTI={}", claims["jti"].as_str().unwrap_or(""))]),
+        );
+        json!({
+            "authenticated": true,
+            "user": {
+                "username": format!("system:serviceaccount:{namespace}:{account}"),
+                "uid": binding["serviceaccount"]["uid"],
+                "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{namespace}"), "system:authenticated"],
+                "extra": extra,
+            },
+            "audiences": audiences,
+        })
     }
 }
 
@@ -467,6 +643,46 @@ async fn handle(
                 Err(e) => status(StatusCode::BAD_REQUEST, "BadRequest", &e),
             }
         }
+        (&Method::POST, ["apis", "authentication.k8s.io", "v1", "tokenreviews"]) => {
+            let failing = {
+                let mut state = emu.lock();
+                *state
+                    .requests
+                    .entry("create tokenreviews".into())
+                    .or_default() += 1;
+                let failing = state.failing_reviews > 0;
+                state.failing_reviews = state.failing_reviews.saturating_sub(1);
+                failing
+            };
+            match (failing, body_json(req).await) {
+                (true, _) => status(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailable",
+                    "injected by the test",
+                ),
+                (false, Ok(mut review)) => {
+                    review["status"] = emu.review(&review["spec"]);
+                    review["apiVersion"] = json!("authentication.k8s.io/v1");
+                    review["kind"] = json!("TokenReview");
+                    full(StatusCode::CREATED, review)
+                }
+                (false, Err(e)) => status(StatusCode::BAD_REQUEST, "BadRequest", &e),
+            }
+        }
+        (&Method::POST, ["_emulator", "tokens"]) => match body_json(req).await {
+            Ok(spec) => match emu.mint(&spec) {
+                Ok(token) => full(StatusCode::OK, token),
+                Err(e) => status(StatusCode::BAD_REQUEST, "BadRequest", &e),
+            },
+            Err(e) => status(StatusCode::BAD_REQUEST, "BadRequest", &e),
+        },
+        (&Method::POST, ["_emulator", "fail-token-reviews"]) => match body_json(req).await {
+            Ok(spec) => {
+                emu.lock().failing_reviews = spec["count"].as_u64().unwrap_or(1);
+                full(StatusCode::OK, json!({}))
+            }
+            Err(e) => status(StatusCode::BAD_REQUEST, "BadRequest", &e),
+        },
         (&Method::PUT, ["_emulator", "objects"]) => match body_json(req).await {
             Ok(object) => match emu.upsert(object) {
                 Ok(stored) => full(StatusCode::OK, stored),
@@ -538,8 +754,16 @@ async fn main() -> anyhow::Result<()> {
             events: Vec::new(),
             requests: HashMap::new(),
             next_uid: 0,
+            failing_reviews: 0,
+            minted: 0,
         }),
         live,
+        token_key: {
+            let mut key = [0u8; 32];
+            getrandom::fill(&mut key)
+                .map_err(|e| anyhow::anyhow!("randomness for the token key: {e}"))?;
+            key
+        },
     });
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await
