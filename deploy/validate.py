@@ -30,7 +30,7 @@ NON_DEFAULT = {
         "assumeRoleArn": "arn:aws:iam::123456789012:role/kiam-gateway",
         "sessionTags": True,
         "serviceAccountAnnotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/kiam-server"},
-        "extraArgs": ["--require-node-identity"],
+        "extraArgs": ["--prefetch-workers=8"],
     },
     "agent": {"requireImdsv2": True, "address": "", "extraArgs": ["--hedge-after=100ms"]},
     "tls": {"certManager": False},
@@ -88,6 +88,51 @@ def check_node_safety(where, pod_spec):
                 fail(f"{where}: {container['name']} must see the host's /sys/fs/bpf (HostToContainer)")
 
 
+def check_node_identity(where, pod_spec):
+    """The agent proves its node with a projected service-account token, audience kiam, that
+    it reads where the manifest mounts it."""
+    volumes = {v["name"]: v for v in pod_spec.get("volumes") or []}
+    agent = next(c for c in pod_spec["containers"] if c.get("args", [None])[0] == "run")
+    env = {e["name"]: e.get("value") for e in agent.get("env") or []}
+    token_file = env.get("KIAM_TOKEN_FILE")
+    if not token_file:
+        fail(f"{where}: the agent reads no KIAM_TOKEN_FILE")
+    for mount in agent.get("volumeMounts") or []:
+        if token_file.startswith(mount["mountPath"].rstrip("/") + "/"):
+            sources = (volumes.get(mount["name"], {}).get("projected") or {}).get("sources") or []
+            tokens = [s["serviceAccountToken"] for s in sources if "serviceAccountToken" in s]
+            name = token_file[len(mount["mountPath"].rstrip("/")) + 1:]
+            if any(t.get("path") == name and t.get("audience") for t in tokens):
+                return [t["audience"] for t in tokens if t.get("path") == name][0]
+    fail(f"{where}: {token_file} is not a projected service-account token")
+
+
+def check_identity_on(name, docs):
+    """Node identity is on: the agent sends a projected token with the audience the servers
+    expect, the servers may review it, and nothing turns the check off."""
+    kinds = {d.get("kind") for d in docs}
+    if "DaemonSet" not in kinds:
+        return
+    audience = None
+    server_audience = "kiam"
+    for doc in docs:
+        pod_spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+        if doc.get("kind") == "DaemonSet":
+            audience = check_node_identity(f"{name}: DaemonSet", pod_spec)
+        if doc.get("kind") == "Deployment":
+            for container in pod_spec.get("containers") or []:
+                env = {e["name"]: e.get("value") for e in container.get("env") or []}
+                server_audience = env.get("KIAM_AGENT_TOKEN_AUDIENCE", server_audience)
+                if "--allow-unidentified-agents" in (container.get("args") or []) or env.get("KIAM_ALLOW_UNIDENTIFIED_AGENTS"):
+                    fail(f"{name}: the servers accept agents without node identity")
+    if audience != server_audience:
+        fail(f"{name}: the agent's token audience {audience!r} is not the servers' {server_audience!r}")
+    rules = [r for d in docs if d.get("kind") == "ClusterRole" for r in d.get("rules") or []]
+    if not any("authentication.k8s.io" in r.get("apiGroups", []) and "tokenreviews" in r.get("resources", [])
+               and "create" in r.get("verbs", []) for r in rules):
+        fail(f"{name}: the servers may not create TokenReviews")
+
+
 def main():
     if len(sys.argv) != 3:
         fail(__doc__.strip().splitlines()[-1])
@@ -101,6 +146,7 @@ def main():
     counts = {}
     for name, text in rendered_sets().items():
         docs = [d for d in yaml.safe_load_all(text) if d]
+        check_identity_on(name, docs)
         if not docs:
             fail(f"{name}: rendered nothing")
         for doc in docs:
