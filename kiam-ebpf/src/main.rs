@@ -242,27 +242,28 @@ pub fn kiam_sock_ops(ctx: SockOpsContext) -> u32 {
 /// Client side, in the caller's context, source port assigned, SYN not yet sent.
 #[inline(always)]
 fn on_tcp_connect(ctx: &SockOpsContext) {
-    // SAFETY: the sock_ops context is a valid argument for the helper.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    // Runs for every TCP connect of every pod: one lookup and out for the common case.
-    let Some(record) = KIAM_CONNECT.get_ptr(cookie) else {
-        return;
-    };
-    // SAFETY: pointer from a successful lookup; copied out at once.
-    let record = unsafe { *record };
-    let _ = KIAM_CONNECT.remove(cookie);
-    let key = client_side_key(ctx);
-    // The record is for a connection to the agent. A socket whose redirected connect() failed
-    // and that then connects elsewhere does not carry it along.
+    // Runs for every TCP connect of every pod: a look at the destination and out, before any
+    // helper call or hash lookup, unless it is the agent.
     let Some(config) = config() else {
         return;
     };
+    let key = client_side_key(ctx);
     let to_agent = key.server_port == config.agent_port
         && (key.server_addr == v4_mapped(config.agent_addr4)
             || key.server_addr == config.agent_addr6);
     if !to_agent {
         return;
     }
+    // SAFETY: the sock_ops context is a valid argument for the helper.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    // Only sockets whose connect() was redirected carry a record; a direct connection to the
+    // agent's address has none and is refused by the agent.
+    let Some(record) = KIAM_CONNECT.get_ptr(cookie) else {
+        return;
+    };
+    // SAFETY: pointer from a successful lookup; copied out at once.
+    let record = unsafe { *record };
+    let _ = KIAM_CONNECT.remove(cookie);
     // Never overwrite: a second socket claiming the same 4-tuple is either spoofing another
     // pod's address (IP_TRANSPARENT, given CAP_NET_ADMIN) or being spoofed. Poison the entry so
     // the agent answers neither, rather than the wrong one.
@@ -449,21 +450,53 @@ pub fn kiam_egress(ctx: SkBuffContext) -> i32 {
     1
 }
 
+/// A pointer to a `T` at `offset` of the packet's linear data, if it is all there. Direct
+/// packet access: no helper call, which every packet of every pod would otherwise pay.
+#[inline(always)]
+fn packet_at<T>(ctx: &SkBuffContext, offset: usize) -> Option<*const T> {
+    // SAFETY: `skb` is the program's context; `data`/`data_end` are 4-byte members the
+    // verifier turns into packet pointers.
+    let (start, end) = unsafe {
+        (
+            (*ctx.skb.skb).data as usize,
+            (*ctx.skb.skb).data_end as usize,
+        )
+    };
+    if start + offset + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *const T)
+}
+
+#[inline(always)]
+fn word_at(ctx: &SkBuffContext, offset: usize) -> Option<u32> {
+    match packet_at::<u32>(ctx, offset) {
+        // SAFETY: bounds checked against data_end just above; the header may not be 4-byte
+        // aligned.
+        Some(ptr) => Some(unsafe { core::ptr::read_unaligned(ptr) }),
+        // Not in the linear data (rare): read it with the helper.
+        None => ctx.load::<u32>(offset).ok(),
+    }
+}
+
 #[inline(always)]
 fn is_metadata_packet(ctx: &SkBuffContext) -> bool {
     // cgroup_skb data starts at the network header.
     let protocol = ctx.skb.protocol();
     if protocol == ETH_P_IP_NET {
         // IPv4 destination address at offset 16.
-        matches!(ctx.load::<u32>(16), Ok(dst) if dst == IMDS_ADDR4)
+        word_at(ctx, 16) == Some(IMDS_ADDR4)
     } else if protocol == ETH_P_IPV6_NET {
-        // IPv6 destination address at offset 24.
-        let (Ok(w0), Ok(w1), Ok(w2), Ok(w3)) = (
-            ctx.load::<u32>(24),
-            ctx.load::<u32>(28),
-            ctx.load::<u32>(32),
-            ctx.load::<u32>(36),
-        ) else {
+        // IPv6 destination address at offset 24; its last word decides for nearly every
+        // packet.
+        let Some(w3) = word_at(ctx, 36) else {
+            return false;
+        };
+        if w3 != IMDS_ADDR6[3] && w3 != IMDS_ADDR4 {
+            return false;
+        }
+        let (Some(w0), Some(w1), Some(w2)) = (word_at(ctx, 24), word_at(ctx, 28), word_at(ctx, 32))
+        else {
             return false;
         };
         let dst = [w0, w1, w2, w3];
