@@ -61,8 +61,8 @@ async fn handle<S: RecordSource>(
     match &caller {
         Ok(c) => tracing::debug!(
             %peer,
-            pod_uid = %c.pod.pod_uid,
-            container_id = c.pod.container_id.as_deref().unwrap_or(""),
+            pod_uid = %c.pod().pod_uid,
+            container_id = c.pod().container_id.as_deref().unwrap_or(""),
             cgroup_id = c.cgroup_id,
             pid = c.pid,
             "caller identified"
@@ -74,6 +74,7 @@ async fn handle<S: RecordSource>(
                 ResolveError::Collision => "collision",
                 ResolveError::NotAPod { .. } => "not_a_pod",
                 ResolveError::CgroupGone(_) => "cgroup_gone",
+                ResolveError::Unresolved { .. } => "unresolved",
                 ResolveError::Map(_) => "map_error",
             };
             imds.metrics
@@ -138,6 +139,7 @@ fn respond(caller: &Result<Caller, ResolveError>) -> Response<Full<Bytes>> {
         Err(error) => {
             let status = match error {
                 ResolveError::Map(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                ResolveError::Unresolved { .. } => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::FORBIDDEN,
             };
             reply(

@@ -118,13 +118,14 @@ impl Imds {
     }
 
     pub async fn handle(&self, request: Request<Bytes>, caller: &Caller) -> Reply {
-        let path = request.uri().path().to_owned();
+        // Shares the request's bytes: only read for a refusal's log line.
+        let uri = request.uri().clone();
         let (route, response) = self.route(request, caller).await;
         self.count(route, response.status());
         if response.status().is_client_error() || response.status().is_server_error() {
             tracing::info!(
-                pod_uid = %caller.pod.pod_uid,
-                %path,
+                pod_uid = %caller.pod().pod_uid,
+                path = %uri.path(),
                 status = response.status().as_u16(),
                 "metadata request refused"
             );
@@ -133,7 +134,7 @@ impl Imds {
     }
 
     async fn route(&self, request: Request<Bytes>, caller: &Caller) -> (&'static str, Reply) {
-        let pod = caller.pod.pod_uid.as_str();
+        let pod = caller.pod().pod_uid.as_str();
         let route = match route::classify(request.uri().path()) {
             Ok(route) => route,
             Err(error) => {
@@ -286,17 +287,12 @@ mod tests {
     };
 
     fn caller(uid: &str) -> Caller {
-        Caller {
-            cgroup_id: 1,
-            pid: 1,
-            cgroup_path: "/kubepods".into(),
-            pod: PodCgroup {
-                pod_uid: uid.into(),
-                qos: QosClass::BestEffort,
-                container_id: None,
-                runtime: None,
-            },
-        }
+        Caller::for_pod(PodCgroup {
+            pod_uid: uid.into(),
+            qos: QosClass::BestEffort,
+            container_id: None,
+            runtime: None,
+        })
     }
 
     fn imds(require_v2: bool) -> Imds {

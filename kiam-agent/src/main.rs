@@ -96,10 +96,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("listening on {} (--bind/--port)", net.listen))?;
         start_kernel_logs(&installed);
+        let lookup = resolver::Cgroupfs::new(&root, attach.clone(), true)
+            .with_context(|| format!("opening the cgroup root {}", root.display()))?;
         let resolver = Arc::new(resolver::Resolver::new(
             resolver::AcceptedMap::new(installed.accepted),
+            Arc::new(lookup),
             root,
-            attach,
         ));
 
         let servers = match args.api.servers.is_empty() {

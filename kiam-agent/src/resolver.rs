@@ -2,32 +2,46 @@
 //! cgroup path → pod UID and container. Never the peer IP.
 //!
 //! The hot path is one map lookup and delete (by socket cookie) plus a cache hit keyed by
-//! cgroup id. A miss first tries `/proc/<pid>/cgroup` of the caller (checked against the
-//! cgroup id, since the pid may be gone or reused), then one walk of the pods cgroup that fills
-//! the cache for every cgroup it sees; walks run off the async workers, one at a time.
-//! Cgroup ids are inode numbers that the kernel does not reuse while it runs, so a cached entry
-//! can go stale only by its cgroup disappearing; those are pruned periodically.
+//! cgroup id. A miss asks the cgroup file system ([`CgroupLookup`]):
+//! - `open_by_handle_at` on the cgroup2 mount turns the id (a kernfs node id) into the
+//!   cgroup's directory in one system call, whatever the number of cgroups (it needs
+//!   `CAP_DAC_READ_SEARCH`; no `hostPID`, no `/proc/<pid>` of the caller);
+//! - without it, a walk of the pods cgroup, one at a time.
+//!
+//! An id is only remembered as gone when the kernel says so (`ESTALE`) or a complete walk did
+//! not find it, and only for [`GONE_TTL`]: a walk that could not read everything (`EMFILE`, a
+//! directory removed under it) refuses that one connection and marks nothing. Cgroup ids are
+//! inode numbers the kernel does not reuse while it runs, so a cached entry can go stale only
+//! by its cgroup disappearing; those are pruned periodically, and the bounded cache makes room
+//! by dropping gone entries, never by emptying itself under a lookup.
 
 use std::{
     collections::{HashMap, HashSet},
-    fs,
-    os::unix::fs::MetadataExt,
+    fs, io,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, RwLock},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
 use kiam_common::{ConnRecord, RECORD_POISONED};
+use tokio::time::Instant;
 
 use crate::{
     cgroup,
     identity::{self, ParseError, PodCgroup},
 };
 
-/// Entries kept before the cache is rebuilt from scratch (a node has far fewer cgroups).
+/// Cgroups remembered at once (a node has far fewer).
 const MAX_CACHED: usize = 65_536;
 /// How deep below the pods cgroup a walk goes (kubepods/qos/pod/container/+nested).
 const MAX_WALK_DEPTH: usize = 8;
+/// How long an id known to be gone is refused without asking again.
+pub const GONE_TTL: Duration = Duration::from_secs(30);
 
 /// Where per-connection records come from: the kernel's `KIAM_ACCEPTED` map in production.
 pub trait RecordSource: Send + Sync + 'static {
@@ -59,15 +73,190 @@ impl RecordSource for AcceptedMap {
     }
 }
 
+/// What the cgroup file system says about an id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// The cgroup's directory (under the cgroup2 mount).
+    Path(PathBuf),
+    /// No such cgroup: the kernel said so, or a complete walk did not find it.
+    Gone,
+}
+
+/// Turns a cgroup id into its directory.
+pub trait CgroupLookup: Send + Sync + 'static {
+    /// `Err` when it could not tell (a walk that could not read everything).
+    fn find(&self, id: u64) -> Result<Found, String>;
+}
+
+/// The cgroup2 file system: `open_by_handle_at`, then walks when that is not permitted.
+pub struct Cgroupfs {
+    mount: fs::File,
+    search_root: PathBuf,
+    by_handle: AtomicBool,
+    walking: Mutex<()>,
+}
+
+impl Cgroupfs {
+    /// `mount`: the cgroup2 mount point; `search_root`: where walks start (the pods cgroup).
+    pub fn new(mount: &Path, search_root: PathBuf, by_handle: bool) -> io::Result<Self> {
+        Ok(Self {
+            mount: fs::File::open(mount)?,
+            search_root,
+            by_handle: AtomicBool::new(by_handle),
+            walking: Mutex::new(()),
+        })
+    }
+
+    fn by_handle(&self, id: u64) -> Option<Result<Found, String>> {
+        if !self.by_handle.load(Ordering::Relaxed) {
+            return None;
+        }
+        match kiam_common::sys::open_cgroup(&self.mount, id) {
+            Ok(fd) => {
+                let link = fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+                Some(match link {
+                    // Removed between the open and the read.
+                    Ok(path) if path.to_string_lossy().ends_with(" (deleted)") => Ok(Found::Gone),
+                    Ok(path) => Ok(Found::Path(path)),
+                    Err(e) => Err(format!("reading the cgroup's path: {e}")),
+                })
+            }
+            Err(e) if e.raw_os_error() == Some(libc_estale()) => Some(Ok(Found::Gone)),
+            Err(error) => {
+                // Not permitted (no CAP_DAC_READ_SEARCH) or not supported: walk from now on.
+                tracing::warn!(%error, "cannot open cgroups by id (the agent needs CAP_DAC_READ_SEARCH); walking the pods cgroup instead");
+                self.by_handle.store(false, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+}
+
+/// `ESTALE`: the file handle names nothing (the cgroup is gone).
+fn libc_estale() -> i32 {
+    nix::errno::Errno::ESTALE as i32
+}
+
+impl CgroupLookup for Cgroupfs {
+    fn find(&self, id: u64) -> Result<Found, String> {
+        if let Some(found) = self.by_handle(id) {
+            return found;
+        }
+        let _one_at_a_time = self.walking.lock().unwrap_or_else(|e| e.into_inner());
+        walk_for(&self.search_root, id)
+    }
+}
+
+fn inode(path: &Path) -> Option<u64> {
+    fs::metadata(path).ok().map(|m| m.ino())
+}
+
+/// Looks for cgroup `id` below `root`. `Err` when a directory could not be read, so the
+/// absence of `id` proves nothing.
+fn walk_for(root: &Path, id: u64) -> Result<Found, String> {
+    let mut stack = vec![(root.to_owned(), 0usize)];
+    let mut incomplete = None;
+    while let Some((dir, depth)) = stack.pop() {
+        match fs::metadata(&dir) {
+            Ok(meta) if meta.ino() == id => return Ok(Found::Path(dir)),
+            Ok(_) => {}
+            // Removed while walking: nothing below it is anyone's any more.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                incomplete = Some(format!("{}: {e}", dir.display()));
+                continue;
+            }
+        }
+        if depth >= MAX_WALK_DEPTH {
+            continue;
+        }
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                incomplete = Some(format!("{}: {e}", dir.display()));
+                continue;
+            }
+        };
+        for entry in entries {
+            match entry {
+                Ok(entry) if entry.file_type().is_ok_and(|t| t.is_dir()) => {
+                    stack.push((entry.path(), depth + 1));
+                }
+                Ok(_) => {}
+                Err(e) => incomplete = Some(format!("{}: {e}", dir.display())),
+            }
+        }
+    }
+    match incomplete {
+        Some(why) => Err(format!(
+            "the walk of {} was incomplete ({why})",
+            root.display()
+        )),
+        None => Ok(Found::Gone),
+    }
+}
+
+#[derive(Debug)]
+pub struct CachedCgroup {
+    path: String,
+    pod: Result<PodCgroup, ParseError>,
+}
+
 /// The identity of a connection's caller.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone)]
 pub struct Caller {
     pub cgroup_id: u64,
     /// Process that called `connect()`, in the root pid namespace.
     pub pid: u32,
-    pub cgroup_path: String,
-    #[serde(flatten)]
-    pub pod: PodCgroup,
+    cgroup: Arc<CachedCgroup>,
+}
+
+impl Caller {
+    pub fn pod(&self) -> &PodCgroup {
+        match &self.cgroup.pod {
+            Ok(pod) => pod,
+            // Callers are only made from pods (`resolve` refuses the rest).
+            Err(_) => unreachable!("a Caller always holds a pod"),
+        }
+    }
+
+    pub fn cgroup_path(&self) -> &str {
+        &self.cgroup.path
+    }
+
+    /// A caller for tests of the API.
+    #[cfg(test)]
+    pub fn for_pod(pod: PodCgroup) -> Self {
+        Self {
+            cgroup_id: 1,
+            pid: 1,
+            cgroup: Arc::new(CachedCgroup {
+                path: "/kubepods".into(),
+                pod: Ok(pod),
+            }),
+        }
+    }
+}
+
+impl serde::Serialize for Caller {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(serde::Serialize)]
+        struct View<'a> {
+            cgroup_id: u64,
+            pid: u32,
+            cgroup_path: &'a str,
+            #[serde(flatten)]
+            pod: &'a PodCgroup,
+        }
+        View {
+            cgroup_id: self.cgroup_id,
+            pid: self.pid,
+            cgroup_path: self.cgroup_path(),
+            pod: self.pod(),
+        }
+        .serialize(serializer)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +269,8 @@ pub enum ResolveError {
     Map(#[source] MapError),
     #[error("cgroup {0} of the caller no longer exists")]
     CgroupGone(u64),
+    #[error("the caller's cgroup {id} could not be found now ({why}); retry")]
+    Unresolved { id: u64, why: String },
     #[error("caller's cgroup {path} is not a pod's")]
     NotAPod {
         path: String,
@@ -88,33 +279,26 @@ pub enum ResolveError {
     },
 }
 
-#[derive(Debug)]
-struct CachedCgroup {
-    path: String,
-    pod: Result<PodCgroup, ParseError>,
-}
-
 pub struct Resolver<S> {
     records: S,
+    lookup: Arc<dyn CgroupLookup>,
     /// cgroup v2 mount point.
     root: PathBuf,
-    /// Walked on a cache miss: the pods cgroup.
-    search_root: PathBuf,
     cache: RwLock<HashMap<u64, Arc<CachedCgroup>>>,
-    /// Ids a walk did not find (removed, or too deep below the pods cgroup).
-    gone: Mutex<HashSet<u64>>,
-    walk: tokio::sync::Mutex<()>,
+    max_cached: usize,
+    /// Ids known to be gone, until when.
+    gone: Mutex<HashMap<u64, Instant>>,
 }
 
 impl<S: RecordSource> Resolver<S> {
-    pub fn new(records: S, root: PathBuf, search_root: PathBuf) -> Self {
+    pub fn new(records: S, lookup: Arc<dyn CgroupLookup>, root: PathBuf) -> Self {
         Self {
             records,
+            lookup,
             root,
-            search_root,
             cache: RwLock::new(HashMap::new()),
-            gone: Mutex::new(HashSet::new()),
-            walk: tokio::sync::Mutex::new(()),
+            max_cached: MAX_CACHED,
+            gone: Mutex::new(HashMap::new()),
         }
     }
 
@@ -128,13 +312,12 @@ impl<S: RecordSource> Resolver<S> {
         if record.flags & RECORD_POISONED != 0 {
             return Err(ResolveError::Collision);
         }
-        let cached = self.cgroup(record.cgroup_id, record.tgid).await?;
+        let cached = self.cgroup(record.cgroup_id).await?;
         match &cached.pod {
-            Ok(pod) => Ok(Caller {
+            Ok(_) => Ok(Caller {
                 cgroup_id: record.cgroup_id,
                 pid: record.tgid,
-                cgroup_path: cached.path.clone(),
-                pod: pod.clone(),
+                cgroup: cached,
             }),
             Err(e) => Err(ResolveError::NotAPod {
                 path: cached.path.clone(),
@@ -148,74 +331,78 @@ impl<S: RecordSource> Resolver<S> {
         cache.get(&id).cloned()
     }
 
-    fn remember(&self, entries: impl IntoIterator<Item = (u64, PathBuf)>) {
+    /// Remembers `id`'s cgroup; a full cache first drops what is gone, then one entry.
+    fn remember(&self, id: u64, entry: Arc<CachedCgroup>) {
         let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
-        for (id, path) in entries {
-            if cache.len() >= MAX_CACHED {
-                cache.clear();
-            }
-            let Some(rel) = cgroup::relative_path(&self.root, &path) else {
-                continue;
-            };
-            let pod = identity::parse_cgroup_path(&rel);
-            cache.insert(id, Arc::new(CachedCgroup { path: rel, pod }));
-        }
-    }
-
-    async fn cgroup(&self, id: u64, pid: u32) -> Result<Arc<CachedCgroup>, ResolveError> {
-        if let Some(hit) = self.cached(id) {
-            return Ok(hit);
-        }
-        // The caller's own /proc entry usually names the cgroup; trust it only if the inode
-        // matches, since the process may have exited and its pid been reused.
-        if let Ok(path) = cgroup::process_cgroup_path(pid) {
-            let candidate = self.root.join(path.trim_start_matches('/'));
-            if inode(&candidate) == Some(id) {
-                self.remember([(id, candidate)]);
-                if let Some(hit) = self.cached(id) {
-                    return Ok(hit);
-                }
+        if cache.len() >= self.max_cached {
+            let root = &self.root;
+            cache.retain(|id, e| inode(&root.join(e.path.trim_start_matches('/'))) == Some(*id));
+            if cache.len() >= self.max_cached
+                && let Some(victim) = cache.keys().next().copied()
+            {
+                cache.remove(&victim);
             }
         }
-        // Cgroup ids are never reused and the cgroup existed when the caller connected, so an
-        // id a walk did not find will never be found: remember that instead of walking again
-        // (a pod creating cgroups must not make the agent walk per connection).
-        if self.is_gone(id) {
-            return Err(ResolveError::CgroupGone(id));
-        }
-        let _walking = self.walk.lock().await;
-        if let Some(hit) = self.cached(id) {
-            return Ok(hit);
-        }
-        if self.is_gone(id) {
-            return Err(ResolveError::CgroupGone(id));
-        }
-        let search_root = self.search_root.clone();
-        let found = tokio::task::spawn_blocking(move || walk(&search_root))
-            .await
-            .unwrap_or_default();
-        tracing::debug!(cgroups = found.len(), "walked the pods cgroup");
-        self.remember(found);
-        match self.cached(id) {
-            Some(hit) => Ok(hit),
-            None => {
-                let mut gone = self.gone.lock().unwrap_or_else(|e| e.into_inner());
-                if gone.len() >= MAX_CACHED {
-                    gone.clear();
-                }
-                gone.insert(id);
-                Err(ResolveError::CgroupGone(id))
-            }
-        }
+        cache.insert(id, entry);
     }
 
     fn is_gone(&self, id: u64) -> bool {
         let gone = self.gone.lock().unwrap_or_else(|e| e.into_inner());
-        gone.contains(&id)
+        gone.get(&id).is_some_and(|until| Instant::now() < *until)
     }
 
-    /// Drops cached cgroups that no longer exist.
+    fn mark_gone(&self, id: u64) {
+        let mut gone = self.gone.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if gone.len() >= self.max_cached {
+            gone.retain(|_, until| *until > now);
+        }
+        if gone.len() < self.max_cached {
+            gone.insert(id, now + GONE_TTL);
+        }
+    }
+
+    async fn cgroup(&self, id: u64) -> Result<Arc<CachedCgroup>, ResolveError> {
+        if let Some(hit) = self.cached(id) {
+            return Ok(hit);
+        }
+        // A pod creating and deleting cgroups must not make the agent look up per
+        // connection: a gone id is refused at once for a while.
+        if self.is_gone(id) {
+            return Err(ResolveError::CgroupGone(id));
+        }
+        let lookup = self.lookup.clone();
+        let found = tokio::task::spawn_blocking(move || lookup.find(id))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        match found {
+            Ok(Found::Path(path)) => {
+                let rel = cgroup::relative_path(&self.root, &path).ok_or_else(|| {
+                    ResolveError::Unresolved {
+                        id,
+                        why: format!("{} is outside the cgroup root", path.display()),
+                    }
+                })?;
+                let pod = identity::parse_cgroup_path(&rel);
+                let entry = Arc::new(CachedCgroup { path: rel, pod });
+                self.remember(id, entry.clone());
+                Ok(entry)
+            }
+            Ok(Found::Gone) => {
+                self.mark_gone(id);
+                Err(ResolveError::CgroupGone(id))
+            }
+            Err(why) => Err(ResolveError::Unresolved { id, why }),
+        }
+    }
+
+    /// Drops cached cgroups that no longer exist, and expired gone marks.
     pub fn prune(&self) -> usize {
+        let now = Instant::now();
+        self.gone
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, until| *until > now);
         let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
         let before = cache.len();
         let root = &self.root;
@@ -234,32 +421,6 @@ impl<S: RecordSource> Resolver<S> {
     }
 }
 
-fn inode(path: &Path) -> Option<u64> {
-    fs::metadata(path).ok().map(|m| m.ino())
-}
-
-/// Every cgroup directory under `root` (inclusive), with its id.
-fn walk(root: &Path) -> Vec<(u64, PathBuf)> {
-    let mut out = Vec::new();
-    let mut stack = vec![(root.to_owned(), 0usize)];
-    while let Some((dir, depth)) = stack.pop() {
-        let Some(id) = inode(&dir) else { continue };
-        out.push((id, dir.clone()));
-        if depth >= MAX_WALK_DEPTH {
-            continue;
-        }
-        let Ok(entries) = fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                stack.push((entry.path(), depth + 1));
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,6 +436,10 @@ mod tests {
         }
     }
 
+    fn records(pairs: &[(u64, ConnRecord)]) -> Records {
+        Records(Mutex::new(pairs.iter().copied().collect()))
+    }
+
     fn tree() -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().expect("temp dir");
         let container = dir.path().join(format!(
@@ -288,30 +453,33 @@ mod tests {
     fn record(cgroup_id: u64) -> ConnRecord {
         ConnRecord {
             cgroup_id,
-            // A pid that cannot exist, so resolution has to walk.
-            tgid: u32::MAX,
+            tgid: 4242,
             ..ConnRecord::default()
         }
+    }
+
+    /// Walks only: the temporary tree is not a cgroup2 file system.
+    fn walker(dir: &Path) -> Arc<dyn CgroupLookup> {
+        Arc::new(Cgroupfs::new(dir, dir.join("kubepods.slice"), false).expect("open"))
     }
 
     #[tokio::test]
     async fn resolves_by_walking_then_from_the_cache() {
         let (dir, container) = tree();
         let id = inode(&container).expect("inode");
-        let records = Records(Mutex::new(HashMap::from([
-            (7, record(id)),
-            (8, record(id)),
-        ])));
         let resolver = Resolver::new(
-            records,
+            records(&[(7, record(id)), (8, record(id))]),
+            walker(dir.path()),
             dir.path().to_owned(),
-            dir.path().join("kubepods.slice"),
         );
         let caller = resolver.resolve(7).await.expect("resolved");
-        assert_eq!(caller.pod.pod_uid, UID);
-        assert_eq!(caller.pod.container_id.as_deref(), Some(CID));
-        assert_eq!(caller.cgroup_id, id);
-        assert!(caller.cgroup_path.starts_with("/kubepods.slice/"));
+        assert_eq!(caller.pod().pod_uid, UID);
+        assert_eq!(caller.pod().container_id.as_deref(), Some(CID));
+        assert_eq!((caller.cgroup_id, caller.pid), (id, 4242));
+        assert!(caller.cgroup_path().starts_with("/kubepods.slice/"));
+        let json = serde_json::to_value(&caller).expect("json");
+        assert_eq!(json["pod_uid"], UID);
+        assert_eq!(json["cgroup_id"], id);
         // The record is consumed: a second resolve of the same cookie finds nothing.
         assert!(matches!(
             resolver.resolve(7).await,
@@ -319,9 +487,13 @@ mod tests {
         ));
         // Removing the directory does not change a cached answer for the same id...
         fs::remove_dir(&container).expect("rmdir");
-        assert_eq!(resolver.resolve(8).await.expect("cached").pod.pod_uid, UID);
+        assert_eq!(
+            resolver.resolve(8).await.expect("cached").pod().pod_uid,
+            UID
+        );
         // ...and pruning forgets it.
-        assert!(resolver.prune() >= 1);
+        assert_eq!(resolver.prune(), 1);
+        assert!(resolver.pods().is_empty());
     }
 
     #[tokio::test]
@@ -332,21 +504,20 @@ mod tests {
             flags: RECORD_POISONED,
             ..record(inode(&container).expect("inode"))
         };
-        let records = Records(Mutex::new(HashMap::from([
-            (1, record(u64::MAX)),
-            (2, record(inode(qos).expect("inode"))),
-            (4, poisoned),
-        ])));
         let resolver = Resolver::new(
-            records,
+            records(&[
+                (1, record(u64::MAX)),
+                (2, record(inode(qos).expect("inode"))),
+                (4, poisoned),
+            ]),
+            walker(dir.path()),
             dir.path().to_owned(),
-            dir.path().join("kubepods.slice"),
         );
         assert!(matches!(
             resolver.resolve(1).await,
             Err(ResolveError::CgroupGone(u64::MAX))
         ));
-        assert!(resolver.is_gone(u64::MAX), "unknown ids are remembered");
+        assert!(resolver.is_gone(u64::MAX), "a complete walk marks it gone");
         assert!(matches!(
             resolver.resolve(2).await,
             Err(ResolveError::NotAPod { .. })
@@ -360,5 +531,115 @@ mod tests {
             resolver.resolve(4).await,
             Err(ResolveError::Collision)
         ));
+    }
+
+    /// Answers from a script, one answer per lookup, counting them.
+    struct Scripted(
+        Mutex<Vec<Result<Found, String>>>,
+        std::sync::atomic::AtomicUsize,
+    );
+
+    impl CgroupLookup for Scripted {
+        fn find(&self, _: u64) -> Result<Found, String> {
+            self.1.fetch_add(1, Ordering::SeqCst);
+            let mut script = self.0.lock().expect("lock");
+            match script.len() {
+                0 => Err("script exhausted".into()),
+                _ => script.remove(0),
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_transient_failure_never_marks_a_live_cgroup_gone() {
+        let (dir, container) = tree();
+        let id = inode(&container).expect("inode");
+        let script = Arc::new(Scripted(
+            Mutex::new(vec![
+                // The pods cgroup is briefly unreadable (EMFILE, say).
+                Err("the walk was incomplete (Too many open files)".into()),
+                Ok(Found::Path(container.clone())),
+            ]),
+            Default::default(),
+        ));
+        let resolver = Resolver::new(
+            records(&[(1, record(id)), (2, record(id))]),
+            script.clone(),
+            dir.path().to_owned(),
+        );
+        assert!(matches!(
+            resolver.resolve(1).await,
+            Err(ResolveError::Unresolved { .. })
+        ));
+        assert!(!resolver.is_gone(id));
+        // Readable again: the same cgroup id resolves.
+        assert_eq!(
+            resolver.resolve(2).await.expect("resolves").pod().pod_uid,
+            UID
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gone_marks_expire() {
+        let (dir, container) = tree();
+        let id = inode(&container).expect("inode");
+        let script = Arc::new(Scripted(
+            Mutex::new(vec![Ok(Found::Gone), Ok(Found::Path(container.clone()))]),
+            Default::default(),
+        ));
+        let resolver = Resolver::new(
+            records(&(1..=3).map(|c| (c, record(id))).collect::<Vec<_>>()),
+            script.clone(),
+            dir.path().to_owned(),
+        );
+        assert!(matches!(
+            resolver.resolve(1).await,
+            Err(ResolveError::CgroupGone(_))
+        ));
+        // Refused at once while marked, without asking again.
+        assert!(matches!(
+            resolver.resolve(2).await,
+            Err(ResolveError::CgroupGone(_))
+        ));
+        assert_eq!(script.1.load(Ordering::SeqCst), 1);
+        tokio::time::advance(GONE_TTL + Duration::from_secs(1)).await;
+        assert!(resolver.resolve(3).await.is_ok(), "the mark expired");
+    }
+
+    #[tokio::test]
+    async fn a_full_cache_makes_room_without_emptying_itself() {
+        let (dir, container) = tree();
+        let live = inode(&container).expect("inode");
+        let mut resolver = Resolver::new(records(&[]), walker(dir.path()), dir.path().to_owned());
+        resolver.max_cached = 3;
+        let entry = |path: &str| {
+            Arc::new(CachedCgroup {
+                path: path.into(),
+                pod: identity::parse_cgroup_path(path),
+            })
+        };
+        let live_path = cgroup::relative_path(dir.path(), &container).expect("relative");
+        resolver.remember(live, entry(&live_path));
+        // Two entries whose directories are gone.
+        resolver.remember(1, entry("/kubepods.slice/gone-1"));
+        resolver.remember(2, entry("/kubepods.slice/gone-2"));
+        resolver.remember(3, entry("/kubepods.slice/new"));
+        let cache = resolver.cache.read().expect("lock");
+        assert!(cache.contains_key(&live), "the live entry stays");
+        assert!(cache.contains_key(&3));
+        assert_eq!(cache.len(), 2);
+    }
+
+    #[test]
+    fn a_complete_walk_proves_absence_an_incomplete_one_does_not() {
+        let (dir, container) = tree();
+        let id = inode(&container).expect("inode");
+        let root = dir.path().join("kubepods.slice");
+        assert_eq!(walk_for(&root, id), Ok(Found::Path(container.clone())));
+        assert_eq!(walk_for(&root, u64::MAX), Ok(Found::Gone));
+        // A search root that is not a directory cannot be read.
+        let file = dir.path().join("file");
+        fs::write(&file, "").expect("file");
+        assert!(walk_for(&file, u64::MAX).is_err());
     }
 }

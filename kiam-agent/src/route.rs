@@ -49,24 +49,31 @@ pub enum PathError {
     EncodedSeparator,
 }
 
-/// Percent-encodings that could turn into a separator or a dot segment further along.
-const ENCODED: [&str; 4] = ["%2e", "%2f", "%5c", "%00"];
+/// Percent-encodings that could turn into a separator or a dot segment further along
+/// (compared case-insensitively).
+const ENCODED: [&[u8; 2]; 4] = [b"2e", b"2f", b"5c", b"00"];
 
-/// Checks a path (without query) and says where it leads.
+fn has_encoded_separator(path: &str) -> bool {
+    path.as_bytes()
+        .windows(3)
+        .any(|w| w[0] == b'%' && ENCODED.iter().any(|e| w[1..].eq_ignore_ascii_case(&e[..])))
+}
+
+/// Checks a path (without query) and says where it leads. Allocation-free but for the
+/// segment list: it runs for every request.
 pub fn classify(path: &str) -> Result<Route<'_>, PathError> {
     let rest = path.strip_prefix('/').ok_or(PathError::NotAbsolute)?;
     if path.contains('\\') {
         return Err(PathError::Backslash);
     }
-    let lower = path.to_ascii_lowercase();
-    if ENCODED.iter().any(|e| lower.contains(e)) {
+    if has_encoded_separator(path) {
         return Err(PathError::EncodedSeparator);
     }
-    // A trailing slash is how directories are listed; any other empty segment is refused.
-    let segments: Vec<&str> = rest.strip_suffix('/').unwrap_or(rest).split('/').collect();
     if rest.is_empty() {
         return Ok(Route::Other);
     }
+    // A trailing slash is how directories are listed; any other empty segment is refused.
+    let segments: Vec<&str> = rest.strip_suffix('/').unwrap_or(rest).split('/').collect();
     for segment in &segments {
         match *segment {
             "" => return Err(PathError::EmptySegment),
@@ -77,20 +84,19 @@ pub fn classify(path: &str) -> Result<Route<'_>, PathError> {
     if path == "/latest/api/token" {
         return Ok(Route::Token);
     }
-    let lowered: Vec<String> = segments.iter().map(|s| s.to_ascii_lowercase()).collect();
-    let lowered: Vec<&str> = lowered.iter().map(String::as_str).collect();
+    let is = |segment: &str, name: &str| segment.eq_ignore_ascii_case(name);
     // Never forwarded, wherever they sit in the path and however they are spelled.
-    if lowered.contains(&"identity-credentials") {
+    if segments.iter().any(|s| is(s, "identity-credentials")) {
         return Ok(Route::NodeIdentity);
     }
-    if let Some(i) = lowered.iter().position(|s| *s == "instance-identity")
-        && lowered.get(i + 1).is_some_and(|doc| *doc != "document")
+    if let Some(i) = segments.iter().position(|s| is(s, "instance-identity"))
+        && segments.get(i + 1).is_some_and(|doc| !is(doc, "document"))
     {
         return Ok(Route::NodeIdentity);
     }
-    let Some(iam) = lowered
+    let Some(iam) = segments
         .windows(2)
-        .position(|pair| pair == ["meta-data", "iam"])
+        .position(|pair| is(pair[0], "meta-data") && is(pair[1], "iam"))
     else {
         return Ok(Route::Other);
     };

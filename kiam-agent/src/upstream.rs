@@ -126,8 +126,9 @@ pub struct Upstream {
     clock: Arc<dyn Clock>,
     settings: Settings,
     roles: RwLock<HashMap<String, Entry>>,
-    /// Keyed by pod UID and role ARN (names repeat across paths and accounts).
-    creds: RwLock<HashMap<CredsKey, Arc<Creds>>>,
+    /// By pod UID: the role ARN they are for (names repeat across paths and accounts) and
+    /// the credentials. A pod has one role at a time.
+    creds: RwLock<HashMap<String, (String, Arc<Creds>)>>,
     /// Background refreshes started, by key: at most one every `REFRESH_SPACING`.
     refreshing: std::sync::Mutex<HashMap<CredsKey, Instant>>,
 }
@@ -260,15 +261,15 @@ impl Upstream {
         self.creds
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|(uid, _), _| uid != pod_uid);
+            .remove(pod_uid);
     }
 
-    fn cached_creds(&self, key: &CredsKey) -> Option<Arc<Creds>> {
-        self.creds
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(key)
-            .cloned()
+    fn cached_creds(&self, pod_uid: &str, arn: &str) -> Option<Arc<Creds>> {
+        let creds = self.creds.read().unwrap_or_else(|e| e.into_inner());
+        match creds.get(pod_uid) {
+            Some((for_arn, creds)) if for_arn == arn => Some(creds.clone()),
+            _ => None,
+        }
     }
 
     async fn fetch(
@@ -303,7 +304,7 @@ impl Upstream {
         self.creds
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert((pod_uid.to_owned(), role.arn.clone()), creds.clone());
+            .insert(pod_uid.to_owned(), (role.arn.clone(), creds.clone()));
         Ok(creds)
     }
 
@@ -329,14 +330,13 @@ impl Upstream {
         current: &Role,
         deadline: Instant,
     ) -> Result<Arc<Creds>, Status> {
-        let key = (pod_uid.to_owned(), current.arn.clone());
-        if let Some(creds) = self.cached_creds(&key) {
+        if let Some(creds) = self.cached_creds(pod_uid, &current.arn) {
             let left = self.remaining(&creds);
             if left >= self.settings.min_validity + REFRESH_MARGIN {
                 return Ok(creds);
             }
             if left >= self.settings.min_validity {
-                if self.claim_refresh(&key) {
+                if self.claim_refresh(&(pod_uid.to_owned(), current.arn.clone())) {
                     let (this, uid, role) = (self.clone(), pod_uid.to_owned(), current.clone());
                     tokio::spawn(async move {
                         let deadline = this.deadline();
@@ -365,7 +365,7 @@ impl Upstream {
         self.creds
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|(uid, _), c| alive(uid) && self.remaining(c) >= min);
+            .retain(|uid, (_, c)| alive(uid) && self.remaining(c) >= min);
         let refusal_ttl = self.settings.refusal_ttl;
         self.roles
             .write()
