@@ -39,11 +39,17 @@ impl Cluster {
     /// Starts everything on `node`: moto, the emulator with `namespace` (annotated with
     /// `annotations`), two servers with fresh mTLS material, and the agent with
     /// `agent_args` on top of what connects it to the servers.
-    pub fn start(
+    pub fn start(node: Node, namespace: &str, annotations: Value, agent_args: &[&str]) -> Cluster {
+        Self::start_with(node, namespace, annotations, agent_args, &[])
+    }
+
+    /// The same, with `server_args` for both servers.
+    pub fn start_with(
         mut node: Node,
         namespace: &str,
         annotations: Value,
         agent_args: &[&str],
+        server_args: &[&str],
     ) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let ns = node.netns.clone();
@@ -53,7 +59,17 @@ impl Cluster {
         let certs = Certs::new(dir.path());
         let servers = [(8443, 9620), (8444, 9621)]
             .into_iter()
-            .map(|ports| Server::start_in(Some(&ns), ports, dir.path(), &certs, &sts, &kube, &[]))
+            .map(|ports| {
+                Server::start_in(
+                    Some(&ns),
+                    ports,
+                    dir.path(),
+                    &certs,
+                    &sts,
+                    &kube,
+                    server_args,
+                )
+            })
             .collect();
         let path = |name: &str| certs.path(name).to_string_lossy().into_owned();
         let token_file = dir.path().join("agent-token");

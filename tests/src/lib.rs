@@ -1,8 +1,9 @@
 //! Test infrastructure shared by the end-to-end tests and the demo: test "nodes" (network
 //! namespaces, kubelet-shaped cgroups, the real agent) in [`node`], the server side (moto,
 //! the Kubernetes API emulator, certificates, kiam servers) in [`stack`], and both put
-//! together in [`cluster`].
+//! together in [`cluster`]; the benchmarks behind `cargo xtask bench` in [`bench`].
 
+pub mod bench;
 pub mod cluster;
 pub mod node;
 pub mod stack;

@@ -173,6 +173,8 @@ pub struct Node {
     pub agent_args: Vec<String>,
     /// `--agent-ip` of the agent: the node's address, or a link-local one.
     pub agent_ip: Ipv4Addr,
+    /// `--log-level` of the agent (debug for the tests; benchmarks log less).
+    pub agent_log_level: String,
     fake_imds: Vec<Child>,
     pod_netns: Vec<String>,
     pods: u32,
@@ -216,6 +218,7 @@ impl Node {
             agent: None,
             agent_args: Vec::new(),
             agent_ip: AGENT_IP,
+            agent_log_level: "info,kiam_agent=debug".into(),
             fake_imds: Vec::new(),
             pod_netns: Vec::new(),
             pods: 0,
@@ -457,7 +460,7 @@ impl Node {
             "--log-format".into(),
             "json".into(),
             "--log-level".into(),
-            "info,kiam_agent=debug".into(),
+            self.agent_log_level.clone(),
             "run".into(),
             "--agent-ip".into(),
             self.agent_ip.to_string(),

@@ -439,6 +439,13 @@ impl Kube {
         serde_json::from_str(&body).unwrap_or_default()
     }
 
+    /// Fills the emulator with a synthetic cluster (see [`crate::bench::scale`]).
+    pub fn generate(&self, shape: &crate::bench::scale::ClusterShape) {
+        let body = serde_json::to_value(shape).expect("shape");
+        let (status, answer) = self.http("POST", "/_emulator/generate", Some(&body));
+        assert_eq!(status, 200, "{answer}");
+    }
+
     /// TokenReviews the emulator has answered (or failed).
     pub fn token_reviews(&self) -> u64 {
         self.requests()["create tokenreviews"].as_u64().unwrap_or(0)
@@ -642,6 +649,21 @@ impl Server {
 
     pub fn start_in(
         netns: Option<&str>,
+        ports: (u16, u16),
+        dir: &Path,
+        certs: &Certs,
+        sts: &Sts,
+        kube: &Kube,
+        extra: &[&str],
+    ) -> Server {
+        let server = Self::spawn_in(netns, ports, dir, certs, sts, kube, extra);
+        server.wait_ready();
+        server
+    }
+
+    /// Starts a server without waiting for it to be ready.
+    pub fn spawn_in(
+        netns: Option<&str>,
         (port, admin_port): (u16, u16),
         dir: &Path,
         certs: &Certs,
@@ -649,6 +671,12 @@ impl Server {
         kube: &Kube,
         extra: &[&str],
     ) -> Server {
+        // The tests' defaults, unless the caller sets its own (benchmarks log less and
+        // refresh less often).
+        let default = |flag: &'static str, value: &'static str| match extra.contains(&flag) {
+            true => Vec::new(),
+            false => vec![flag, value],
+        };
         let log = dir.join(format!("server-{port}.log"));
         let file = fs::File::create(&log).expect("log");
         let bin = std::env::var_os("KIAM_SERVER_BIN")
@@ -671,9 +699,10 @@ impl Server {
                 ],
             })
             .args(["--sts-endpoint", &format!("http://127.0.0.1:{}", sts.port)])
-            .args(["--sts-region", "us-east-1", "--refresh-interval", "1s"])
+            .args(["--sts-region", "us-east-1"])
+            .args(default("--refresh-interval", "1s"))
             .args(["--tls-reload-interval", "1s", "--log-format", "json"])
-            .args(["--log-level", "info,kiam_server=debug"])
+            .args(default("--log-level", "info,kiam_server=debug"))
             .args(extra)
             .env("KUBECONFIG", &kube.kubeconfig)
             // The server's own identity for moto; nothing may fall back to a metadata service.
@@ -687,19 +716,21 @@ impl Server {
             .expect("start kiam-server");
         crate::track(&child);
         wait_for_port(netns, admin_port, "kiam-server", &mut child);
-        let server = Server {
+        Server {
             child,
             netns: netns.map(str::to_owned),
             port,
             admin_port,
             log,
-        };
-        server.wait_ready();
-        server
+        }
     }
 
     pub fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        self.wait_ready_within(Duration::from_secs(30));
+    }
+
+    pub fn wait_ready_within(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
         while in_netns(self.netns.as_deref(), || {
             http(self.admin_port, "GET", "/ready", None)
         })
@@ -723,6 +754,11 @@ impl Server {
             http(self.admin_port, "GET", "/metrics", None)
         })
         .1
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn kill(&mut self) {

@@ -4,6 +4,7 @@
 //! - `build-ebpf`: builds the kernel programs into `target/bpfel-unknown-none/release/kiam-ebpf`.
 //! - `test`: setup, build-ebpf, formatting, lints, unit tests, then the privileged
 //!   end-to-end tests (one at a time).
+//! - `bench`: release builds, then `kiam-bench run` (speed and scale, see `kiam_e2e::bench`).
 
 use std::{
     env,
@@ -42,6 +43,14 @@ enum Cmd {
     /// Write a development PKI (CA, server and agent certificates) with rcgen.
     Certs {
         /// Passed on to `kiam-dev certs` (see `cargo xtask certs -- --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Speed and scale with release builds (root): the hot path against a bare responder,
+    /// the cost to ordinary pod traffic, a new pod's first request, agent memory, the server
+    /// at 10k and 100k pods. Prints a table and writes target/bench/report.json.
+    Bench {
+        /// Passed on to `kiam-bench run` (see `cargo xtask bench -- --help`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -217,6 +226,28 @@ fn build_all() -> anyhow::Result<()> {
     ]))
 }
 
+fn bench(args: Vec<String>) -> anyhow::Result<()> {
+    setup::setup()?;
+    build_ebpf()?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "kiam-agent",
+        "--package",
+        "kiam-server",
+        "--package",
+        "kiam-e2e",
+        "--bins",
+    ]))?;
+    run(
+        Command::new(workspace_root().join("target/release/kiam-bench"))
+            .arg("run")
+            .args(args)
+            .env("KIAM_MOTO_SERVER", setup::venv().join("bin/moto_server")),
+    )
+}
+
 fn demo(keep: bool) -> anyhow::Result<()> {
     setup::setup()?;
     build_all()?;
@@ -258,6 +289,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Setup => setup::setup(),
         Cmd::Demo { keep } => demo(keep),
+        Cmd::Bench { args } => bench(args),
         Cmd::Certs { args } => certs(args),
         Cmd::Docs => docs(),
         Cmd::BuildEbpf => build_ebpf(),

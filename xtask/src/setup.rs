@@ -9,9 +9,10 @@ use crate::run;
 
 /// Debian packages: LLVM 22 for bpf-linker (must match nightly's LLVM), bpftool for
 /// inspection and the tests, iproute2/util-linux/curl for the test topology, iptables for the
-/// DNAT a kube-proxy Service installs (node-safety tests). (kubectl, for rendering the
-/// kustomize bases, is not in Debian: it is checked for, not installed.)
-const APT_PACKAGES: [&str; 7] = [
+/// DNAT a kube-proxy Service installs (node-safety tests), iperf3 for `cargo xtask bench`.
+/// (kubectl, for rendering the kustomize bases, is not in Debian: it is checked for, not
+/// installed.)
+const APT_PACKAGES: [&str; 8] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "bpftool",
@@ -19,6 +20,7 @@ const APT_PACKAGES: [&str; 7] = [
     "util-linux",
     "curl",
     "iptables",
+    "iperf3",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Python packages for the tests, in the project's `.venv`: moto as the STS server, and the

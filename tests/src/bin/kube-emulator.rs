@@ -24,7 +24,9 @@
 //! `POST /_emulator/tokens` (mint a token as the kubelet would: `namespace`,
 //! `serviceAccount`, `podName`, `podUid`, `nodeName` (omitted: an API server before 1.30 that
 //! does not say), `audiences`, `expirationSeconds`), `POST /_emulator/fail-token-reviews`
-//! (`count` reviews answered 503).
+//! (`count` reviews answered 503), `POST /_emulator/generate` (a synthetic cluster:
+//! `pods`, `namespaces`, `roles`, `nodes`; see `kiam_e2e::bench::scale`; older resource
+//! versions become 410 Gone, as after a compaction).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -190,6 +192,33 @@ impl Emulator {
         };
         self.record(&mut state, kind, event, object.clone());
         Ok(object)
+    }
+
+    /// A synthetic cluster, stored at once: no watch saw it being built, so earlier resource
+    /// versions are compacted away.
+    fn generate(&self, shape: &kiam_e2e::bench::scale::ClusterShape) {
+        let pods: Vec<Value> = (0..shape.pods)
+            .map(|i| kiam_e2e::bench::scale::synthetic_pod(shape, i))
+            .collect();
+        let mut state = self.lock();
+        state.rv += 1;
+        let rv = json!(state.rv.to_string());
+        for n in 0..shape.namespaces {
+            let name = format!("ns-{n}");
+            let object = json!({"apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": name, "uid": format!("ns-uid-{n}"), "resourceVersion": rv,
+                    "annotations": {"iam.amazonaws.com/permitted": "role-.*"}}});
+            state
+                .objects
+                .insert((Kind::Namespace, String::new(), name), object);
+        }
+        for mut pod in pods {
+            pod["metadata"]["resourceVersion"] = rv.clone();
+            let key = key_of(Kind::Pod, &pod);
+            state.objects.insert(key, pod);
+        }
+        state.compacted = state.rv;
+        state.history.clear();
     }
 
     fn delete(&self, kind: Kind, ns: &str, name: &str) -> Option<Value> {
@@ -673,6 +702,16 @@ async fn handle(
             Ok(spec) => match emu.mint(&spec) {
                 Ok(token) => full(StatusCode::OK, token),
                 Err(e) => status(StatusCode::BAD_REQUEST, "BadRequest", &e),
+            },
+            Err(e) => status(StatusCode::BAD_REQUEST, "BadRequest", &e),
+        },
+        (&Method::POST, ["_emulator", "generate"]) => match body_json(req).await {
+            Ok(shape) => match serde_json::from_value(shape) {
+                Ok(shape) => {
+                    emu.generate(&shape);
+                    full(StatusCode::OK, json!({}))
+                }
+                Err(e) => status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
             },
             Err(e) => status(StatusCode::BAD_REQUEST, "BadRequest", &e),
         },
