@@ -1,6 +1,9 @@
 //! What kiam-agent and kiam-server share to be operable: logging set-up (`--log-format`,
 //! `--log-level`, the `log` crate bridged), the admin listener (`/metrics`, `/live`,
-//! `/ready`) and waiting for a stop signal.
+//! `/ready`), listeners one client cannot exhaust ([`listen`]) and waiting for a stop
+//! signal.
+
+pub mod listen;
 
 use std::{convert::Infallible, io::IsTerminal as _, sync::Arc};
 
@@ -47,15 +50,28 @@ pub struct Admin {
     pub not_ready: &'static str,
 }
 
-/// Serves `/metrics`, `/live` (the process answers) and `/ready`.
+/// Connections the admin listener holds at once (Prometheus and probes need a few).
+const ADMIN_CONNECTIONS: usize = 64;
+/// How long an admin client may take to send a request head.
+const ADMIN_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves `/metrics`, `/live` (the process answers) and `/ready`, with the same limits as
+/// the agent's listener: a connection cap and a head timeout.
 pub async fn serve_admin(listener: tokio::net::TcpListener, admin: Admin) {
     let admin = Arc::new(admin);
+    let gate = listen::Gate::new(ADMIN_CONNECTIONS);
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        // Over the cap: closed at once.
+        let Some(pass) = gate.enter() else {
             continue;
         };
         let admin = admin.clone();
         tokio::spawn(async move {
+            let _pass = pass;
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let admin = admin.clone();
                 async move {
@@ -71,7 +87,7 @@ pub async fn serve_admin(listener: tokio::net::TcpListener, admin: Admin) {
                     Ok::<_, Infallible>(response)
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let _ = listen::http1(ADMIN_HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
