@@ -16,9 +16,18 @@ pub struct Cli {
     /// gRPC listen address (mutual TLS).
     #[arg(long, env = "KIAM_SERVER_LISTEN", default_value = "0.0.0.0:8443")]
     pub listen: SocketAddr,
-    /// Admin listen address: `/metrics`, `/live`, `/ready` (plain HTTP).
-    #[arg(long, env = "KIAM_SERVER_ADMIN_LISTEN", default_value = "0.0.0.0:9620")]
+    /// Admin listen address: `/metrics`, `/live`, `/ready` (plain HTTP). Loopback by default;
+    /// the manifests give the pod's address, which Prometheus and the kubelet reach.
+    #[arg(
+        long,
+        env = "KIAM_SERVER_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9620"
+    )]
     pub admin_listen: SocketAddr,
+    /// `/ready` turns false once the Kubernetes watches have been failing for this long, so a
+    /// server that lost the API server leaves the Service.
+    #[arg(long, env = "KIAM_WATCH_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub watch_grace: Duration,
     /// PEM server certificate chain.
     #[arg(long, env = "KIAM_TLS_CERT")]
     pub tls_cert: PathBuf,
@@ -99,6 +108,10 @@ pub struct Cli {
     /// Attempts per AssumeRole call (throttling and 5xx are retried with backoff and jitter).
     #[arg(long, env = "KIAM_STS_MAX_ATTEMPTS", default_value_t = 4)]
     pub sts_max_attempts: u32,
+    /// Distinct sessions (role, external id, session name: pods choose the last two) one
+    /// namespace may cause; more are refused, so no namespace can drive STS into throttling.
+    #[arg(long, env = "KIAM_MAX_SESSIONS_PER_NAMESPACE", default_value_t = 32)]
+    pub max_sessions_per_namespace: usize,
     /// Concurrent prefetch workers.
     #[arg(long, env = "KIAM_PREFETCH_WORKERS", default_value_t = 4)]
     pub prefetch_workers: usize,

@@ -127,6 +127,10 @@ pub enum Refusal {
     AgentTokenNoNode(String),
     #[error("assuming {role}: {error}")]
     Sts { role: String, error: StsError },
+    #[error(
+        "namespace {namespace} already uses {max} distinct sessions (role, external id, session name): the limit (--max-sessions-per-namespace)"
+    )]
+    TooManySessions { namespace: String, max: usize },
 }
 
 impl Refusal {
@@ -154,6 +158,7 @@ impl Refusal {
             Self::AgentTokenWrongServiceAccount { .. } => Reason::AgentTokenWrongServiceAccount,
             Self::AgentTokenReviewUnavailable(_) => Reason::AgentTokenReviewUnavailable,
             Self::AgentTokenNoNode(_) => Reason::AgentTokenNoNode,
+            Self::TooManySessions { .. } => Reason::TooManySessions,
             Self::Sts { error, .. } => match error {
                 StsError::Denied(_) => Reason::StsDenied,
                 StsError::Invalid(_) => Reason::StsInvalid,
@@ -175,6 +180,7 @@ impl Refusal {
             | Reason::NoRoleAnnotation
             | Reason::OtherRole => Code::NotFound,
             Reason::NodeMetadataPassthrough | Reason::StsInvalid => Code::FailedPrecondition,
+            Reason::TooManySessions => Code::ResourceExhausted,
             Reason::AgentIdentityMissing
             | Reason::AgentTokenInvalid
             | Reason::AgentTokenExpired
@@ -293,7 +299,7 @@ pub fn decide(
     uid: &str,
     node: &str,
 ) -> Result<Decision, Refusal> {
-    if !index.ready() {
+    if !index.synced() {
         return Err(Refusal::IndexNotSynced);
     }
     let pod = index

@@ -89,6 +89,7 @@ impl Events {
             Reason::RoleInvalid => "IAMRoleInvalid",
             Reason::NamespaceRuleInvalid => "IAMNamespaceRuleInvalid",
             Reason::RoleNotPermitted => "IAMRoleForbidden",
+            Reason::TooManySessions => "IAMSessionLimit",
             Reason::StsDenied | Reason::StsUnavailable | Reason::StsInvalid => {
                 "IAMAssumeRoleFailed"
             }

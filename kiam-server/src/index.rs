@@ -7,13 +7,18 @@
 //! the whole cluster's pods, and glibc keeps a peak as the steady state).
 //! Each watcher restart (`Init` … `InitDone`, e.g. after a 410) replaces the whole set at once,
 //! so objects deleted while the watch was down disappear.
+//!
+//! Readiness follows the watches: the index is ready once both have listed, and not ready
+//! again while either has been failing for longer than the grace period (it keeps serving
+//! what it has: the Service stops sending new agents its way).
 
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{
-        Arc, RwLock,
+        Arc, Mutex, RwLock,
         atomic::{AtomicBool, Ordering},
     },
+    time::{Duration, Instant},
 };
 
 use futures::StreamExt as _;
@@ -62,6 +67,9 @@ pub struct Index {
     namespaces: RwLock<HashMap<String, Arc<NamespaceRules>>>,
     pods_synced: AtomicBool,
     namespaces_synced: AtomicBool,
+    /// Since when each watch (pods, namespaces) has been failing, if it is.
+    failing: Mutex<[Option<Instant>; 2]>,
+    grace: Duration,
     on_pod: RwLock<Option<PodHook>>,
 }
 
@@ -79,14 +87,42 @@ fn str_at(value: &serde_json::Value, path: &[&str]) -> Option<String> {
 
 impl Index {
     pub fn new(pod_annotations: Vec<String>) -> Self {
+        Self::with_grace(Duration::from_secs(30), pod_annotations)
+    }
+
+    /// An index that stops being ready once a watch has been failing for `grace`.
+    pub fn with_grace(grace: Duration, pod_annotations: Vec<String>) -> Self {
         Self {
             pod_annotations,
             pods: RwLock::new(HashMap::new()),
             namespaces: RwLock::new(HashMap::new()),
             pods_synced: AtomicBool::new(false),
             namespaces_synced: AtomicBool::new(false),
+            failing: Mutex::new([None, None]),
+            grace,
             on_pod: RwLock::new(None),
         }
+    }
+
+    /// Records how a watch is doing: `ok` clears its failure, a failure starts one.
+    fn watch_health(&self, resource: Resource, ok: bool) {
+        let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = &mut failing[resource as usize];
+        match ok {
+            true => *slot = None,
+            false => {
+                slot.get_or_insert_with(Instant::now);
+            }
+        }
+    }
+
+    /// Whether a watch has been failing for longer than the grace period.
+    pub fn watches_failing(&self) -> bool {
+        let failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        failing
+            .iter()
+            .flatten()
+            .any(|since| since.elapsed() >= self.grace)
     }
 
     pub fn set_pod_hook(&self, hook: PodHook) {
@@ -94,8 +130,13 @@ impl Index {
     }
 
     /// Both watchers have completed their first list.
-    pub fn ready(&self) -> bool {
+    pub fn synced(&self) -> bool {
         self.pods_synced.load(Ordering::Acquire) && self.namespaces_synced.load(Ordering::Acquire)
+    }
+
+    /// Synced, and no watch failing beyond the grace period.
+    pub fn ready(&self) -> bool {
+        self.synced() && !self.watches_failing()
     }
 
     pub fn pod(&self, uid: &str) -> Option<Arc<PodInfo>> {
@@ -244,8 +285,8 @@ const LIST_PAGE_SIZE: u32 = 250;
 
 #[derive(Clone, Copy)]
 enum Resource {
-    Pods,
-    Namespaces,
+    Pods = 0,
+    Namespaces = 1,
 }
 
 /// Runs both watchers until the process ends; watch errors (410, API server restarts) are
@@ -313,6 +354,7 @@ async fn watch(api: Api<DynamicObject>, index: Arc<Index>, resource: Resource) {
     futures::pin_mut!(stream);
     let mut listed = Listed::new(resource);
     while let Some(event) = stream.next().await {
+        index.watch_health(resource, event.is_ok());
         match event {
             Ok(watcher::Event::Init) => listed = Listed::new(resource),
             Ok(watcher::Event::InitApply(obj)) => listed.push(&index, &obj),
@@ -408,6 +450,24 @@ mod tests {
             .pod_info(&pod_object("u1", "a", "n1", None))
             .expect("pod");
         assert!(!plain.host_network && !plain.mirror);
+    }
+
+    #[test]
+    fn readiness_drops_after_the_grace_period_of_failing_watches() {
+        let index = Index::with_grace(Duration::from_millis(50), Vec::new());
+        index.replace_pods(Vec::new());
+        index.replace_namespaces(Vec::new());
+        assert!(index.ready());
+        index.watch_health(Resource::Pods, false);
+        assert!(index.ready(), "within the grace period");
+        std::thread::sleep(Duration::from_millis(60));
+        index.watch_health(Resource::Pods, false);
+        assert!(!index.ready(), "failing for longer than the grace period");
+        index.watch_health(Resource::Pods, true);
+        assert!(index.ready(), "the watch recovered");
+        index.watch_health(Resource::Namespaces, false);
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(!index.ready());
     }
 
     #[test]

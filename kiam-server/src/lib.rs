@@ -16,6 +16,7 @@ pub mod index;
 pub mod metrics;
 pub mod policy;
 pub mod service;
+pub mod sessions;
 pub mod tls;
 
 /// The gRPC API, generated in `kiam-proto`.

@@ -2,7 +2,11 @@
 //! listener together. See the library modules for what each part owns.
 #![forbid(unsafe_code)]
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use clap::Parser as _;
@@ -17,6 +21,7 @@ use kiam_server::{
     policy::{self, BaseArn},
     proto::kiam_server::KiamServer,
     service::KiamService,
+    sessions::SessionBudget,
     tls,
 };
 
@@ -103,11 +108,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .context("connecting to Kubernetes (in-cluster config or KUBECONFIG)")?;
 
     let metrics = Arc::new(Metrics::default());
-    let index = Arc::new(Index::new(vec![
-        cli.role_annotation.clone(),
-        policy::ANNOTATION_EXTERNAL_ID.into(),
-        policy::ANNOTATION_SESSION_NAME.into(),
-    ]));
+    let index = Arc::new(Index::with_grace(
+        cli.watch_grace,
+        vec![
+            cli.role_annotation.clone(),
+            policy::ANNOTATION_EXTERNAL_ID.into(),
+            policy::ANNOTATION_SESSION_NAME.into(),
+        ],
+    ));
     let settings = Settings {
         base,
         role_annotation: cli.role_annotation.clone(),
@@ -132,20 +140,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     );
     let events = Arc::new(Events::new(Some(recorder), metrics.clone()));
 
+    let sessions = Arc::new(SessionBudget::new(cli.max_sessions_per_namespace));
     // Prefetch: every pod with a permitted role queues its key; a few workers fetch.
     let (prefetch_tx, prefetch_rx) = tokio::sync::mpsc::channel::<CacheKey>(cli.prefetch_queue);
     {
-        let (index_ref, settings, events, metrics) = (
+        let (index_ref, settings, events, metrics, sessions) = (
             Arc::downgrade(&index),
             settings.clone(),
             events.clone(),
             metrics.clone(),
+            sessions.clone(),
         );
         index.set_pod_hook(Box::new(move |pod| {
             let Some(index) = index_ref.upgrade() else {
                 return;
             };
-            match decision::decide_indexed(&index, &settings, pod) {
+            let admitted = decision::decide_indexed(&index, &settings, pod).and_then(|access| {
+                match &access {
+                    Access::Role { key, .. } => sessions.admit(&pod.namespace, key),
+                    Access::PassThrough => Ok(()),
+                }
+                .map(|()| access)
+            });
+            match admitted {
                 Ok(Access::Role { key, .. }) => {
                     match prefetch_tx.try_send(key) {
                         Ok(()) => metrics.prefetch_queued.inc(),
@@ -174,27 +191,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     // Refresh ahead and evict what no pod uses.
     {
-        let (index, settings, cache, metrics) = (
+        let (index, settings, cache, metrics, sessions) = (
             index.clone(),
             settings.clone(),
             cache.clone(),
             metrics.clone(),
+            sessions.clone(),
         );
         let every = cli.refresh_interval;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
-                if !index.ready() {
+                if !index.synced() {
                     continue;
                 }
                 let pods = index.pods();
                 metrics.pods_indexed.set(pods.len() as i64);
-                let in_use: HashSet<CacheKey> = pods
+                // Keys pods use, by namespace; only those within their namespace's bound are
+                // kept and refreshed.
+                let mut by_namespace: HashMap<String, HashSet<CacheKey>> = HashMap::new();
+                for pod in &pods {
+                    if let Ok(Access::Role { key, .. }) =
+                        decision::decide_indexed(&index, &settings, pod)
+                    {
+                        by_namespace
+                            .entry(pod.namespace.clone())
+                            .or_default()
+                            .insert(key);
+                    }
+                }
+                sessions.retain(&by_namespace);
+                let in_use: HashSet<CacheKey> = by_namespace
                     .iter()
-                    .filter_map(|p| match decision::decide_indexed(&index, &settings, p) {
-                        Ok(Access::Role { key, .. }) => Some(key),
-                        _ => None,
+                    .flat_map(|(namespace, keys)| {
+                        keys.iter()
+                            .filter(|key| sessions.admit(namespace, key).is_ok())
+                            .cloned()
                     })
                     .collect();
                 for flight in cache.maintain(&in_use) {
@@ -209,8 +242,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     tokio::spawn(index::run(client.clone(), index.clone()));
     tokio::spawn(tls.clone().watch(cli.tls_reload_interval));
 
-    let admin = tokio::net::TcpListener::bind(cli.admin_listen)
-        .await
+    let admin = kiam_ops::listen::bind(cli.admin_listen)
         .with_context(|| format!("listening on {} (--admin-listen)", cli.admin_listen))?;
     let ready_index = index.clone();
     let exposed = metrics.clone();
@@ -219,12 +251,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         kiam_ops::Admin {
             metrics: Box::new(move || exposed.encode()),
             ready: Box::new(move || ready_index.ready()),
-            not_ready: "not ready: Kubernetes index not synced\n",
+            not_ready: "not ready: the Kubernetes index has not synced, or its watches are failing\n",
         },
     ));
 
-    let listener = tokio::net::TcpListener::bind(cli.listen)
-        .await
+    kiam_ops::listen::raise_open_files_limit();
+    let listener = kiam_ops::listen::bind(cli.listen)
         .with_context(|| format!("listening on {} (--listen)", cli.listen))?;
     tracing::info!(listen = %cli.listen, admin = %cli.admin_listen, "kiam-server started; waiting for the Kubernetes index");
     let auth = Arc::new(AgentAuth::new(
@@ -240,6 +272,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         index,
         settings,
         auth,
+        sessions,
         cache,
         events,
         metrics,

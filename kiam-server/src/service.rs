@@ -4,12 +4,15 @@
 //! credentials from the cache, and turns refusals into statuses with a typed reason (and an
 //! Event on the pod where its owner must see it). Every refusal is counted by reason.
 
-use std::{sync::Arc, time::UNIX_EPOCH};
+use std::{
+    sync::Arc,
+    time::{Duration, UNIX_EPOCH},
+};
 
 use tonic::{Code, Request, Response, Status};
 
 use crate::{
-    credentials::CredentialCache,
+    credentials::{CredentialCache, StsError},
     decision::{self, Access, Decision, Refusal, Settings, listed_name},
     events::Events,
     identity::AgentAuth,
@@ -19,6 +22,7 @@ use crate::{
         Credentials as ProtoCredentials, GetCredentialsRequest, GetPodRoleRequest,
         GetPodRoleResponse, HealthRequest, HealthResponse, kiam_server::Kiam,
     },
+    sessions::SessionBudget,
     tls,
 };
 
@@ -26,6 +30,7 @@ pub struct KiamService {
     pub index: Arc<Index>,
     pub settings: Settings,
     pub auth: Arc<AgentAuth>,
+    pub sessions: Arc<SessionBudget>,
     pub cache: CredentialCache,
     pub events: Arc<Events>,
     pub metrics: Arc<Metrics>,
@@ -87,10 +92,49 @@ impl KiamService {
                 .authenticate(bearer(request), certificate_nodes)
                 .await?;
             proven.check(node)?;
-            decision::decide(&self.index, &self.settings, uid, node)
+            let decision = decision::decide(&self.index, &self.settings, uid, node)?;
+            if let Access::Role { key, .. } = &decision.access {
+                self.sessions.admit(&decision.pod.namespace, key)?;
+            }
+            Ok(decision)
         };
         decided.await.map_err(|refusal| self.refuse(uid, &refusal))
     }
+}
+
+/// How long a request may wait for STS: what its caller allows (`grpc-timeout`, which agents
+/// set to their deadline) less a margin to answer in, at most [`MAX_STS_WAIT`].
+fn sts_budget<T>(request: &Request<T>) -> Duration {
+    let allowed = request
+        .metadata()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)
+        .unwrap_or(MAX_STS_WAIT);
+    allowed
+        .saturating_sub(ANSWER_MARGIN)
+        .clamp(ANSWER_MARGIN, MAX_STS_WAIT)
+}
+
+const MAX_STS_WAIT: Duration = Duration::from_secs(30);
+const ANSWER_MARGIN: Duration = Duration::from_millis(100);
+
+/// A `grpc-timeout` value: up to 8 digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`).
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// The agent's token: `authorization: Bearer <token>`.
@@ -155,7 +199,16 @@ impl Kiam for KiamService {
                 };
                 return Err(self.refuse(&r.pod_uid, &refusal));
             }
-            let creds = self.cache.get(key).await.map_err(|error| {
+            // Never past the caller's deadline: a slow STS gets a clear answer in time, and
+            // the call goes on in the background for the next request.
+            let fetched = tokio::time::timeout(sts_budget(&request), self.cache.get(key))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StsError::Unavailable(
+                        "AssumeRole has not answered within this request's deadline; it goes on in the background".into(),
+                    ))
+                });
+            let creds = fetched.map_err(|error| {
                 let refusal = Refusal::Sts {
                     role: role.arn.clone(),
                     error,
@@ -196,5 +249,27 @@ impl Kiam for KiamService {
         }));
         self.count(Method::Health, &result);
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts() {
+        assert_eq!(parse_grpc_timeout("850m"), Some(Duration::from_millis(850)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("100u"), Some(Duration::from_micros(100)));
+        for bad in ["", "m", "12", "1x", "123456789m", "-1S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+        let mut request = Request::new(());
+        assert_eq!(sts_budget(&request), MAX_STS_WAIT - ANSWER_MARGIN);
+        request.set_timeout(Duration::from_millis(900));
+        assert_eq!(sts_budget(&request), Duration::from_millis(800));
+        request.set_timeout(Duration::from_millis(50));
+        assert_eq!(sts_budget(&request), ANSWER_MARGIN);
     }
 }
