@@ -4,8 +4,19 @@
 //!
 //! Requests go to the instance-metadata API, except `GET /kiam/v1/identity`, which shows the
 //! caller the identity kiam resolved for it (its own, so nothing is disclosed).
+//!
+//! No pod can take the listener from the others: connections are capped overall and per pod
+//! (the caller's pod, from its cgroup; over the cap a pod gets a 429 and the connection is
+//! closed), a request head must arrive within `--idle-timeout`, which also ends idle
+//! kept-alive connections, and heads and bodies are bounded.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::{
@@ -15,7 +26,11 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::TokioIo;
-use tokio::net::{TcpListener, TcpStream};
+use kiam_ops::listen::{Gate, Pass};
+use tokio::{
+    io::AsyncWriteExt as _,
+    net::{TcpListener, TcpStream},
+};
 
 use crate::{
     imds::Imds,
@@ -23,19 +38,79 @@ use crate::{
     resolver::{Caller, RecordSource, ResolveError, Resolver},
 };
 
+/// The listener's limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_per_pod: usize,
+    /// A request head must arrive within this (an idle kept-alive connection ends then too).
+    pub idle_timeout: Duration,
+}
+
+/// Connections open per pod, up to a cap.
+struct PodGate {
+    open: Mutex<HashMap<String, usize>>,
+    max: usize,
+}
+
+/// One of a pod's open connections.
+struct PodPass(Arc<PodGate>, String);
+
+impl Drop for PodPass {
+    fn drop(&mut self) {
+        let mut open = self.0.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.1);
+            }
+        }
+    }
+}
+
+impl PodGate {
+    fn enter(self: &Arc<Self>, pod: &str) -> Option<PodPass> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(pod.to_owned()).or_default();
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(PodPass(self.clone(), pod.to_owned()))
+    }
+}
+
 /// Serves until the listener fails for good. Accept errors such as `EMFILE` pause briefly
 /// instead of ending the loop.
 pub async fn serve<S: RecordSource>(
     listener: TcpListener,
     resolver: Arc<Resolver<S>>,
     imds: Arc<Imds>,
+    limits: Limits,
 ) {
+    let gate = Gate::new(limits.max_connections);
+    let pods = Arc::new(PodGate {
+        open: Mutex::new(HashMap::new()),
+        max: limits.max_per_pod.max(1),
+    });
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                // Nothing slower than accept() happens on this loop: resolution runs per task.
-                let (resolver, imds) = (resolver.clone(), imds.clone());
-                tokio::spawn(async move { handle(stream, peer, resolver, imds).await });
+                // Over the overall cap the connection is closed at once; nothing slower than
+                // accept() happens on this loop: resolution runs per task.
+                let Some(pass) = gate.enter() else {
+                    imds.metrics
+                        .refused_connections
+                        .get_or_create(&RefusedLabels {
+                            reason: "over_capacity",
+                        })
+                        .inc();
+                    continue;
+                };
+                let (resolver, imds, pods) = (resolver.clone(), imds.clone(), pods.clone());
+                tokio::spawn(async move {
+                    handle(stream, peer, resolver, imds, pods, limits, pass).await;
+                });
             }
             Err(error) => {
                 tracing::warn!(%error, "accept failed");
@@ -45,11 +120,16 @@ pub async fn serve<S: RecordSource>(
     }
 }
 
+const TOO_MANY: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain\r\nContent-Length: 53\r\nConnection: close\r\n\r\nkiam: this pod has too many connections to kiam open\n";
+
 async fn handle<S: RecordSource>(
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
     resolver: Arc<Resolver<S>>,
     imds: Arc<Imds>,
+    pods: Arc<PodGate>,
+    limits: Limits,
+    _pass: Pass,
 ) {
     let caller = match socket2::SockRef::from(&stream).cookie() {
         Ok(cookie) => resolver.resolve(cookie).await,
@@ -83,6 +163,40 @@ async fn handle<S: RecordSource>(
                 .inc();
         }
     }
+    let _pod_pass = match &caller {
+        Ok(c) => match pods.enter(&c.pod().pod_uid) {
+            Some(pass) => Some(pass),
+            None => {
+                imds.metrics
+                    .refused_connections
+                    .get_or_create(&RefusedLabels {
+                        reason: "pod_connection_limit",
+                    })
+                    .inc();
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), stream.write_all(TOO_MANY)).await;
+                return;
+            }
+        },
+        Err(_) => None,
+    };
+    if let Err(error) = serve_connection(stream, caller, imds, limits.idle_timeout).await {
+        tracing::debug!(%peer, %error, "connection ended with an error");
+    }
+}
+
+/// Serves HTTP/1.1 requests on `io` for a caller resolved once for the whole connection
+/// (or the reason it could not be: every request then gets it). The fuzz target feeds it
+/// arbitrary bytes.
+pub async fn serve_connection<IO>(
+    io: IO,
+    caller: Result<Caller, ResolveError>,
+    imds: Arc<Imds>,
+    idle_timeout: Duration,
+) -> Result<(), hyper::Error>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let caller = Arc::new(caller);
     let service = service_fn(move |req: Request<Incoming>| {
         let (caller, imds) = (caller.clone(), imds.clone());
@@ -109,14 +223,9 @@ async fn handle<S: RecordSource>(
             Ok::<_, Infallible>(response)
         }
     });
-    if let Err(error) = hyper::server::conn::http1::Builder::new()
-        // A client may shut down its sending side and wait for the answer.
-        .half_close(true)
-        .serve_connection(TokioIo::new(stream), service)
+    kiam_ops::listen::http1(idle_timeout)
+        .serve_connection(TokioIo::new(io), service)
         .await
-    {
-        tracing::debug!(%peer, %error, "connection ended with an error");
-    }
 }
 
 /// The largest request body read (metadata requests have none).

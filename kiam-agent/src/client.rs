@@ -312,7 +312,7 @@ impl crate::upstream::RoleServer for Servers {
         let hedge = self.options.hedge_after;
         async move {
             call_backends(&backends, start, hedge, deadline, |b| {
-                let (mut client, request) = (b.client.clone(), request.clone());
+                let (mut client, request) = (b.client.clone(), with_deadline(&request, deadline));
                 async move { client.get_pod_role(request).await.map(|r| r.into_inner()) }.boxed()
             })
             .await
@@ -330,7 +330,7 @@ impl crate::upstream::RoleServer for Servers {
         let hedge = self.options.hedge_after;
         async move {
             call_backends(&backends, start, hedge, deadline, |b| {
-                let (mut client, request) = (b.client.clone(), request.clone());
+                let (mut client, request) = (b.client.clone(), with_deadline(&request, deadline));
                 async move {
                     client
                         .get_credentials(request)
@@ -343,6 +343,14 @@ impl crate::upstream::RoleServer for Servers {
         }
         .boxed()
     }
+}
+
+/// A request that tells the server how long the agent waits (`grpc-timeout`), so a slow STS
+/// gets a clear answer before the agent gives up.
+fn with_deadline<T: Clone>(message: &T, deadline: Instant) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message.clone());
+    request.set_timeout(deadline.saturating_duration_since(Instant::now()));
+    request
 }
 
 /// Calls `op` on `backends` (starting at `start`, round robin) until one answers, within
@@ -387,7 +395,12 @@ pub async fn call_backends<B, T: Send + 'static>(
             answer = inflight.next(), if !inflight.is_empty() => match answer {
                 Some(Ok(value)) => return Ok(value),
                 Some(Err(status)) if try_elsewhere(&status) || not_known_yet(&status) => {
-                    last = status;
+                    // A server's own refusal says more than a late retry's timeout.
+                    if reason_of(&status) != Reason::Unspecified
+                        || reason_of(&last) == Reason::Unspecified
+                    {
+                        last = status;
+                    }
                     if inflight.is_empty() {
                         // Another server at once while some are untried; else wait.
                         if turn >= backends.len() || not_known_yet(&last) {
@@ -575,6 +588,37 @@ mod tests {
         // Unreadable for a moment: the last token stands.
         std::fs::remove_file(&path).expect("rm");
         assert_eq!(file.token().as_deref(), Some("second"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_servers_reason_outlives_a_later_bare_timeout() {
+        // The first answer explains itself (STS is slow); a retry then times out bare.
+        let calls = Arc::new(Mutex::new(0usize));
+        let fakes = vec![()];
+        let op = |_: &()| {
+            let n = {
+                let mut c = calls.lock().expect("lock");
+                *c += 1;
+                *c
+            };
+            async move {
+                match n {
+                    1 => Err(Refusal {
+                        reason: Reason::StsUnavailable.into(),
+                        message: "STS is slow".into(),
+                    }
+                    .into_status(Code::Unavailable)),
+                    _ => Err(Status::cancelled("Timeout expired")),
+                }
+            }
+            .boxed()
+        };
+        let op: &dyn Fn(&()) -> BoxFuture<'static, Result<(), Status>> = &op;
+        let err = call_backends(&fakes, 0, HEDGE, Instant::now() + MS(900), op)
+            .await
+            .expect_err("no answer");
+        assert_eq!(err.message(), "STS is slow");
+        assert!(*calls.lock().expect("lock") > 1, "retried");
     }
 
     #[tokio::test(start_paused = true)]

@@ -121,6 +121,10 @@ pub struct RunArgs {
     /// service are not redirected. The agent's own cgroup is always exempt.
     #[arg(long, env = "KIAM_EXEMPT_CGROUPS", value_delimiter = ',')]
     pub exempt_cgroup: Vec<PathBuf>,
+    /// Load the kernel programs from this object instead of the one built in (the upgrade
+    /// tests swap programs under load with it).
+    #[arg(long, env = "KIAM_EBPF_OBJECT", hide = true)]
+    pub ebpf_object: Option<PathBuf>,
     /// Emit a kernel log record for every redirected connection (debugging only: ~20 µs per
     /// connection).
     #[arg(long, env = "KIAM_EBPF_LOG_CONNECTIONS")]
@@ -207,13 +211,26 @@ pub struct ApiArgs {
         default_value = "/run/kiam/imds-token.key"
     )]
     pub token_key_file: PathBuf,
-    /// Admin listener: `/metrics`, `/live`, `/ready`.
+    /// Admin listener: `/metrics`, `/live`, `/ready`. Loopback by default; the manifests
+    /// give the node's address (`status.hostIP`), which Prometheus and the kubelet reach.
     #[arg(long, env = "KIAM_ADMIN_LISTEN", default_value = DEFAULT_ADMIN_LISTEN)]
     pub admin_listen: SocketAddr,
+    /// Connections the metadata listener holds at once, all pods together; more are closed
+    /// at once.
+    #[arg(long, env = "KIAM_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Connections one pod may hold at once; more get 429 and are closed, so one pod can
+    /// never keep the others waiting.
+    #[arg(long, env = "KIAM_MAX_CONNECTIONS_PER_POD", default_value_t = 64)]
+    pub max_connections_per_pod: usize,
+    /// A request head must arrive within this; an idle kept-alive connection is closed
+    /// after it too.
+    #[arg(long, env = "KIAM_IDLE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
 }
 
 /// Where the admin listener is, and where `status` looks for it.
-pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:8182";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8182";
 /// The agent's default port: not 8181 (kiam's and kube2iam's agents, OPA), not in the
 /// NodePort range.
 pub const DEFAULT_PORT: u16 = 8186;
@@ -248,6 +265,12 @@ pub enum ConfigError {
         "--min-validity must be more than 15m: SDKs refresh credentials expiring sooner on every call"
     )]
     MinValidity,
+    #[error(
+        "--max-connections-per-pod ({per_pod}) must be between 1 and --max-connections ({max})"
+    )]
+    Connections { per_pod: usize, max: usize },
+    #[error("--idle-timeout must be between 1s and 5m")]
+    IdleTimeout,
 }
 
 /// Checks the metadata API settings that do not touch the system.
@@ -265,6 +288,15 @@ pub fn api(args: &ApiArgs) -> Result<regex::Regex, ConfigError> {
     }
     if args.min_validity <= Duration::from_secs(900) {
         return Err(ConfigError::MinValidity);
+    }
+    if args.max_connections_per_pod == 0 || args.max_connections_per_pod > args.max_connections {
+        return Err(ConfigError::Connections {
+            per_pod: args.max_connections_per_pod,
+            max: args.max_connections,
+        });
+    }
+    if !(Duration::from_secs(1)..=Duration::from_secs(300)).contains(&args.idle_timeout) {
+        return Err(ConfigError::IdleTimeout);
     }
     regex::Regex::new(&args.allow_route_regexp).map_err(|e| {
         ConfigError::AllowRoute(e.to_string().lines().last().unwrap_or("").trim().to_owned())
@@ -410,6 +442,15 @@ mod tests {
             (&["--allow-route-regexp", "("][..], "--allow-route-regexp"),
             (&["--request-deadline", "10s"][..], "--request-deadline"),
             (&["--min-validity", "5m"][..], "--min-validity"),
+            (
+                &["--max-connections-per-pod", "0"][..],
+                "--max-connections-per-pod",
+            ),
+            (
+                &["--max-connections", "10", "--max-connections-per-pod", "20"][..],
+                "--max-connections",
+            ),
+            (&["--idle-timeout", "0s"][..], "--idle-timeout"),
         ] {
             let err = api(&args(extra).api).expect_err("invalid");
             assert!(err.to_string().contains(flag), "{extra:?}: {err}");

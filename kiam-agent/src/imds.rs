@@ -82,6 +82,7 @@ fn from_status(status: &Status) -> Reply {
         Code::NotFound => StatusCode::NOT_FOUND,
         Code::PermissionDenied | Code::Unauthenticated => StatusCode::FORBIDDEN,
         Code::InvalidArgument | Code::FailedPrecondition => StatusCode::UNPROCESSABLE_ENTITY,
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
         _ => StatusCode::SERVICE_UNAVAILABLE,
     };
     text(code, format!("kiam: {}\n", status.message()))

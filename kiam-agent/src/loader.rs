@@ -128,6 +128,8 @@ pub struct InstallOptions {
     pub exempt: Vec<u64>,
     /// Accept a bpffs the host does not see (development only).
     pub allow_private_bpffs: bool,
+    /// An object to load instead of the built-in one.
+    pub object: Option<Vec<u8>>,
 }
 
 /// What happened to each program's link.
@@ -327,7 +329,8 @@ fn pinned_link_runs(link: &FdLink, tag: u64, map_ids: &[u32]) -> Option<u32> {
 /// Loads the object (re-using pinned maps), attaches or re-adopts every program, writes the
 /// configuration and the exempt set.
 pub fn install(opts: &InstallOptions) -> Result<Installed, LoaderError> {
-    if OBJECT.is_empty() {
+    let object = opts.object.as_deref().unwrap_or(OBJECT);
+    if object.is_empty() {
         return Err(LoaderError::NoObject);
     }
     ensure_bpffs(&opts.pin_dir, opts.allow_private_bpffs)?;
@@ -345,7 +348,7 @@ pub fn install(opts: &InstallOptions) -> Result<Installed, LoaderError> {
     for (name, path) in &map_paths {
         loader.map_pin_path(name, path.as_path());
     }
-    let mut ebpf = loader.load(OBJECT).map_err(LoaderError::Load)?;
+    let mut ebpf = loader.load(object).map_err(LoaderError::Load)?;
     let map_ids: Vec<u32> = map_paths
         .iter()
         .filter_map(|(_, path)| MapInfo::from_pin(path).ok().map(|i| i.id()))
@@ -561,7 +564,11 @@ fn attach_one(
     }
     // Different code: attach the new program beside the old one, then swap the pins, so the
     // hook is never empty. Dropping the last reference to the old link detaches it.
-    let staged = pin.with_extension("new");
+    // bpffs refuses names with a dot: `kiam_connect4_next`, not `kiam_connect4.new`.
+    let staged = pin.with_file_name(format!(
+        "{}_next",
+        pin.file_name().and_then(|n| n.to_str()).unwrap_or(name)
+    ));
     let _ = fs::remove_file(&staged);
     let new = pin_link(prog.attach(cgroup, name)?, &staged)?;
     fs::rename(&staged, pin).map_err(io_err(pin))?;

@@ -1,27 +1,15 @@
-//! `kiam-agent`: the per-node half of kiam. See the modules for what each part owns.
+//! `kiam-agent`: the per-node half of kiam; the parts live in the `kiam_agent` library.
 #![forbid(unsafe_code)]
-
-mod address;
-mod api;
-mod cgroup;
-mod client;
-mod config;
-mod forward;
-mod identity;
-mod imds;
-mod loader;
-mod metrics;
-mod resolver;
-mod route;
-mod status;
-mod token;
-mod upstream;
 
 use std::{net::IpAddr, path::Path, sync::Arc, time::Duration};
 
+use kiam_agent::{
+    address, api, cgroup, client, config, forward, imds, loader, metrics, resolver, status, token,
+    upstream,
+};
+
 use anyhow::Context as _;
 use clap::Parser as _;
-use tokio::net::TcpListener;
 
 use config::{Cli, Command, RunArgs};
 
@@ -67,6 +55,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         "cgroups found"
     );
 
+    let object = match &args.ebpf_object {
+        Some(path) => {
+            Some(std::fs::read(path).with_context(|| format!("--ebpf-object {}", path.display()))?)
+        }
+        None => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -91,9 +85,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             config: net.kernel,
             exempt,
             allow_private_bpffs: args.allow_private_bpffs,
+            object,
         })?;
-        let listener = TcpListener::bind(net.listen)
-            .await
+        kiam_ops::listen::raise_open_files_limit();
+        let listener = kiam_ops::listen::bind(net.listen)
             .with_context(|| format!("listening on {} (--bind/--port)", net.listen))?;
         start_kernel_logs(&installed);
         let lookup = resolver::Cgroupfs::new(&root, attach.clone(), true)
@@ -176,8 +171,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             forwarder: Some(forward::Forwarder::new(&args.api.imds_endpoint)),
             metrics: metrics.clone(),
         });
-        let admin = TcpListener::bind(args.api.admin_listen)
-            .await
+        let admin = kiam_ops::listen::bind(args.api.admin_listen)
             .with_context(|| format!("listening on {} (--admin-listen)", args.api.admin_listen))?;
         let server_ok = Arc::new(std::sync::atomic::AtomicBool::new(servers.is_none()));
         if let Some(servers) = servers {
@@ -213,7 +207,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         ));
         tracing::info!(listen = %net.listen, pin_dir = %args.bpffs_dir.display(), "kiam-agent ready");
         tokio::select! {
-            () = api::serve(listener, resolver, imds) => {}
+            () = api::serve(listener, resolver, imds, api::Limits {
+                max_connections: args.api.max_connections,
+                max_per_pod: args.api.max_connections_per_pod,
+                idle_timeout: args.api.idle_timeout,
+            }) => {}
             () = kiam_ops::shutdown_signal() => tracing::info!("shutting down; the pinned redirect stays in place"),
         }
         // The rest of `installed` (links, maps) is dropped here; the pins keep the programs

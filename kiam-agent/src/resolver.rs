@@ -225,8 +225,7 @@ impl Caller {
         &self.cgroup.path
     }
 
-    /// A caller for tests of the API.
-    #[cfg(test)]
+    /// A caller not resolved from a connection (tests and fuzzing of the API).
     pub fn for_pod(pod: PodCgroup) -> Self {
         Self {
             cgroup_id: 1,

@@ -1,7 +1,8 @@
 //! IMDSv2 session tokens, issued and checked by the agent itself.
 //!
-//! A token is `<payload>.<tag>`: the payload holds the expiry and the UID of the pod that asked,
-//! the tag is HMAC-SHA256 over it with the agent's key. A token is only accepted from the pod it
+//! A token is `<payload>.<tag>`: the payload holds the expiry and a digest of the UID of the
+//! pod that asked (so every token has the same short length, whatever the UID), the tag is
+//! HMAC-SHA256 over it with the agent's key. A token is only accepted from the pod it
 //! was issued to, before its expiry. The key is kept in a file (created on first start, mode
 //! 0600) so tokens survive agent restarts, as SDKs cache them for up to six hours.
 
@@ -47,6 +48,18 @@ pub enum TokenError {
     Expired,
     #[error("token was issued to another pod")]
     OtherPod,
+}
+
+/// Bytes of a pod UID's digest in a token.
+const DIGEST_LEN: usize = 16;
+
+/// Which pod a token is for: the start of SHA-256 of its UID.
+fn pod_digest(pod_uid: &str) -> [u8; DIGEST_LEN] {
+    use sha2::Digest as _;
+    let digest = Sha256::digest(pod_uid.as_bytes());
+    let mut out = [0u8; DIGEST_LEN];
+    out.copy_from_slice(&digest[..DIGEST_LEN]);
+    out
 }
 
 pub struct Tokens {
@@ -116,7 +129,7 @@ impl Tokens {
     /// A token for `pod_uid` that expires at `expiry` (Unix seconds).
     fn issue_until(&self, pod_uid: &str, expiry: u64) -> String {
         let mut payload = expiry.to_be_bytes().to_vec();
-        payload.extend_from_slice(pod_uid.as_bytes());
+        payload.extend_from_slice(&pod_digest(pod_uid));
         format!(
             "{}.{}",
             URL_SAFE_NO_PAD.encode(&payload),
@@ -149,7 +162,7 @@ impl Tokens {
         if now >= expiry {
             return Err(TokenError::Expired);
         }
-        if uid != pod_uid.as_bytes() {
+        if uid != pod_digest(pod_uid) {
             return Err(TokenError::OtherPod);
         }
         Ok(())
@@ -181,6 +194,18 @@ mod tests {
         );
         for garbage in ["", "x", "a.b.c", &"A".repeat(1000)] {
             assert!(tokens.check(garbage, "pod-a").is_err(), "{garbage:?}");
+        }
+    }
+
+    #[test]
+    fn every_issued_token_is_accepted_for_its_pod_whatever_the_uid() {
+        // Found by the `token` fuzz target: a long UID made a token longer than `check`
+        // accepts.
+        let tokens = Tokens::random().expect("key");
+        for pod in ["", "pod", &"\u{c2}".repeat(300), &"x".repeat(10_000)] {
+            let token = tokens.issue(pod, Duration::from_secs(60));
+            assert!(token.len() <= MAX_TOKEN_LEN, "{} bytes", token.len());
+            assert_eq!(tokens.check(&token, pod), Ok(()), "{pod:?}");
         }
     }
 

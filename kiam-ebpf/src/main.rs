@@ -45,6 +45,27 @@ const ETH_P_IPV6_NET: u32 = (0x86ddu16).to_be() as u32;
 /// `user_port` holds the network-order port in its low 16 bits.
 const IMDS_PORT_NET: u32 = IMDS_PORT.to_be() as u32;
 
+/// `KIAM_EBPF_VARIANT` at build time, written into each connection record: a build with
+/// another value is different code (other program tags), as a real upgrade is. The upgrade
+/// test builds one (`cargo xtask build-ebpf --variant`); releases use 0.
+const BUILD_VARIANT: u32 = match option_env!("KIAM_EBPF_VARIANT") {
+    Some(v) => parse_u32(v),
+    None => 0,
+};
+
+const fn parse_u32(text: &str) -> u32 {
+    let bytes = text.as_bytes();
+    let mut value = 0u32;
+    let mut i = 0;
+    while i < bytes.len() {
+        value = value
+            .wrapping_mul(10)
+            .wrapping_add((bytes[i] - b'0') as u32);
+        i += 1;
+    }
+    value
+}
+
 /// connect4/6 return values: 1 lets `connect()` proceed, 0 makes it fail with `EPERM`.
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
@@ -210,7 +231,7 @@ fn redirect(ctx: &SockAddrContext, orig_addr: [u32; 4], counter: u32) -> Redirec
         orig_port: IMDS_PORT as u32,
         orig_addr,
         flags: 0,
-        _reserved: 0,
+        _reserved: BUILD_VARIANT,
     };
     if KIAM_CONNECT.insert(cookie, record, 0).is_err() {
         // Without a record the agent could not tell who is asking: refuse rather than guess.
