@@ -394,6 +394,19 @@ impl Node {
         self.add_pod_cgroup("burstable", netns, pod_ip)
     }
 
+    /// Another pod sharing `pod`'s network namespace: its own cgroup and UID (a pod
+    /// recreated under the same name gets a new UID, and with it a new cgroup).
+    pub fn add_pod_sharing(&mut self, pod: &Pod) -> Pod {
+        self.add_pod_cgroup("burstable", pod.netns.clone(), pod.ip)
+    }
+
+    /// Removes a pod's cgroups, as the kubelet does when the pod is gone.
+    pub fn remove_pod(&self, pod: &Pod) {
+        if let Some(pod_dir) = pod.cgroup.parent() {
+            remove_cgroup_tree(pod_dir);
+        }
+    }
+
     /// A host-network pod: a pod cgroup in the node's namespace.
     pub fn add_host_network_pod(&mut self) -> Pod {
         let ns = self.netns.clone();
@@ -513,6 +526,13 @@ impl Node {
             thread::sleep(Duration::from_millis(50));
         }
         self.agent = Some(agent);
+    }
+
+    /// Whether the agent process is still running.
+    pub fn agent_alive(&mut self) -> bool {
+        self.agent
+            .as_mut()
+            .is_some_and(|a| matches!(a.child.try_wait(), Ok(None)))
     }
 
     pub fn agent_pid(&self) -> u32 {

@@ -120,6 +120,20 @@ pub struct Sts {
     pub assume_calls: Arc<AtomicUsize>,
     /// AssumeRole requests to answer with this (status, error code) instead of forwarding.
     pub faults: Arc<Mutex<Vec<(u16, &'static str)>>>,
+    knobs: Arc<Knobs>,
+}
+
+/// What the proxy does to AssumeRole besides counting it.
+#[derive(Default)]
+struct Knobs {
+    /// AssumeRole requests arriving before this wait until then.
+    stall_until: Mutex<Option<Instant>>,
+    /// Answers say the credentials expire this long after they were issued.
+    expire_in: Mutex<Option<Duration>>,
+    /// AccessKeyId issued → role ARN asked for (ground truth for what agents serve).
+    issued: Mutex<std::collections::HashMap<String, String>>,
+    /// AssumeRole requests by role ARN.
+    by_role: Mutex<std::collections::HashMap<String, usize>>,
 }
 
 impl Sts {
@@ -146,7 +160,8 @@ impl Sts {
         let port = listener.local_addr().expect("addr").port();
         let assume_calls = Arc::new(AtomicUsize::new(0));
         let faults = Arc::new(Mutex::new(Vec::new()));
-        let (calls, f) = (assume_calls.clone(), faults.clone());
+        let knobs = Arc::new(Knobs::default());
+        let (calls, f, k) = (assume_calls.clone(), faults.clone(), knobs.clone());
         let ns = netns.map(str::to_owned);
         thread::spawn(move || {
             // Connections to moto are made from this namespace.
@@ -155,8 +170,8 @@ impl Sts {
                 nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
             }
             for client in listener.incoming().flatten() {
-                let (calls, faults) = (calls.clone(), f.clone());
-                thread::spawn(move || proxy(client, moto_port, &calls, &faults));
+                let (calls, faults, knobs) = (calls.clone(), f.clone(), k.clone());
+                thread::spawn(move || proxy(client, moto_port, &calls, &faults, &knobs));
             }
         });
         Sts {
@@ -165,7 +180,39 @@ impl Sts {
             port,
             assume_calls,
             faults,
+            knobs,
         }
+    }
+
+    /// STS stalls: AssumeRole requests arriving in the next `duration` are answered after it.
+    pub fn stall(&self, duration: Duration) {
+        *self.knobs.stall_until.lock().expect("lock") = Some(Instant::now() + duration);
+    }
+
+    /// Credentials issued from now on expire `lifetime` after they were issued.
+    pub fn expire_in(&self, lifetime: Option<Duration>) {
+        *self.knobs.expire_in.lock().expect("lock") = lifetime;
+    }
+
+    /// The role ARN an AccessKeyId was issued for.
+    pub fn role_of(&self, access_key_id: &str) -> Option<String> {
+        self.knobs
+            .issued
+            .lock()
+            .expect("lock")
+            .get(access_key_id)
+            .cloned()
+    }
+
+    /// AssumeRole requests for a role ARN.
+    pub fn calls_for(&self, role_arn: &str) -> usize {
+        self.knobs
+            .by_role
+            .lock()
+            .expect("lock")
+            .get(role_arn)
+            .copied()
+            .unwrap_or(0)
     }
 
     pub fn calls(&self) -> usize {
@@ -184,8 +231,83 @@ impl Drop for Sts {
     }
 }
 
-/// Relays HTTP/1.1 requests one by one, counting AssumeRole and answering injected faults.
-fn proxy(client: TcpStream, upstream: u16, calls: &AtomicUsize, faults: &Mutex<Vec<(u16, &str)>>) {
+/// A form field of an STS query request, percent-decoded.
+fn form_field(body: &str, name: &str) -> Option<String> {
+    let value = body
+        .split('&')
+        .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))?;
+    let mut out = Vec::new();
+    let bytes = value.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The text between `<tag>` and `</tag>`.
+fn xml_value<'a>(xml: &'a str, tag: &str) -> Option<&'a str> {
+    let start = xml.find(&format!("<{tag}>"))? + tag.len() + 2;
+    let end = start + xml[start..].find(&format!("</{tag}>"))?;
+    Some(&xml[start..end])
+}
+
+/// An AssumeRole answer as the knobs want it: the expiry rewritten, the issue recorded.
+fn rework_answer(response: Vec<u8>, role: &str, knobs: &Knobs) -> Vec<u8> {
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return response;
+    };
+    let mut body = body.to_owned();
+    if let Some(key) = xml_value(&body, "AccessKeyId") {
+        knobs
+            .issued
+            .lock()
+            .expect("lock")
+            .insert(key.to_owned(), role.to_owned());
+    }
+    let lifetime = *knobs.expire_in.lock().expect("lock");
+    if let (Some(lifetime), Some(old)) = (lifetime, xml_value(&body, "Expiration")) {
+        let expiry =
+            jiff::Timestamp::now() + jiff::SignedDuration::try_from(lifetime).unwrap_or_default();
+        let new = expiry.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
+        body = body.replacen(old, &new, 1);
+    }
+    let head: Vec<String> = head
+        .split("\r\n")
+        .map(|line| match line.split_once(':') {
+            Some((name, _)) if name.eq_ignore_ascii_case("content-length") => {
+                format!("Content-Length: {}", body.len())
+            }
+            _ => line.to_owned(),
+        })
+        .collect();
+    format!("{}\r\n\r\n{body}", head.join("\r\n")).into_bytes()
+}
+
+/// Relays HTTP/1.1 requests one by one, counting AssumeRole, answering injected faults,
+/// stalling, rewriting expiries and recording what was issued for which role.
+fn proxy(
+    client: TcpStream,
+    upstream: u16,
+    calls: &AtomicUsize,
+    faults: &Mutex<Vec<(u16, &str)>>,
+    knobs: &Knobs,
+) {
     let Ok(writer) = client.try_clone() else {
         return;
     };
@@ -217,8 +339,21 @@ fn proxy(client: TcpStream, upstream: u16, calls: &AtomicUsize, faults: &Mutex<V
         if reader.read_exact(&mut body).is_err() {
             return;
         }
-        if String::from_utf8_lossy(&body).contains("Action=AssumeRole") {
+        let form = String::from_utf8_lossy(&body).into_owned();
+        let assume_role = form.contains("Action=AssumeRole");
+        let role = form_field(&form, "RoleArn").unwrap_or_default();
+        if assume_role {
             calls.fetch_add(1, Ordering::SeqCst);
+            *knobs
+                .by_role
+                .lock()
+                .expect("lock")
+                .entry(role.clone())
+                .or_default() += 1;
+            let stall = *knobs.stall_until.lock().expect("lock");
+            if let Some(until) = stall {
+                thread::sleep(until.saturating_duration_since(Instant::now()));
+            }
             let fault = {
                 let mut faults = faults.lock().expect("lock");
                 (!faults.is_empty()).then(|| faults.remove(0))
@@ -251,6 +386,9 @@ fn proxy(client: TcpStream, upstream: u16, calls: &AtomicUsize, faults: &Mutex<V
         }
         let mut response = Vec::new();
         let _ = up.read_to_end(&mut response);
+        if assume_role && response.starts_with(b"HTTP/1.1 200") {
+            response = rework_answer(response, &role, knobs);
+        }
         if writer.write_all(&response).is_err() {
             return;
         }
@@ -330,7 +468,12 @@ impl Kube {
     }
 
     pub fn start_in(netns: Option<&str>, dir: &Path) -> Kube {
+        Self::launch(netns, dir, "127.0.0.1:0", 1)
+    }
+
+    fn launch(netns: Option<&str>, dir: &Path, listen: &str, initial_rv: u64) -> Kube {
         let mut child = command(netns, emulator())
+            .args(["--listen", listen, "--initial-rv", &initial_rv.to_string()])
             .stdout(Stdio::piped())
             .spawn()
             .expect("start kube-emulator");
@@ -365,6 +508,27 @@ impl Kube {
         in_netns(self.netns.as_deref(), || {
             http(self.port, method, path, body)
         })
+    }
+
+    /// Stops the API server (the emulator process).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts an empty API server on the same address, its resourceVersions past every
+    /// earlier one (watches from before must relist), as after a restart with a new store.
+    pub fn restart_empty(&mut self) {
+        self.stop();
+        let dir = self
+            .kubeconfig
+            .parent()
+            .unwrap_or(Path::new("."))
+            .to_owned();
+        let listen = format!("127.0.0.1:{}", self.port);
+        let started = Kube::launch(self.netns.as_deref(), &dir, &listen, 1_000_000);
+        // The old value is a dead process; `started` takes its place.
+        *self = started;
     }
 
     pub fn put(&self, object: Value) -> Value {

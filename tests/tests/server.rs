@@ -384,6 +384,9 @@ async fn the_index_recovers_from_dropped_watches_and_410_gone() {
 async fn sts_throttling_is_retried_denials_are_reported_and_cached_credentials_survive_outages() {
     let env = start(&[]);
     let mut client = env.client("agent-node-1").await;
+    // Credentials due for refresh soon: 30 min 12 s of life, 30 min minimum validity, so a
+    // refresh is due after 6 s and they may be served for 12 s.
+    env.sts.expire_in(Some(Duration::from_secs(30 * 60 + 12)));
     // Two throttled answers, then moto: the SDK's retries get through.
     env.sts.inject(&[(400, "Throttling"), (400, "Throttling")]);
     let uid = env.kube.pod("team", "web", "node-1", role("app-web"));
@@ -399,9 +402,18 @@ async fn sts_throttling_is_retried_denials_are_reported_and_cached_credentials_s
         "two throttled attempts and one good one"
     );
 
-    // STS down for good: the cached credentials keep being served, without asking STS (the
-    // refresh-failure fallback itself is unit-tested in credentials.rs, with short lifetimes).
+    // STS down for good while the refresh is due: the refresh is tried and fails, and the
+    // held credentials keep being served.
     env.sts.inject(&[(503, "ServiceUnavailable"); 50]);
+    let before = env.sts.calls();
+    assert!(
+        eventually(Duration::from_secs(10), || env.sts.calls() > before).await,
+        "no refresh was tried during the outage"
+    );
+    assert!(
+        env.sts.faults.lock().expect("lock").len() < 50,
+        "the refresh met the outage"
+    );
     let again = client
         .get_credentials(creds_request(&uid, "node-1", "app-web"))
         .await

@@ -30,7 +30,12 @@ enum Cmd {
     /// Idempotent: skips what is installed.
     Setup,
     /// Build the eBPF object with nightly and bpf-linker.
-    BuildEbpf,
+    BuildEbpf {
+        /// Build the upgrade test's variant instead (other program tags), into
+        /// target/ebpf-variant/.
+        #[arg(long)]
+        variant: bool,
+    },
     /// The demo: moto, the API emulator, two servers and the agent on this machine, and the
     /// AWS CLI in two pods getting two different roles (root, cgroup v2, BPF).
     Demo {
@@ -53,6 +58,16 @@ enum Cmd {
         /// Passed on to `kiam-bench run` (see `cargo xtask bench -- --help`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Fuzz the parsers and the agent's HTTP service with cargo-fuzz (nightly): each target
+    /// for `--seconds`. A crash is written under fuzz/artifacts/ and must become a
+    /// regression test.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Targets (default: all).
+        targets: Vec<String>,
     },
     /// Everything CI runs: setup, build-ebpf, fmt, clippy, unit tests, privileged tests.
     Test {
@@ -143,6 +158,22 @@ fn build_ebpf() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where `build-ebpf --variant` leaves the upgrade test's object.
+const EBPF_VARIANT_OBJECT: &str = "target/ebpf-variant/bpfel-unknown-none/release/kiam-ebpf";
+
+/// The same programs built with another `KIAM_EBPF_VARIANT`: different code, as an upgrade
+/// brings, with the same maps. Its own target directory, so neither build undoes the other.
+fn build_ebpf_variant() -> anyhow::Result<()> {
+    run(nightly_ebpf("build")
+        .args(["--target-dir", "target/ebpf-variant"])
+        .env("KIAM_EBPF_VARIANT", "1"))?;
+    eprintln!(
+        "eBPF variant object: {}",
+        workspace_root().join(EBPF_VARIANT_OBJECT).display()
+    );
+    Ok(())
+}
+
 fn is_root() -> bool {
     nix_like_geteuid() == 0
 }
@@ -179,8 +210,11 @@ fn test(no_setup: bool, e2e_filter: Option<String>) -> anyhow::Result<()> {
     run(nightly_ebpf("clippy").args(["--", "-D", "warnings"]))?;
     // Unit tests of the default members (no root needed).
     run(cargo().args(["test"]))?;
+    // A short fuzz of every target (`cargo xtask fuzz` runs them longer).
+    fuzz(10, &[])?;
     // Privileged tests: real eBPF, cgroups and network namespaces, one at a time.
     build_all()?;
+    build_ebpf_variant()?;
     let mut e2e = cargo();
     e2e.args(["test", "--package", "kiam-e2e", "--tests", "--"])
         .arg("--test-threads=1")
@@ -192,7 +226,11 @@ fn test(no_setup: bool, e2e_filter: Option<String>) -> anyhow::Result<()> {
             "KIAM_SERVER_BIN",
             workspace_root().join("target/debug/kiam-server"),
         )
-        .env("KIAM_MOTO_SERVER", setup::venv().join("bin/moto_server"));
+        .env("KIAM_MOTO_SERVER", setup::venv().join("bin/moto_server"))
+        .env(
+            "KIAM_EBPF_VARIANT_OBJECT",
+            workspace_root().join(EBPF_VARIANT_OBJECT),
+        );
     if let Some(filter) = e2e_filter {
         e2e.arg(filter);
     }
@@ -224,6 +262,52 @@ fn build_all() -> anyhow::Result<()> {
         "kiam-e2e",
         "--bins",
     ]))
+}
+
+/// The cargo-fuzz targets in fuzz/.
+const FUZZ_TARGETS: [&str; 5] = [
+    "route",
+    "cgroup_path",
+    "token",
+    "namespace_rules",
+    "http_request",
+];
+
+fn fuzz(seconds: u64, targets: &[String]) -> anyhow::Result<()> {
+    let targets: Vec<&str> = match targets.is_empty() {
+        true => FUZZ_TARGETS.to_vec(),
+        false => targets.iter().map(String::as_str).collect(),
+    };
+    let cargo_fuzz = |subcommand: &str| {
+        let mut cmd = Command::new("cargo");
+        cmd.args(["+nightly", "fuzz", subcommand])
+            .args(["--fuzz-dir", "fuzz", "--target-dir", "target/fuzz"])
+            // Rust code without unsafe: panics are what is looked for, and no sanitizer
+            // keeps the build and the runs fast.
+            .args(["-O", "--sanitizer", "none"])
+            .env("PATH", setup::path_with_cargo_bin());
+        for var in [
+            "RUSTC",
+            "RUSTDOC",
+            "RUSTUP_TOOLCHAIN",
+            "CARGO",
+            "RUSTC_WRAPPER",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd
+    };
+    run(&mut cargo_fuzz("build"))?;
+    for target in targets {
+        run(cargo_fuzz("run")
+            .arg(target)
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}")))
+        .with_context(|| {
+            format!("fuzz target {target} failed: its input is under fuzz/artifacts/{target}/")
+        })?;
+    }
+    Ok(())
 }
 
 fn bench(args: Vec<String>) -> anyhow::Result<()> {
@@ -290,9 +374,14 @@ fn main() -> anyhow::Result<()> {
         Cmd::Setup => setup::setup(),
         Cmd::Demo { keep } => demo(keep),
         Cmd::Bench { args } => bench(args),
+        Cmd::Fuzz { seconds, targets } => {
+            setup::setup()?;
+            fuzz(seconds, &targets)
+        }
         Cmd::Certs { args } => certs(args),
         Cmd::Docs => docs(),
-        Cmd::BuildEbpf => build_ebpf(),
+        Cmd::BuildEbpf { variant: false } => build_ebpf(),
+        Cmd::BuildEbpf { variant: true } => build_ebpf_variant(),
         Cmd::Test {
             no_setup,
             e2e_filter,

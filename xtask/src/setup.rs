@@ -23,6 +23,7 @@ const APT_PACKAGES: [&str; 8] = [
     "iperf3",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// Python packages for the tests, in the project's `.venv`: moto as the STS server, and the
 /// AWS CLI and boto3 as real clients.
 /// Also the offline deploy validation: Helm as a library and the Kubernetes schemas.
@@ -185,6 +186,22 @@ pub fn setup() -> anyhow::Result<()> {
     python()?;
     javascript()?;
 
+    let fuzz = output(Command::new("cargo").args(["fuzz", "--version"])).unwrap_or_default();
+    if fuzz.contains(CARGO_FUZZ_VERSION) {
+        eprintln!("setup: cargo-fuzz {CARGO_FUZZ_VERSION} present");
+    } else {
+        run(Command::new("cargo")
+            .args([
+                "install",
+                "cargo-fuzz",
+                "--locked",
+                "--version",
+                CARGO_FUZZ_VERSION,
+            ])
+            .env("PATH", path_with_cargo_bin())
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("CARGO"))?;
+    }
     let linker = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
     if linker.contains(BPF_LINKER_VERSION) {
         eprintln!("setup: bpf-linker {BPF_LINKER_VERSION} present");

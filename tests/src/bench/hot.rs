@@ -169,6 +169,7 @@ fn median_stats(runs: &[Stats]) -> Stats {
         per_second: median(runs.iter().map(|s| s.per_second).collect()),
         p50_us: median(runs.iter().map(|s| s.p50_us).collect()),
         p99_us: median(runs.iter().map(|s| s.p99_us).collect()),
+        max_us: runs.iter().map(|s| s.max_us).fold(0.0, f64::max),
     }
 }
 

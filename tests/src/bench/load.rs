@@ -26,6 +26,8 @@ pub struct Stats {
     pub per_second: f64,
     pub p50_us: f64,
     pub p99_us: f64,
+    #[serde(default)]
+    pub max_us: f64,
 }
 
 impl Stats {
@@ -46,6 +48,7 @@ impl Stats {
             per_second: micros.len() as f64 / seconds.max(1e-9),
             p50_us: pick(0.50),
             p99_us: pick(0.99),
+            max_us: pick(1.0),
         }
     }
 }

@@ -164,9 +164,13 @@ pub fn table(report: &Report) -> String {
     out
 }
 
-/// This program, to run its subcommands inside pods.
+/// `kiam-bench`, to run its subcommands inside pods: this program when it is that one (a
+/// release build under `cargo xtask bench`), else the one beside the tests.
 pub fn me() -> PathBuf {
-    std::env::current_exe().unwrap_or_else(|_| crate::workspace_bin("kiam-bench"))
+    std::env::current_exe()
+        .ok()
+        .filter(|exe| exe.file_name().is_some_and(|n| n == "kiam-bench"))
+        .unwrap_or_else(|| crate::workspace_bin("kiam-bench"))
 }
 
 /// Runs `args` of this program in `pod`, and parses the JSON it prints.

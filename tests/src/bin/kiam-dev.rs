@@ -228,6 +228,11 @@ pub fn flags_doc() -> anyhow::Result<String> {
         ("kiam-agent run", &agent, &["run", "--help"][..]),
         ("kiam-agent status", &agent, &["status", "--help"][..]),
         ("kiam-agent uninstall", &agent, &["uninstall", "--help"][..]),
+        (
+            "kiam-agent mount-bpffs",
+            &agent,
+            &["mount-bpffs", "--help"][..],
+        ),
         ("kiam-server", &server, &["--help"][..]),
     ] {
         // A clean environment: clap shows the values of set variables.

@@ -59,6 +59,16 @@ enum Cmd {
     },
     /// Connect, send a request and close at once without reading; print own pid first.
     SendAndClose { url: String },
+    /// Open `count` connections to `url` and hold them: every other one sends half a
+    /// request head, the rest nothing. Prints `held <open> of <count>` once they are open,
+    /// then holds them for `hold_ms`.
+    Flood {
+        url: String,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value_t = 10_000)]
+        hold_ms: u64,
+    },
     /// Try to listen on `addr`; prints `bound` or `denied: <error>`.
     Bind { addr: SocketAddr },
     /// Claim another address (IP_TRANSPARENT: a pod granted CAP_NET_ADMIN can do this), start
@@ -282,6 +292,29 @@ fn send_and_close(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn flood(url: &str, count: usize, hold: Duration) -> anyhow::Result<()> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    let url = parse_url(url)?;
+    let mut held = Vec::with_capacity(count);
+    for i in 0..count {
+        let Ok(mut stream) = TcpStream::connect_timeout(&url.addr, Duration::from_secs(2)) else {
+            continue;
+        };
+        if i % 2 == 0 {
+            let _ = stream.write_all(
+                format!("GET {} HTTP/1.1\r\nHost: {}\r\n", url.path, url.host).as_bytes(),
+            );
+        }
+        held.push(stream);
+    }
+    println!("held {} of {count}", held.len());
+    std::io::stdout().flush()?;
+    thread::sleep(hold);
+    Ok(())
+}
+
 fn checksum(data: &[u8], mut sum: u32) -> u16 {
     for chunk in data.chunks(2) {
         let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
@@ -498,6 +531,11 @@ fn main() -> anyhow::Result<()> {
         } => one_request(&url, &method, &headers),
         Cmd::Spoof { from, url, hold_ms } => spoof(from, &url, Duration::from_millis(hold_ms)),
         Cmd::SendAndClose { url } => send_and_close(&url),
+        Cmd::Flood {
+            url,
+            count,
+            hold_ms,
+        } => flood(&url, count, Duration::from_millis(hold_ms)),
         Cmd::RawSyn {
             src,
             dst,

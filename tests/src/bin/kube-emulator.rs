@@ -53,6 +53,10 @@ struct Cli {
     /// Address to listen on (port 0 picks one; the address is printed as `listening <addr>`).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
+    /// The first resourceVersion. A restarted API server starts from its store's revision:
+    /// watches from before it are too old (410 Gone) and must relist.
+    #[arg(long, default_value_t = 1)]
+    initial_rv: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -786,8 +790,12 @@ async fn main() -> anyhow::Result<()> {
     let (live, _) = broadcast::channel(4096);
     let emu = Arc::new(Emulator {
         state: Mutex::new(State {
-            rv: 1,
-            compacted: 0,
+            rv: cli.initial_rv,
+            compacted: if cli.initial_rv > 1 {
+                cli.initial_rv
+            } else {
+                0
+            },
             objects: BTreeMap::new(),
             history: Vec::new(),
             events: Vec::new(),

@@ -1,0 +1,569 @@
+//! Faults and churn (issue: reliability), end to end with the real binaries: servers frozen
+//! and killed under load, an STS stall, an API server that restarts empty, 300 pod
+//! lifecycles under continuous requests, and an agent upgrade that swaps the pinned programs
+//! under load. Run as root by `cargo xtask test`; without root each prints a loud SKIP.
+
+use std::{
+    collections::HashMap,
+    process::{Command, Stdio},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use kiam_e2e::{
+    bench::{self, load::Stats},
+    cluster::{Cluster, NODE_NAME},
+    node::{HELPER, IMDS, Node, Pod, privileged},
+    stack::{Certs, Kube, PodObject, Server, Sts, eventually},
+};
+use kiam_server::proto::{GetCredentialsRequest, Reason, reason_of};
+use serde_json::json;
+
+const LISTING: &str = "http://169.254.169.254/latest/meta-data/iam/security-credentials/";
+
+fn get(node: &Node, pod: &Pod, url: &str) -> String {
+    node.run_in(&pod.cgroup, &pod.netns, &[HELPER.as_str(), "get", url])
+        .trim()
+        .to_owned()
+}
+
+fn served(node: &Node, pod: &Pod, role: &str) -> bool {
+    (0..100).any(|_| {
+        let ok = get(node, pod, LISTING) == format!("200 {role}");
+        if !ok {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        ok
+    })
+}
+
+/// Starts `kiam-bench load` in `pod` (IMDSv2 credentials, a new connection per request).
+fn start_load(node: &Node, pod: &Pod, role: &str, seconds: &str) -> std::process::Child {
+    // Thousands of connections a second: ports in TIME_WAIT must be reusable.
+    bench::tune_netns(&pod.netns).expect("sysctl");
+    let bench = bench::me();
+    let path = format!("/latest/meta-data/iam/security-credentials/{role}");
+    node.command_in(
+        &pod.cgroup,
+        &pod.netns,
+        &[
+            bench.to_str().expect("utf-8"),
+            "load",
+            "--target",
+            "169.254.169.254:80",
+            "--path",
+            &path,
+            "--seconds",
+            seconds,
+            "--concurrency",
+            "4",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("load")
+}
+
+fn finish_load(load: std::process::Child) -> Stats {
+    let out = load.wait_with_output().expect("load output");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("stats")
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+#[test]
+fn a_frozen_or_killed_server_is_invisible_to_pods() {
+    if !privileged("server failover in flight") {
+        return;
+    }
+    // The role is asked for on every request, so every request needs a server.
+    let mut c = Cluster::start(
+        Node::new(),
+        "team",
+        json!({"iam.amazonaws.com/permitted": "app-.*"}),
+        &["--role-ttl", "1ms"],
+    );
+    let pod = c.pod("a", json!({"iam.amazonaws.com/role": "app-a"}));
+    assert!(served(&c.node, &pod, "app-a"));
+    let answered = |s: &Server| {
+        metric(
+            &s.metrics(),
+            "kiam_server_requests_total{method=\"GetPodRole\",result=\"ok\"}",
+        )
+    };
+    for (fault, round) in [("STOP", 0), ("KILL", 1)] {
+        let victim = round;
+        let before: Vec<f64> = c.servers.iter().map(answered).collect();
+        let load = start_load(&c.node, &pod, "app-a", "3");
+        std::thread::sleep(Duration::from_millis(1000));
+        // Both servers were serving before the fault, by their own counts.
+        let serving: Vec<f64> = c.servers.iter().map(answered).collect();
+        for (i, (b, s)) in before.iter().zip(&serving).enumerate() {
+            assert!(
+                s > b,
+                "server {i} answered nothing before the fault ({b} → {s})"
+            );
+        }
+        signal(c.servers[victim].pid(), fault);
+        let stats = finish_load(load);
+        eprintln!("SIG{fault} of a server under load: {stats:?}");
+        assert_eq!(stats.errors, 0, "client-visible errors: {stats:?}");
+        assert!(stats.requests > 100, "{stats:?}");
+        // Within botocore's 1 s timeout, thanks to hedging (150 ms).
+        assert!(stats.max_us < 1_000_000.0, "{stats:?}");
+        if fault == "STOP" {
+            signal(c.servers[victim].pid(), "CONT");
+        }
+    }
+    assert_eq!(c.node.fake_imds_connections(), 0);
+}
+
+#[test]
+fn an_sts_stall_leaves_held_credentials_alone_and_new_pods_get_a_clear_answer() {
+    if !privileged("STS stall") {
+        return;
+    }
+    let mut c = Cluster::start(
+        Node::new(),
+        "team",
+        json!({"iam.amazonaws.com/permitted": "app-.*"}),
+        &[],
+    );
+    let pod = c.pod("a", json!({"iam.amazonaws.com/role": "app-a"}));
+    assert!(served(&c.node, &pod, "app-a"));
+    let creds = format!("{LISTING}app-a");
+    assert!(get(&c.node, &pod, &creds).starts_with("200 "));
+    let before = finish_load(start_load(&c.node, &pod, "app-a", "2"));
+    let arn = |role: &str| format!("arn:aws:iam::123456789012:role/{role}");
+    let held_calls = c.sts.calls_for(&arn("app-a"));
+
+    c.sts.stall(Duration::from_secs(10));
+    let stalled_at = Instant::now();
+    let during = finish_load(start_load(&c.node, &pod, "app-a", "2"));
+    eprintln!("held credentials, before: {before:?}\n during the stall: {during:?}");
+    assert_eq!(during.errors, 0);
+    assert!(
+        during.p99_us < (2.0 * before.p99_us).max(before.p99_us + 5_000.0),
+        "p99 {} µs during the stall, {} µs before",
+        during.p99_us,
+        before.p99_us
+    );
+    // A pod that appears now: a clear 503 within the SDKs' timeout, not a hang.
+    let new = c.pod("b", json!({"iam.amazonaws.com/role": "app-b"}));
+    assert!(
+        served(&c.node, &new, "app-b"),
+        "the role itself needs no STS"
+    );
+    let started = Instant::now();
+    let answer = get(&c.node, &new, &format!("{LISTING}app-b"));
+    let took = started.elapsed();
+    assert!(
+        answer.starts_with("503 ") && answer.contains("AssumeRole has not answered"),
+        "{answer}"
+    );
+    assert!(
+        took < Duration::from_millis(1000),
+        "answered after {took:?}"
+    );
+    assert!(
+        stalled_at.elapsed() < Duration::from_secs(10),
+        "the test outlasted the stall"
+    );
+    // After the stall: served, with one AssumeRole per key and server, no herd.
+    std::thread::sleep(Duration::from_secs(10).saturating_sub(stalled_at.elapsed()));
+    let mut answer = String::new();
+    assert!(
+        (0..50).any(|_| {
+            answer = get(&c.node, &new, &format!("{LISTING}app-b"));
+            let ok = answer.starts_with("200 ");
+            if !ok {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            ok
+        }),
+        "{answer}"
+    );
+    assert_eq!(c.sts.calls_for(&arn("app-b")), c.servers.len());
+    assert_eq!(c.sts.calls_for(&arn("app-a")), held_calls);
+}
+
+#[tokio::test]
+async fn an_api_server_restart_is_recovered_without_a_restart_and_deletions_are_seen() {
+    let dir = tempfile::tempdir().expect("dir");
+    let sts = Sts::start();
+    let mut kube = Kube::start(dir.path());
+    let rule = json!({"iam.amazonaws.com/permitted": "app-.*"});
+    kube.namespace("team", rule.clone());
+    let certs = Certs::new(dir.path());
+    let server = Server::start(dir.path(), &certs, &sts, &kube, &["--watch-grace", "1s"]);
+    let role = |r: &str| json!({"iam.amazonaws.com/role": r});
+    let kept = kube.pod("team", "kept", NODE_NAME, role("app-kept"));
+    let gone = kube.pod("team", "gone", NODE_NAME, role("app-gone"));
+    let mut agent = server
+        .client(&certs, Some("agent-node-1"))
+        .await
+        .expect("client");
+    let creds = |uid: &str, role: &str| GetCredentialsRequest {
+        pod_uid: uid.into(),
+        node_name: NODE_NAME.into(),
+        role_name: role.into(),
+    };
+    for (uid, role) in [(&kept, "app-kept"), (&gone, "app-gone")] {
+        let mut ok = false;
+        for _ in 0..200 {
+            if agent.get_credentials(creds(uid, role)).await.is_ok() {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(ok, "{role} never served");
+    }
+    let ready = |server: &Server| {
+        let (status, _) = kiam_e2e::stack::http(server.admin_port, "GET", "/ready", None);
+        status == 200
+    };
+    // The API server goes away: the server leaves the Service after the grace period...
+    kube.stop();
+    assert!(
+        eventually(Duration::from_secs(15), || !ready(&server)).await,
+        "still ready without an API server"
+    );
+    // ...and comes back empty, with new resource versions; "gone" was deleted meanwhile.
+    kube.restart_empty();
+    kube.namespace("team", rule);
+    kube.pod_with_uid("team", "kept", NODE_NAME, Some(&kept), role("app-kept"));
+    assert!(
+        eventually(Duration::from_secs(30), || ready(&server)).await,
+        "not ready again:\n{}",
+        server.log_text()
+    );
+    let mut refused = None;
+    for _ in 0..200 {
+        match agent.get_credentials(creds(&gone, "app-gone")).await {
+            Err(status) if reason_of(&status) == Reason::PodNotKnown => {
+                refused = Some(status);
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(25)).await,
+        }
+    }
+    assert!(
+        refused.is_some(),
+        "a pod deleted during the outage is still served"
+    );
+    agent
+        .get_credentials(creds(&kept, "app-kept"))
+        .await
+        .expect("the pod that stayed is served");
+}
+
+/// What a pod's role and the namespace's rule were, over time.
+#[derive(Default)]
+struct Timeline {
+    /// (when, pod UID, its role; `None` once deleted)
+    roles: Vec<(Instant, String, Option<String>)>,
+    /// (when, roles the namespace permits)
+    rules: Vec<(Instant, Vec<String>)>,
+}
+
+impl Timeline {
+    /// Whether `check` held at some moment of `[from, to]` for the step function `steps`.
+    fn held_during<T>(
+        steps: &[(Instant, T)],
+        from: Instant,
+        to: Instant,
+        check: impl Fn(&T) -> bool,
+    ) -> bool {
+        let at_start = steps.iter().rfind(|(t, _)| *t <= from);
+        at_start.is_some_and(|(_, v)| check(v))
+            || steps.iter().any(|(t, v)| *t > from && *t <= to && check(v))
+    }
+
+    /// Whether `pod` may have been served `role` by an answer in `[from, to]`.
+    fn allows(&self, pod: &str, role: &str, from: Instant, to: Instant) -> bool {
+        let pod_roles: Vec<(Instant, Option<String>)> = self
+            .roles
+            .iter()
+            .filter(|(_, uid, _)| uid == pod)
+            .map(|(t, _, r)| (*t, r.clone()))
+            .collect();
+        Self::held_during(&pod_roles, from, to, |r| r.as_deref() == Some(role))
+            && Self::held_during(&self.rules, from, to, |permitted| {
+                permitted.iter().any(|p| p == role)
+            })
+    }
+}
+
+#[test]
+fn three_hundred_pod_lifecycles_never_serve_a_wrong_role() {
+    if !privileged("pod churn") {
+        return;
+    }
+    const ROLE_TTL_MS: u64 = 300;
+    // The documented window: an answer may lag a change by --role-ttl (plus the watch).
+    let window = Duration::from_millis(ROLE_TTL_MS + 500);
+    let roles = ["app-a", "app-b", "app-c", "app-d"];
+    let narrow = ["app-a", "app-b"];
+    let rule = |permitted: &[&str]| json!({"iam.amazonaws.com/permitted": permitted.join("|")});
+    let mut c = Cluster::start(
+        Node::new(),
+        "churn",
+        rule(&roles),
+        &[
+            "--role-ttl",
+            &format!("{ROLE_TTL_MS}ms"),
+            "--refusal-ttl",
+            &format!("{ROLE_TTL_MS}ms"),
+        ],
+    );
+    let timeline = Mutex::new(Timeline::default());
+    timeline.lock().expect("lock").rules.push((
+        Instant::now(),
+        roles.iter().map(|r| r.to_string()).collect(),
+    ));
+    // Six workers, fifty lifecycles each; every lifecycle is a new pod (new UID, new cgroup)
+    // under the worker's pod name.
+    const WORKERS: usize = 6;
+    const LIFECYCLES: usize = 50;
+    let homes: Vec<Pod> = (0..WORKERS).map(|_| c.node.add_pod()).collect();
+    let pods: Vec<Vec<Pod>> = homes
+        .iter()
+        .map(|home| {
+            (0..LIFECYCLES)
+                .map(|_| c.node.add_pod_sharing(home))
+                .collect()
+        })
+        .collect();
+    // (pod UID, served role, asked at, answered at)
+    let answers = Mutex::new(Vec::<(String, String, Instant, Instant)>::new());
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let c = &c;
+    std::thread::scope(|scope| {
+        // The namespace's rule flips between all four roles and two of them.
+        scope.spawn(|| {
+            let mut wide = true;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(700));
+                wide = !wide;
+                let permitted: &[&str] = if wide { &roles } else { &narrow };
+                // Recorded before the change: the new rule may take effect from now on.
+                let mut t = timeline.lock().expect("lock");
+                t.rules.push((
+                    Instant::now(),
+                    permitted.iter().map(|r| r.to_string()).collect(),
+                ));
+                c.kube.namespace("churn", rule(permitted));
+            }
+        });
+        let workers: Vec<_> = pods
+            .iter()
+            .enumerate()
+            .map(|(w, lifecycles)| {
+                let (timeline, answers) = (&timeline, &answers);
+                scope.spawn(move || {
+                    for (k, pod) in lifecycles.iter().enumerate() {
+                        let name = format!("worker-{w}");
+                        let set_role = |role: Option<&str>| {
+                            timeline.lock().expect("lock").roles.push((
+                                Instant::now(),
+                                pod.uid.clone(),
+                                role.map(str::to_owned),
+                            ));
+                            match role {
+                                Some(role) => {
+                                    let mut object = PodObject::new("churn", &name, NODE_NAME);
+                                    object.uid = Some(&pod.uid);
+                                    object.annotations = json!({"iam.amazonaws.com/role": role});
+                                    c.kube.put_pod(&object);
+                                }
+                                None => c.kube.delete_pod("churn", &name),
+                            }
+                        };
+                        set_role(Some(roles[(w + k) % roles.len()]));
+                        let started = Instant::now();
+                        let mut edited = false;
+                        while started.elapsed() < Duration::from_millis(600) {
+                            if !edited && started.elapsed() > Duration::from_millis(300) {
+                                // The annotation is edited mid-life.
+                                set_role(Some(roles[(w + k + 1) % roles.len()]));
+                                edited = true;
+                            }
+                            let asked = Instant::now();
+                            let listing = get(&c.node, pod, LISTING);
+                            let Some(role) = listing.strip_prefix("200 ") else {
+                                continue;
+                            };
+                            let line = get(&c.node, pod, &format!("{LISTING}{role}"));
+                            let answered = Instant::now();
+                            if let Some(doc) = line.strip_prefix("200 ") {
+                                let doc: serde_json::Value =
+                                    serde_json::from_str(doc).expect("credentials document");
+                                let key = doc["AccessKeyId"].as_str().unwrap_or("").to_owned();
+                                let issued = c.sts.role_of(&key).unwrap_or_else(|| {
+                                    panic!("served credentials STS never issued: {key}")
+                                });
+                                let served = issued.rsplit('/').next().unwrap_or("").to_owned();
+                                answers.lock().expect("lock").push((
+                                    pod.uid.clone(),
+                                    served,
+                                    asked,
+                                    answered,
+                                ));
+                            }
+                            answers.lock().expect("lock").push((
+                                pod.uid.clone(),
+                                role.to_owned(),
+                                asked,
+                                answered,
+                            ));
+                        }
+                        set_role(None);
+                        // Deleted: nothing more once the window has passed.
+                        std::thread::sleep(window);
+                        let after = get(&c.node, pod, LISTING);
+                        assert!(
+                            !after.starts_with("200 "),
+                            "a deleted pod was served: {after}"
+                        );
+                        c.node.remove_pod(pod);
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.join().expect("worker");
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let timeline = timeline.into_inner().expect("lock");
+    let answers = answers.into_inner().expect("lock");
+    let wrong: Vec<_> = answers
+        .iter()
+        .filter(|(uid, role, asked, answered)| {
+            !timeline.allows(
+                uid,
+                role,
+                asked.checked_sub(window).unwrap_or(*asked),
+                *answered,
+            )
+        })
+        .collect();
+    eprintln!(
+        "{} lifecycles, {} answers checked, {} rule changes",
+        WORKERS * LIFECYCLES,
+        answers.len(),
+        timeline.rules.len()
+    );
+    assert!(
+        answers.len() >= WORKERS * LIFECYCLES,
+        "too few answers to mean anything"
+    );
+    assert!(
+        wrong.is_empty(),
+        "{} wrong answers, e.g. {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+}
+
+fn attachments(tree: &str) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for word in tree.split_whitespace().filter(|w| w.starts_with("kiam_")) {
+        *counts.entry(word.to_owned()).or_default() += 1;
+    }
+    counts
+}
+
+#[test]
+fn an_agent_upgrade_under_load_swaps_the_programs_without_a_gap() {
+    if !privileged("agent upgrade") {
+        return;
+    }
+    let variant = std::env::var_os("KIAM_EBPF_VARIANT_OBJECT")
+        .map(std::path::PathBuf::from)
+        .filter(|p| p.is_file())
+        .expect("the variant eBPF object: run `cargo xtask build-ebpf --variant` and set KIAM_EBPF_VARIANT_OBJECT (cargo xtask test does)");
+    let mut node = Node::new();
+    let pod = node.add_pod();
+    node.start_agent();
+    let identity = format!("http://{IMDS}/kiam/v1/identity");
+    let load = node
+        .command_in(
+            &pod.cgroup,
+            &pod.netns,
+            &[
+                HELPER.as_str(),
+                "get",
+                &identity,
+                "--count",
+                "4000",
+                "--concurrency",
+                "2",
+                "--timeout-ms",
+                "3000",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("load");
+    std::thread::sleep(Duration::from_millis(300));
+    // Upgrade: the new agent brings other programs (another build), the same maps.
+    node.kill_agent();
+    node.agent_args = vec![
+        "--ebpf-object".into(),
+        variant.to_str().expect("utf-8").to_owned(),
+    ];
+    node.start_agent();
+    let upgraded = node.agent_log();
+    assert!(
+        upgraded.contains("Replaced") && upgraded.contains("kiam_connect4"),
+        "the new programs did not replace the old ones:\n{upgraded}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    // And back again.
+    node.kill_agent();
+    node.agent_args.clear();
+    node.start_agent();
+    let out = load.wait_with_output().expect("load output");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4000);
+    let ok = lines.iter().filter(|l| l.starts_with("200 {")).count();
+    let refused: Vec<&&str> = lines.iter().filter(|l| !l.starts_with("200 {")).collect();
+    assert!(
+        refused.iter().all(|l| l.starts_with("ERROR")),
+        "only refusals may be seen during the swap, got {:?}",
+        &refused[..refused.len().min(5)]
+    );
+    assert!(ok > 100, "{ok} answers");
+    assert_eq!(
+        node.fake_imds_connections(),
+        0,
+        "a connection reached the node's IMDS"
+    );
+    let tree = node.bpftool_cgroup_tree();
+    let counts = attachments(&tree);
+    for program in kiam_common::program_names::ALL {
+        assert_eq!(counts.get(program), Some(&1), "{program}:\n{tree}");
+    }
+}

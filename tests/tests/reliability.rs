@@ -1,0 +1,254 @@
+//! Reliability under abuse (issue: reliability): one pod cannot take the agent's listener
+//! from the others, half-sent requests do not hold connections forever, a namespace cannot
+//! drive STS into throttling with pod-chosen session names, and no secret reaches a log at
+//! debug level. Real agent, servers, moto and the API emulator; run as root by
+//! `cargo xtask test`, a loud SKIP otherwise.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    time::{Duration, Instant},
+};
+
+use kiam_e2e::{
+    bench::{in_pod, load::Stats, memory_mib},
+    cluster::Cluster,
+    node::{HELPER, Node, privileged},
+    stack::{Certs, Kube, Server, Sts, eventually},
+};
+use kiam_server::proto::{GetCredentialsRequest, Reason, reason_of};
+use serde_json::json;
+
+const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn served(c: &Cluster, pod: &kiam_e2e::node::Pod, role: &str) -> bool {
+    let url = format!("http://169.254.169.254{CREDS}");
+    (0..100).any(|_| {
+        let line = c
+            .node
+            .run_in(&pod.cgroup, &pod.netns, &[HELPER.as_str(), "get", &url]);
+        let ok = line.trim() == format!("200 {role}");
+        if !ok {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        ok
+    })
+}
+
+#[test]
+fn one_pod_holding_20000_connections_cannot_slow_another_down() {
+    if !privileged("connection limits") {
+        return;
+    }
+    let mut c = Cluster::start(
+        Node::new(),
+        "team",
+        json!({"iam.amazonaws.com/permitted": "app-.*"}),
+        &["--idle-timeout", "5s"],
+    );
+    let victim = c.pod("victim", json!({"iam.amazonaws.com/role": "app-v"}));
+    let attacker = c.pod("attacker", json!({"iam.amazonaws.com/role": "app-a"}));
+    assert!(served(&c, &victim, "app-v"));
+    // Two processes of 10,000 (the open files limit here is 20,000 a process).
+    let url = "http://169.254.169.254/latest/meta-data/iam/security-credentials/";
+    let mut floods: Vec<_> = (0..2)
+        .map(|_| {
+            c.node.spawn_in(
+                &attacker.cgroup,
+                &attacker.netns,
+                &[
+                    HELPER.as_str(),
+                    "flood",
+                    url,
+                    "--count",
+                    "10000",
+                    "--hold-ms",
+                    "15000",
+                ],
+            )
+        })
+        .collect();
+    let mut held = 0;
+    for flood in &mut floods {
+        let mut line = String::new();
+        BufReader::new(flood.stdout.as_mut().expect("stdout"))
+            .read_line(&mut line)
+            .expect("flood report");
+        held += line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(0);
+    }
+    assert!(held >= 19_000, "the attacker held only {held} connections");
+    // While they are held: the other pod's credentials, a new connection per request.
+    let stats: Stats = in_pod(
+        &c.node,
+        &victim,
+        &[
+            "load",
+            "--target",
+            "169.254.169.254:80",
+            "--path",
+            "/latest/meta-data/iam/security-credentials/app-v",
+            "--seconds",
+            "3",
+        ],
+    )
+    .expect("victim load");
+    eprintln!("the other pod, while 20,000 connections were held: {stats:?}");
+    assert_eq!(stats.errors, 0, "{stats:?}");
+    assert!(stats.requests > 100, "{stats:?}");
+    assert!(
+        stats.p99_us < 10_000.0,
+        "the victim's p99 was {} µs while another pod held 20,000 connections",
+        stats.p99_us
+    );
+    assert!(c.node.agent_alive(), "the agent died");
+    let (rss, _) = memory_mib(c.node.agent_pid());
+    assert!(rss < 64.0, "agent RSS {rss} MiB");
+    let metrics = c.node.agent_metrics();
+    assert!(
+        metric(
+            &metrics,
+            "kiam_agent_refused_connections_total{reason=\"pod_connection_limit\"}"
+        ) >= 10_000.0,
+        "{metrics}"
+    );
+    for mut flood in floods {
+        let _ = flood.kill();
+        let _ = flood.wait();
+    }
+}
+
+#[test]
+fn a_half_sent_request_is_closed_after_the_idle_timeout() {
+    if !privileged("idle timeout") {
+        return;
+    }
+    let mut node = Node::new();
+    node.agent_args = vec!["--idle-timeout".into(), "2s".into()];
+    let pod = node.add_pod();
+    node.start_agent();
+    // The client side runs in the pod: a raw socket would not be redirected from here.
+    let script = "exec 3<>/dev/tcp/169.254.169.254/80; printf 'GET / HTTP/1.1\\r\\nHost: x\\r\\n' >&3; start=$(date +%s%N); cat <&3 >/dev/null; echo $(( ($(date +%s%N) - start) / 1000000 ))";
+    let out = node.run_in(&pod.cgroup, &pod.netns, &["bash", "-c", script]);
+    let held_ms: u64 = out.trim().parse().expect("milliseconds");
+    assert!(
+        (1500..6000).contains(&held_ms),
+        "a half-sent request head was held for {held_ms} ms with --idle-timeout 2s"
+    );
+}
+
+#[tokio::test]
+async fn pods_choosing_unique_session_names_cost_at_most_the_bound() {
+    let dir = tempfile::tempdir().expect("dir");
+    let sts = Sts::start();
+    let kube = Kube::start(dir.path());
+    kube.namespace("team", json!({"iam.amazonaws.com/permitted": "app-.*"}));
+    let certs = Certs::new(dir.path());
+    let server = Server::start(
+        dir.path(),
+        &certs,
+        &sts,
+        &kube,
+        &["--max-sessions-per-namespace", "10"],
+    );
+    let uids: Vec<String> = (0..500)
+        .map(|i| {
+            kube.pod(
+                "team",
+                &format!("p{i}"),
+                "node-1",
+                json!({"iam.amazonaws.com/role": "app-x",
+                       "iam.amazonaws.com/session-name": format!("unique-{i}")}),
+            )
+        })
+        .collect();
+    let mut agent = server
+        .client(&certs, Some("agent-node-1"))
+        .await
+        .expect("client");
+    // Every pod is asked for, as agents would.
+    let mut refused = 0;
+    for uid in &uids {
+        let request = GetCredentialsRequest {
+            pod_uid: uid.clone(),
+            node_name: "node-1".into(),
+            role_name: "app-x".into(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match agent.get_credentials(request.clone()).await {
+                Ok(_) => break,
+                Err(s) if reason_of(&s) == Reason::TooManySessions => {
+                    assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+                    refused += 1;
+                    break;
+                }
+                Err(s) if reason_of(&s) == Reason::PodNotKnown && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(s) => panic!("{}", s.message()),
+            }
+        }
+    }
+    assert_eq!(refused, 490);
+    // Prefetch and refresh had their chances too.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(sts.calls() <= 10, "{} AssumeRole calls", sts.calls());
+    assert!(
+        eventually(Duration::from_secs(10), || kube
+            .events()
+            .iter()
+            .any(|e| e["reason"] == "IAMSessionLimit"))
+        .await,
+        "no Event for the namespace's pods over the bound"
+    );
+}
+
+#[test]
+fn no_secret_reaches_a_log_at_debug_level() {
+    if !privileged("secrets in logs") {
+        return;
+    }
+    // The agent and the servers log at debug in the tests.
+    let mut c = Cluster::start(
+        Node::new(),
+        "team",
+        json!({"iam.amazonaws.com/permitted": "app-.*"}),
+        &["--role-ttl", "1ms"],
+    );
+    let pod = c.pod("a", json!({"iam.amazonaws.com/role": "app-a"}));
+    assert!(served(&c, &pod, "app-a"));
+    let line = c.node.run_in(
+        &pod.cgroup,
+        &pod.netns,
+        &[
+            HELPER.as_str(),
+            "get",
+            &format!("http://169.254.169.254{CREDS}app-a"),
+        ],
+    );
+    let doc: serde_json::Value =
+        serde_json::from_str(line.trim().strip_prefix("200 ").expect("200")).expect("json");
+    let secrets = [
+        doc["SecretAccessKey"].as_str().expect("secret").to_owned(),
+        doc["Token"].as_str().expect("token").to_owned(),
+    ];
+    assert!(secrets.iter().all(|s| s.len() > 8));
+    let mut logs = c.node.agent_log();
+    for server in &c.servers {
+        logs.push_str(&server.log_text());
+    }
+    assert!(logs.contains("\"level\":\"DEBUG\""), "debug logs are on");
+    for secret in &secrets {
+        assert!(!logs.contains(secret.as_str()), "a secret reached a log");
+    }
+}
