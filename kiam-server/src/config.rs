@@ -11,7 +11,11 @@ pub use kiam_ops::LogFormat;
 /// kiam server: assumes roles for pods and serves the credentials to kiam agents over gRPC
 /// with mutual TLS. The only kiam component that needs `sts:AssumeRole`.
 #[derive(Debug, Parser)]
-#[command(name = "kiam-server", version)]
+#[command(
+    name = "kiam-server",
+    version,
+    after_help = "`kiam-server health [--admin-listen ADDR] [--json]` checks a running server (watches synced, STS reachable): exit code 0 healthy, 1 not."
+)]
 pub struct Cli {
     /// gRPC listen address (mutual TLS).
     #[arg(long, env = "KIAM_SERVER_LISTEN", default_value = "0.0.0.0:8443")]
@@ -82,6 +86,11 @@ pub struct Cli {
     /// Pod annotation naming the role.
     #[arg(long, env = "KIAM_ROLE_ANNOTATION", default_value = policy::ANNOTATION_ROLE)]
     pub role_annotation: String,
+    /// Role (name or ARN) for pods without a role annotation, in namespaces whose rule
+    /// permits it; kube2iam's `--default-role`, for migrations. Off by default: an
+    /// unannotated pod gets no role.
+    #[arg(long, env = "KIAM_DEFAULT_ROLE")]
+    pub default_role: Option<String>,
     /// Role the server assumes first and uses to assume pods' roles (optional).
     #[arg(long, env = "KIAM_ASSUME_ROLE_ARN")]
     pub assume_role_arn: Option<String>,
@@ -105,6 +114,10 @@ pub struct Cli {
     /// namespaces × service accounts.
     #[arg(long, env = "KIAM_SESSION_TAGS")]
     pub session_tags: bool,
+    /// How often the server asks STS who it is (`GetCallerIdentity`) for `/health` and
+    /// `kiam-server health`: one call per interval and server, whatever the cluster's size.
+    #[arg(long, env = "KIAM_STS_HEALTH_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub sts_health_interval: Duration,
     /// Attempts per AssumeRole call (throttling and 5xx are retried with backoff and jitter).
     #[arg(long, env = "KIAM_STS_MAX_ATTEMPTS", default_value_t = 4)]
     pub sts_max_attempts: u32,
@@ -165,6 +178,8 @@ pub enum ConfigError {
     AgentServiceAccount(String),
     #[error("--agent-token-audience must not be empty")]
     AgentAudience,
+    #[error("--default-role: {0}")]
+    DefaultRole(String),
 }
 
 /// Validated settings that do not touch the network.
@@ -195,6 +210,16 @@ pub fn validate(cli: &Cli) -> Result<Validated, ConfigError> {
         (None, true) => None,
         (None, false) => return Err(ConfigError::NoBaseArn),
     };
+    if let Some(role) = &cli.default_role {
+        // Any base gives the same verdict on a name; a full ARN is checked as it is.
+        let probe = base.clone().unwrap_or(BaseArn {
+            partition: "aws".into(),
+            account: "000000000000".into(),
+        });
+        probe
+            .resolve(role)
+            .map_err(|e| ConfigError::DefaultRole(e.to_string()))?;
+    }
     if let Some(arn) = &cli.assume_role_arn {
         policy::RoleArn::parse(arn).map_err(|e| ConfigError::GatewayRole(e.to_string()))?;
     }
@@ -276,7 +301,7 @@ mod tests {
 
     #[test]
     fn bad_settings_name_their_flag() {
-        let cases: [(&[&str], &str); 9] = [
+        let cases: [(&[&str], &str); 11] = [
             (
                 &["--agent-service-account", "kiam-agent"],
                 "--agent-service-account",
@@ -292,7 +317,13 @@ mod tests {
             (&["--min-validity", "58m"], "--min-validity"),
             (&["--sts-max-attempts", "0"], "--sts-max-attempts"),
             (&["--assume-role-arn", "nope"], "--assume-role-arn"),
+            (&["--default-role", "no spaces"], "--default-role"),
+            (
+                &["--default-role", "arn:aws:iam::123456789012:user/x"],
+                "--default-role",
+            ),
         ];
+        validate(&cli(&["--default-role", "team/app"])).expect("a role name is a default role");
         for (extra, flag) in cases {
             let err = validate(&cli(extra)).expect_err("invalid");
             assert!(err.to_string().contains(flag), "{extra:?}: {err}");

@@ -9,8 +9,9 @@
 //!    pods of its own node);
 //! 2. completed pods get nothing, mirror (static) pods get nothing;
 //! 3. the operator's pass-through rules: the node's own metadata service;
-//! 4. the role annotation, resolved against the base ARN;
-//! 5. the namespace's rule;
+//! 4. the role annotation, resolved against the base ARN, or the operator's `--default-role`
+//!    for a pod without one;
+//! 5. the namespace's rule (a default role the namespace does not permit is no role at all);
 //! 6. the credential cache key (role and every session parameter).
 
 use std::sync::Arc;
@@ -38,13 +39,38 @@ pub struct Settings {
     pub session_tags: bool,
     /// Pods that get the node's own metadata service (operator-controlled).
     pub passthrough: Vec<PassThroughRule>,
+    /// The role (as an annotation would name it) of pods without a role annotation, in
+    /// namespaces whose rule permits it (`--default-role`, kube2iam's migration aid).
+    pub default_role: Option<String>,
+}
+
+/// Where a pod's role came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RoleSource {
+    /// The pod's role annotation.
+    Annotation,
+    /// `--default-role`, for a pod without an annotation.
+    Default,
+}
+
+impl RoleSource {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Annotation => "annotation",
+            Self::Default => "default",
+        }
+    }
 }
 
 /// What a pod may have.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Access {
     /// Credentials for this role, shared by every pod with the same cache key.
-    Role { role: RoleArn, key: CacheKey },
+    Role {
+        role: RoleArn,
+        key: CacheKey,
+        source: RoleSource,
+    },
     /// The node's own metadata service, verbatim.
     PassThrough,
 }
@@ -60,7 +86,7 @@ impl Decision {
     /// The role and key, or the refusal for a caller that wants credentials.
     pub fn role(&self) -> Result<(&RoleArn, &CacheKey), Refusal> {
         match &self.access {
-            Access::Role { role, key } => Ok((role, key)),
+            Access::Role { role, key, .. } => Ok((role, key)),
             Access::PassThrough => Err(Refusal::PassThrough(pod_label(&self.pod))),
         }
     }
@@ -93,6 +119,14 @@ pub enum Refusal {
     Mirror(String),
     #[error("pod {pod} has no {annotation} annotation")]
     NoRole { pod: String, annotation: String },
+    #[error(
+        "pod {pod} has no {annotation} annotation, and the default role (--default-role) is not for it: {denied}"
+    )]
+    DefaultRoleNotPermitted {
+        pod: String,
+        annotation: String,
+        denied: Denied,
+    },
     #[error("pod {pod}: {denied}")]
     Forbidden { pod: String, denied: Denied },
     #[error("pod {pod} asked for role {asked}, but its role is {actual}")]
@@ -142,7 +176,9 @@ impl Refusal {
             Self::WrongNode { .. } => Reason::PodOnOtherNode,
             Self::Completed(_) => Reason::PodCompleted,
             Self::Mirror(_) => Reason::MirrorPod,
-            Self::NoRole { .. } => Reason::NoRoleAnnotation,
+            // The pod asked for nothing: to it, a default role its namespace does not permit
+            // is the same as no role.
+            Self::NoRole { .. } | Self::DefaultRoleNotPermitted { .. } => Reason::NoRoleAnnotation,
             Self::Forbidden { denied, .. } => match denied {
                 Denied::BadRole { .. } => Reason::RoleInvalid,
                 Denied::InvalidRule { .. } => Reason::NamespaceRuleInvalid,
@@ -233,16 +269,29 @@ pub fn decide_pod(
     {
         return Ok(Access::PassThrough);
     }
-    let value = pod
-        .annotations
-        .get(&settings.role_annotation)
-        .ok_or_else(|| Refusal::NoRole {
+    let (value, source) = match (
+        pod.annotations.get(&settings.role_annotation),
+        &settings.default_role,
+    ) {
+        (Some(value), _) => (value, RoleSource::Annotation),
+        (None, Some(default)) => (default, RoleSource::Default),
+        (None, None) => {
+            return Err(Refusal::NoRole {
+                pod: pod_label(pod),
+                annotation: settings.role_annotation.clone(),
+            });
+        }
+    };
+    let forbidden = |denied| match source {
+        RoleSource::Annotation => Refusal::Forbidden {
+            pod: pod_label(pod),
+            denied,
+        },
+        RoleSource::Default => Refusal::DefaultRoleNotPermitted {
             pod: pod_label(pod),
             annotation: settings.role_annotation.clone(),
-        })?;
-    let forbidden = |denied| Refusal::Forbidden {
-        pod: pod_label(pod),
-        denied,
+            denied,
+        },
     };
     let role = settings.base.resolve(value).map_err(|e| {
         forbidden(Denied::BadRole {
@@ -279,7 +328,7 @@ pub fn decide_pod(
         session_name: session,
         tags,
     };
-    Ok(Access::Role { role, key })
+    Ok(Access::Role { role, key, source })
 }
 
 /// What a pod of the index may have, without the node check (prefetch and refresh).
@@ -332,6 +381,7 @@ mod tests {
             passthrough: vec![
                 PassThroughRule::parse("namespace=kube-system,host-network=true").expect("rule"),
             ],
+            default_role: None,
         }
     }
 
@@ -362,7 +412,7 @@ mod tests {
         let decide = |p: &PodInfo| decide_pod(&s, p, Some(&rules()));
         let reason = |p: &PodInfo| decide(p).expect_err("refused").reason();
 
-        let Access::Role { role, key } =
+        let Access::Role { role, key, source } =
             decide(&pod("ok", "team", &[(ANNOTATION_ROLE, "app")])).expect("permitted")
         else {
             panic!("a role")
@@ -370,7 +420,8 @@ mod tests {
         assert_eq!(role.arn, "arn:aws:iam::123456789012:role/app");
         assert_eq!(listed_name(&role), "app");
         assert_eq!(key.session_name, "kiam");
-        let Access::Role { role, key } = decide(&pod(
+        assert_eq!(source, RoleSource::Annotation);
+        let Access::Role { role, key, .. } = decide(&pod(
             "path",
             "team",
             &[
@@ -479,6 +530,60 @@ mod tests {
         let mut system = pod("aws-node", "kube-system", &[]);
         system.host_network = true;
         assert!(decide_pod(&strict, &system, None).is_err());
+    }
+
+    #[test]
+    fn the_default_role_is_for_unannotated_pods_where_the_namespace_permits_it() {
+        let s = Settings {
+            default_role: Some("app".into()),
+            ..settings()
+        };
+        let role = |p: &PodInfo, rules: Option<&NamespaceRules>| match decide_pod(&s, p, rules) {
+            Ok(Access::Role { role, source, .. }) => Ok((listed_name(&role).to_owned(), source)),
+            Ok(Access::PassThrough) => panic!("not a pass-through pod"),
+            Err(refusal) => Err(refusal),
+        };
+        // Unannotated, and the namespace permits it: the default role.
+        assert_eq!(
+            role(&pod("plain", "team", &[]), Some(&rules())),
+            Ok(("app".into(), RoleSource::Default))
+        );
+        // An annotation always wins.
+        assert_eq!(
+            role(
+                &pod("own", "team", &[(ANNOTATION_ROLE, "team/db")]),
+                Some(&rules())
+            ),
+            Ok(("db".into(), RoleSource::Annotation))
+        );
+        // A namespace that does not permit it, has no rule, or a broken one: no role, and
+        // the message says why.
+        let other = NamespaceRules::parse(Some("other"), None);
+        let broken = NamespaceRules::parse(Some("("), None);
+        for rules in [Some(&other), None, Some(&broken)] {
+            let refusal = role(&pod("plain", "team", &[]), rules).expect_err("not permitted");
+            assert_eq!(refusal.reason(), Reason::NoRoleAnnotation, "{refusal}");
+            assert!(refusal.to_string().contains("--default-role"), "{refusal}");
+        }
+        // Pass-through and mirror pods are decided before it.
+        let mut system = pod("aws-node", "kube-system", &[]);
+        system.host_network = true;
+        assert_eq!(decide_pod(&s, &system, None), Ok(Access::PassThrough));
+        let mut mirror = pod("m", "team", &[]);
+        mirror.mirror = true;
+        assert_eq!(
+            decide_pod(&s, &mirror, Some(&rules()))
+                .expect_err("mirror")
+                .reason(),
+            Reason::MirrorPod
+        );
+        // Without the flag, nothing changes for unannotated pods.
+        assert_eq!(
+            decide_pod(&settings(), &pod("plain", "team", &[]), Some(&rules()))
+                .expect_err("no role")
+                .reason(),
+            Reason::NoRoleAnnotation
+        );
     }
 
     #[test]

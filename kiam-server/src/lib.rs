@@ -11,6 +11,7 @@ pub mod config;
 pub mod credentials;
 pub mod decision;
 pub mod events;
+pub mod health;
 pub mod identity;
 pub mod index;
 pub mod metrics;

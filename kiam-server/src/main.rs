@@ -15,6 +15,7 @@ use kiam_server::{
     credentials::{CacheKey, CredentialCache, StsSource},
     decision::{self, Access, Settings},
     events::Events,
+    health,
     identity::{self, AgentAuth, KubeReviewer},
     index::{self, Index},
     metrics::Metrics,
@@ -26,6 +27,16 @@ use kiam_server::{
 };
 
 fn main() -> std::process::ExitCode {
+    // `kiam-server health` talks to a running server and takes none of its flags.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "health") {
+        let cli = health::HealthCli::parse_from(std::env::args_os().skip(1));
+        let code = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map(|rt| rt.block_on(health::check(&cli)))
+            .unwrap_or(health::UNHEALTHY);
+        return std::process::ExitCode::from(code);
+    }
     let cli = Cli::parse();
     // The AWS SDK brings aws-lc-rs and tonic ring: with both compiled in, rustls cannot pick a
     // process default by itself (kube's client needs one).
@@ -122,10 +133,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         default_session_name: cli.session_name.clone(),
         session_tags: cli.session_tags,
         passthrough: validated.passthrough.clone(),
+        default_role: cli.default_role.clone(),
     };
+    if let Some(role) = &cli.default_role {
+        let arn = settings
+            .base
+            .resolve(role)
+            .map(|r| r.arn)
+            .unwrap_or_default();
+        tracing::warn!(
+            default_role = %arn,
+            "--default-role: every pod without a {} annotation, in a namespace whose rule permits {arn}, gets its credentials (kiam_server_credentials_served_total{{role_source=\"default\"}} counts them)",
+            cli.role_annotation
+        );
+    }
     let cache = CredentialCache::new(
         StsSource {
-            client: sts,
+            client: sts.clone(),
             duration: validated.session_duration,
         },
         validated.min_validity,
@@ -245,13 +269,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let admin = kiam_ops::listen::bind(cli.admin_listen)
         .with_context(|| format!("listening on {} (--admin-listen)", cli.admin_listen))?;
     let ready_index = index.clone();
+    let health_index = index.clone();
     let exposed = metrics.clone();
+    let sts_health = Arc::new(health::StsHealth::new(cli.sts_health_interval));
+    tokio::spawn(sts_health.clone().probe_forever(sts.clone()));
     tokio::spawn(kiam_ops::serve_admin(
         admin,
         kiam_ops::Admin {
             metrics: Box::new(move || exposed.encode()),
             ready: Box::new(move || ready_index.ready()),
             not_ready: "not ready: the Kubernetes index has not synced, or its watches are failing\n",
+            health: Some(Box::new(move || {
+                let report = sts_health.report(health_index.ready());
+                let body = serde_json::to_string(&report).unwrap_or_default();
+                (report.healthy, body + "\n")
+            })),
         },
     ));
 

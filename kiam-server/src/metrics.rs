@@ -27,6 +27,12 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServedLabels {
+    /// `annotation`, or `default` for `--default-role`.
+    pub role_source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: String,
 }
@@ -35,6 +41,7 @@ pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
     pub refusals: Family<ReasonLabels, Counter>,
+    pub served: Family<ServedLabels, Counter>,
     pub cache_hits: Counter,
     pub cache_misses: Counter,
     pub sts_calls: Family<ResultLabels, Counter>,
@@ -57,6 +64,12 @@ impl Default for Metrics {
         );
         let refusals = Family::<ReasonLabels, Counter>::default();
         registry.register("refusals", "Requests refused, by reason", refusals.clone());
+        let served = Family::<ServedLabels, Counter>::default();
+        registry.register(
+            "credentials_served",
+            "Credentials served to agents, by where the pod's role came from",
+            served.clone(),
+        );
         let cache_hits = Counter::default();
         registry.register(
             "cache_hits",
@@ -111,6 +124,7 @@ impl Default for Metrics {
             registry,
             requests,
             refusals,
+            served,
             cache_hits,
             cache_misses,
             sts_calls,

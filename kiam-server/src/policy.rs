@@ -5,7 +5,8 @@
 //! - The pod annotation (`iam.amazonaws.com/role` by default) names a role: a name, optionally
 //!   with a path (`team/app`), joined to the base ARN; or a full role ARN (cross-account).
 //! - The namespace permits roles with kiam's `iam.amazonaws.com/permitted` regular expression
-//!   (anchored at both ends) and/or kube2iam's `iam.amazonaws.com/allowed-roles` JSON list.
+//!   (anchored at both ends) and/or kube2iam's `iam.amazonaws.com/allowed-roles` JSON list,
+//!   whose entries are roles or globs (kube2iam's `--namespace-restriction-format glob`).
 //!   No rule permits nothing; a rule that does not parse denies and says why.
 //! - The operator's pass-through rules (server flags, never pod annotations) select system
 //!   pods that get the node's own metadata service instead of a role.
@@ -158,7 +159,74 @@ impl BaseArn {
 #[derive(Clone, Debug)]
 pub struct NamespaceRules {
     permitted: Option<Result<Regex, String>>,
-    allowed: Option<Result<Vec<String>, String>>,
+    allowed: Option<Result<Vec<AllowedEntry>, String>>,
+}
+
+/// One entry of an `allowed-roles` list.
+#[derive(Clone, Debug)]
+enum AllowedEntry {
+    /// A role name (joined to the base ARN when checked) or a full role ARN.
+    Role(String),
+    /// A glob (`*`, `?`, `[...]`) over full role ARNs (an entry starting with `arn:`) or
+    /// over the names, path included, of roles in the base account. As in kube2iam, `*`
+    /// stops at `/`: `team/*` permits `team/app`, not `team/x/app`.
+    Glob { pattern: glob::Pattern, arn: bool },
+}
+
+const GLOB_OPTIONS: glob::MatchOptions = glob::MatchOptions {
+    case_sensitive: true,
+    require_literal_separator: true,
+    require_literal_leading_dot: false,
+};
+
+impl AllowedEntry {
+    fn parse(raw: &str) -> Result<Self, String> {
+        let entry = raw.trim();
+        let bad = |why: String| format!("entry {raw:?}: {why}");
+        if !entry.contains(['*', '?', '[', ']']) {
+            // Checked now, so a typo denies with a reason rather than silently matching
+            // nothing; any base gives the same verdict on a name.
+            let probe = BaseArn {
+                partition: "aws".into(),
+                account: "000000000000".into(),
+            };
+            probe.resolve(entry).map_err(|e| bad(e.to_string()))?;
+            return Ok(Self::Role(entry.to_owned()));
+        }
+        let arn = entry.starts_with("arn:");
+        let name = match arn {
+            true => entry.split_once(":role/").map(|(_, name)| name).ok_or_else(|| {
+                bad("a glob over ARNs must keep the literal :role/ (arn:<partition>:iam::<account>:role/<name glob>)".into())
+            })?,
+            false => entry.trim_start_matches('/'),
+        };
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+=,.@-_/*?[]!".contains(c))
+        {
+            return Err(bad(
+                "a role glob may only use role-name characters and * ? [ ]".into(),
+            ));
+        }
+        let pattern = glob::Pattern::new(match arn {
+            true => entry,
+            false => name,
+        })
+        .map_err(|e| bad(format!("not a glob: {e}")))?;
+        Ok(Self::Glob { pattern, arn })
+    }
+
+    fn permits(&self, role: &RoleArn, base: &BaseArn, in_base: bool) -> bool {
+        match self {
+            Self::Role(entry) => base.resolve(entry).is_ok_and(|arn| arn.arn == role.arn),
+            Self::Glob { pattern, arn: true } => pattern.matches_with(&role.arn, GLOB_OPTIONS),
+            Self::Glob {
+                pattern,
+                arn: false,
+            } => in_base && pattern.matches_with(&role.name, GLOB_OPTIONS),
+        }
+    }
 }
 
 /// Why a role is refused.
@@ -198,14 +266,18 @@ impl NamespaceRules {
         });
         let allowed = allowed_roles.map(|json| {
             serde_json::from_str::<Vec<String>>(json)
-                .map_err(|e| format!("want a JSON list of role names or ARNs: {e}"))
+                .map_err(|e| format!("want a JSON list of role names, ARNs or globs: {e}"))?
+                .iter()
+                .map(|entry| AllowedEntry::parse(entry))
+                .collect()
         });
         Self { permitted, allowed }
     }
 
     /// Whether `role` is permitted in `namespace`. The `permitted` expression matches the
     /// role's full ARN, or, for a role in the base account, its name (path included); an
-    /// `allowed-roles` entry matches when it resolves to the same ARN.
+    /// `allowed-roles` entry matches when it resolves to the same ARN, or, for a glob, when
+    /// it matches the same way the expression does.
     pub fn check(&self, namespace: &str, role: &RoleArn, base: &BaseArn) -> Result<(), Denied> {
         if self.permitted.is_none() && self.allowed.is_none() {
             return Err(Denied::NoRule {
@@ -218,22 +290,20 @@ impl NamespaceRules {
             reason: reason.clone(),
         };
         let mut permitted = false;
+        // A name is only meaningful in the base account: a role of another account must be
+        // permitted by its full ARN, or `app-.*` would permit `app-x` in any account.
+        let in_base = role.account == base.account && role.partition == base.partition;
         if let Some(rule) = &self.permitted {
             let re = rule
                 .as_ref()
                 .map_err(|e| invalid(ANNOTATION_PERMITTED, e))?;
-            // A name is only meaningful in the base account: a role of another account must
-            // be permitted by its full ARN, or `app-.*` would permit `app-x` in any account.
-            let in_base = role.account == base.account && role.partition == base.partition;
             permitted |= (in_base && re.is_match(&role.name)) || re.is_match(&role.arn);
         }
         if let Some(rule) = &self.allowed {
             let list = rule
                 .as_ref()
                 .map_err(|e| invalid(ANNOTATION_ALLOWED_ROLES, e))?;
-            permitted |= list
-                .iter()
-                .any(|entry| base.resolve(entry).is_ok_and(|arn| arn.arn == role.arn));
+            permitted |= list.iter().any(|entry| entry.permits(role, base, in_base));
         }
         match permitted {
             true => Ok(()),
@@ -510,6 +580,68 @@ mod tests {
             check(Some("("), Some(list), "app"),
             Err(InvalidRule { .. })
         ));
+    }
+
+    #[test]
+    fn allowed_roles_globs() {
+        use Denied::*;
+        let list = r#"["app-*", "team/*", "arn:aws:iam::999999999999:role/ci-?", "db-[ab]"]"#;
+        for role in [
+            "app-web",
+            "app-",
+            "team/app",
+            "arn:aws:iam::999999999999:role/ci-1",
+            "db-a",
+        ] {
+            assert_eq!(check(None, Some(list), role), Ok(()), "{role}");
+        }
+        for role in [
+            // `*` stops at `/`, as in kube2iam.
+            "team/x/app",
+            "app/x",
+            "my-app-web",
+            "arn:aws:iam::999999999999:role/ci-12",
+            "arn:aws:iam::999999999999:role/path/ci-1",
+            "db-c",
+            // A name glob does not reach into another account or partition.
+            "arn:aws:iam::999999999999:role/app-web",
+            "arn:aws-cn:iam::123456789012:role/app-web",
+        ] {
+            assert!(
+                matches!(check(None, Some(list), role), Err(NotPermitted { .. })),
+                "{role}"
+            );
+        }
+        // An ARN glob may name every account: the namespace's owner wrote it.
+        assert_eq!(
+            check(
+                None,
+                Some(r#"["arn:aws:iam::*:role/reader"]"#),
+                "arn:aws:iam::999999999999:role/reader"
+            ),
+            Ok(())
+        );
+        // Entries are validated: one bad entry denies everything, with the reason.
+        for bad in [
+            r#"["app-[", "app"]"#,
+            r#"["app", "bad name*"]"#,
+            r#"["arn:aws:iam::*:user/*"]"#,
+            r#"["app", "no spaces"]"#,
+            r#"["app", ""]"#,
+            r#"["*", "a//b"]"#,
+        ] {
+            let err = check(None, Some(bad), "app").expect_err(bad);
+            assert!(
+                matches!(
+                    err,
+                    InvalidRule {
+                        annotation: ANNOTATION_ALLOWED_ROLES,
+                        ..
+                    }
+                ),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::{
     events::Events,
     identity::AgentAuth,
     index::Index,
-    metrics::{Method, Metrics, ReasonLabels, RequestLabels},
+    metrics::{Method, Metrics, ReasonLabels, RequestLabels, ServedLabels},
     proto::{
         Credentials as ProtoCredentials, GetCredentialsRequest, GetPodRoleRequest,
         GetPodRoleResponse, HealthRequest, HealthResponse, kiam_server::Kiam,
@@ -220,6 +220,14 @@ impl Kiam for KiamService {
                     .map(|d| d.as_secs() as i64)
                     .unwrap_or(0)
             };
+            if let Access::Role { source, .. } = &decision.access {
+                self.metrics
+                    .served
+                    .get_or_create(&ServedLabels {
+                        role_source: source.label(),
+                    })
+                    .inc();
+            }
             tracing::debug!(pod_uid = %decision.pod.uid, role = %role, "credentials served");
             Ok(Response::new(ProtoCredentials {
                 access_key_id: creds.access_key_id.clone(),

@@ -536,3 +536,67 @@ async fn rotated_certificates_are_picked_up_without_a_restart() {
     assert!(stale, "a certificate from the replaced CA still works");
     assert!(env.server.log_text().contains("TLS certificates reloaded"));
 }
+
+#[tokio::test]
+async fn kube2iam_migration_default_role_and_allowed_roles_globs() {
+    let env = start(&["--default-role", "app-default"]);
+    env.kube.namespace(
+        "globbed",
+        json!({"iam.amazonaws.com/allowed-roles": "[\"svc-*\", \"team/*\"]"}),
+    );
+    let mut client = env.client("agent-node-1").await;
+    let ask = |uid: &str| GetPodRoleRequest {
+        pod_uid: uid.into(),
+        node_name: "node-1".into(),
+    };
+
+    // An unannotated pod where the namespace permits the default role gets it.
+    let plain = env.kube.pod("team", "plain", "node-1", json!({}));
+    wait_known(&mut client, &plain).await;
+    let role = client.get_pod_role(ask(&plain)).await.expect("default");
+    assert_eq!(role.into_inner().role_name, "app-default");
+    let creds = client
+        .get_credentials(creds_request(&plain, "node-1", "app-default"))
+        .await
+        .expect("credentials for the default role")
+        .into_inner();
+    assert_eq!(
+        env.sts.role_of(&creds.access_key_id).as_deref(),
+        Some(format!("arn:aws:iam::{ACCOUNT}:role/app-default").as_str())
+    );
+    let metrics = env.server.metrics();
+    assert!(
+        metrics.contains("kiam_server_credentials_served_total{role_source=\"default\"} 1"),
+        "{metrics}"
+    );
+    // Where the namespace does not permit it: no role, and the reason says why.
+    let closed = env.kube.pod("legacy", "plain", "node-1", json!({}));
+    wait_known(&mut client, &closed).await;
+    let refused = client
+        .get_pod_role(ask(&closed))
+        .await
+        .expect_err("not permitted");
+    assert_eq!(refused.code(), Code::NotFound);
+    assert!(refused.message().contains("--default-role"), "{refused:?}");
+
+    // Globs: `*` matches within one path segment.
+    for (name, role, permitted) in [
+        ("a", "svc-api", true),
+        ("b", "team/db", true),
+        ("c", "team/x/db", false),
+        ("d", "other", false),
+    ] {
+        let uid = env.kube.pod(
+            "globbed",
+            name,
+            "node-1",
+            json!({"iam.amazonaws.com/role": role}),
+        );
+        wait_known(&mut client, &uid).await;
+        let answer = client.get_pod_role(ask(&uid)).await;
+        assert_eq!(answer.is_ok(), permitted, "{role}: {answer:?}");
+        if let Err(status) = answer {
+            assert_eq!(status.code(), Code::PermissionDenied, "{role}");
+        }
+    }
+}
