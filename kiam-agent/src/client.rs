@@ -278,6 +278,22 @@ impl Servers {
         }
     }
 
+    /// Asks every resolved server for its Health, at once; each address and its answer
+    /// (`Ok(ready)`, or why it did not answer).
+    pub async fn health_each(&self, timeout: Duration) -> Vec<(SocketAddr, Result<bool, Status>)> {
+        let checks = self.snapshot().into_iter().map(|backend| async move {
+            let mut client = backend.client.clone();
+            let mut request = tonic::Request::new(kiam_proto::HealthRequest {});
+            request.set_timeout(timeout);
+            let answer = tokio::time::timeout(timeout, client.health(request))
+                .await
+                .unwrap_or_else(|_| Err(Status::deadline_exceeded("no answer in time")))
+                .map(|r| r.into_inner().ready);
+            (backend.addr, answer)
+        });
+        futures::future::join_all(checks).await
+    }
+
     fn snapshot(&self) -> Vec<Arc<Backend>> {
         self.backends
             .read()

@@ -33,6 +33,32 @@ pub enum Command {
     /// Mount bpffs at a path unless one is there (the DaemonSet's init container, with the
     /// host's /sys/fs/bpf and bidirectional mount propagation).
     MountBpffs(MountArgs),
+    /// Check the running agent, its pinned programs and every server, like `kiam health`.
+    /// Reads the same flags and `KIAM_*` environment as `run`. Exit code 0: healthy; 1: a
+    /// check failed; 2: bad usage.
+    Health(Box<HealthArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// bpffs directory holding the pinned programs and maps.
+    #[arg(long, env = "KIAM_BPFFS_DIR", default_value = "/sys/fs/bpf/kiam")]
+    pub bpffs_dir: PathBuf,
+    /// As for `run`.
+    #[arg(long, env = "KIAM_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+    /// As for `run`: the programs must be attached to this cgroup.
+    #[arg(long, env = "KIAM_ATTACH_CGROUP")]
+    pub attach_cgroup: Option<PathBuf>,
+    /// How long each server has to answer.
+    #[arg(long, env = "KIAM_HEALTH_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Fail unless every server is ready (by default one ready server is enough; the others
+    /// are reported).
+    #[arg(long)]
+    pub require_all_servers: bool,
+    #[command(flatten)]
+    pub api: ApiArgs,
 }
 
 #[derive(Debug, Args)]
@@ -129,6 +155,9 @@ pub struct RunArgs {
     /// connection).
     #[arg(long, env = "KIAM_EBPF_LOG_CONNECTIONS")]
     pub ebpf_log_connections: bool,
+    /// How often the kernel counters and map fill levels are read for `/metrics`.
+    #[arg(long, env = "KIAM_KERNEL_METRICS_INTERVAL", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub kernel_metrics_interval: Duration,
     #[command(flatten)]
     pub api: ApiArgs,
 }

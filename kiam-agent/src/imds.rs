@@ -186,7 +186,16 @@ impl Imds {
                         format!("kiam: this pod's role is {}, not {asked}\n", role.name),
                     ),
                     Ok(role) => match self.upstream.credentials(pod, &role, deadline).await {
-                        Ok(creds) => reply(StatusCode::OK, "application/json", document(&creds)),
+                        Ok(creds) => {
+                            let now = std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map(|d| d.as_secs() as i64)
+                                .unwrap_or(0);
+                            self.metrics
+                                .credentials_remaining
+                                .observe((creds.expiration_unix - now).max(0) as f64);
+                            reply(StatusCode::OK, "application/json", document(&creds))
+                        }
                         Err(status) => from_status(&status),
                     },
                     Err(status) => from_status(&status),

@@ -1,16 +1,18 @@
 //! The kiam node agent's parts: the eBPF [`loader`] and pins, caller resolution
 //! ([`resolver`], [`cgroup`], [`identity`]), the instance-metadata API ([`api`], [`imds`],
 //! [`route`], [`token`], [`forward`]), what is asked of the servers ([`upstream`],
-//! [`client`]), and operations ([`config`], [`metrics`], [`status`], [`address`]). The
+//! [`client`]), and operations ([`config`], [`metrics`], [`status`], [`health`], [`address`]). The
 //! `kiam-agent` binary wires them together; the fuzz targets drive them directly.
 #![forbid(unsafe_code)]
 
 pub mod address;
 pub mod api;
+pub mod caps;
 pub mod cgroup;
 pub mod client;
 pub mod config;
 pub mod forward;
+pub mod health;
 pub mod identity;
 pub mod imds;
 pub mod loader;

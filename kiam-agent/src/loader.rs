@@ -662,6 +662,47 @@ pub struct ConfigStatus {
     pub ready: bool,
 }
 
+/// The cgroup each pinned link is attached to, as the kernel reports it (`cgroup_id:` in
+/// the link's fdinfo; 0 once the cgroup is gone); `None` for a link that is not pinned.
+pub fn link_cgroups(pin_dir: &Path) -> Result<Vec<(String, Option<u64>)>, LoaderError> {
+    let dir = links_dir(pin_dir);
+    let mut found = Vec::new();
+    for name in program_names::ALL {
+        let path = dir.join(name);
+        if !path.exists() {
+            found.push((name.to_owned(), None));
+            continue;
+        }
+        let link_err = |source| LoaderError::Link {
+            path: path.clone(),
+            source,
+        };
+        // Held open while this process's fdinfo is searched for it.
+        let link: FdLink = PinnedLink::from_pin(&path).map_err(link_err)?.into();
+        let id = link.info().map_err(link_err)?.id();
+        found.push((name.to_owned(), fdinfo_cgroup(id)));
+        drop(link);
+    }
+    Ok(found)
+}
+
+/// Finds this process's descriptor of link `link_id` and reads its `cgroup_id`.
+fn fdinfo_cgroup(link_id: u32) -> Option<u64> {
+    let wanted = format!("link_id:\t{link_id}\n");
+    fs::read_dir("/proc/self/fdinfo")
+        .ok()?
+        .flatten()
+        .filter_map(|entry| fs::read_to_string(entry.path()).ok())
+        .find(|info| info.contains(&wanted))
+        .and_then(|info| parse_fdinfo_cgroup(&info))
+}
+
+fn parse_fdinfo_cgroup(info: &str) -> Option<u64> {
+    info.lines()
+        .find_map(|line| line.strip_prefix("cgroup_id:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// Reads the pinned state without loading or changing anything.
 pub fn status(pin_dir: &Path) -> Result<Status, LoaderError> {
     let links_dir = links_dir(pin_dir);
@@ -785,6 +826,13 @@ mod tests {
 720 700 0:22 / /sys rw,relatime - sysfs sysfs rw
 721 720 0:91 / /sys/fs/bpf rw,relatime - bpf bpf rw
 ";
+
+    #[test]
+    fn cgroup_links_name_their_cgroup_in_fdinfo() {
+        let info = "pos:\t0\nflags:\t02000000\nmnt_id:\t15\nino:\t1057\nlink_type:\tcgroup\nlink_id:\t42\nprog_tag:\t0123456789abcdef\nprog_id:\t97\ncgroup_id:\t5301\nattach_type:\t10\n";
+        assert_eq!(parse_fdinfo_cgroup(info), Some(5301));
+        assert_eq!(parse_fdinfo_cgroup("link_type:\txdp\nlink_id:\t1\n"), None);
+    }
 
     #[test]
     fn the_mount_holding_a_path_and_whether_it_propagates() {

@@ -4,8 +4,8 @@
 use std::{net::IpAddr, path::Path, sync::Arc, time::Duration};
 
 use kiam_agent::{
-    address, api, cgroup, client, config, forward, imds, loader, metrics, resolver, status, token,
-    upstream,
+    address, api, caps, cgroup, client, config, forward, health, imds, loader, metrics, resolver,
+    status, token, upstream,
 };
 
 use anyhow::Context as _;
@@ -24,6 +24,15 @@ fn main() -> std::process::ExitCode {
         Command::Status(args) => status::show(&args),
         Command::Uninstall(args) => uninstall(&args.bpffs_dir),
         Command::MountBpffs(args) => mount_bpffs(&args.path),
+        Command::Health(args) => {
+            return match health::run(&args) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("kiam-agent health: {e:#}");
+                    std::process::ExitCode::from(health::UNHEALTHY)
+                }
+            };
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -35,6 +44,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
+    caps::check()?;
     let mut net = config::network(&args)?;
     net.kernel.agent_netns_cookie = own_netns_cookie();
     let allow = config::api(&args.api)?;
@@ -174,35 +184,35 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         let admin = kiam_ops::listen::bind(args.api.admin_listen)
             .with_context(|| format!("listening on {} (--admin-listen)", args.api.admin_listen))?;
         let server_ok = Arc::new(std::sync::atomic::AtomicBool::new(servers.is_none()));
+        metrics.ready.set(i64::from(servers.is_none()));
         if let Some(servers) = servers {
-            let flag = server_ok.clone();
+            let (flag, metrics) = (server_ok.clone(), metrics.clone());
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(5));
                 loop {
                     tick.tick().await;
-                    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-                    let ok = servers
-                        .call(deadline, |mut c| {
-                            use futures::FutureExt as _;
-                            async move {
-                                c.health(kiam_proto::HealthRequest {})
-                                    .await
-                                    .map(|r| r.into_inner().ready)
-                            }
-                            .boxed()
-                        })
-                        .await
-                        .unwrap_or(false);
-                    flag.store(ok, std::sync::atomic::Ordering::Relaxed);
+                    let answers = servers.health_each(Duration::from_secs(2)).await;
+                    let reachable = answers.iter().filter(|(_, a)| matches!(a, Ok(true))).count();
+                    metrics.servers.set(answers.len() as i64);
+                    metrics.servers_reachable.set(reachable as i64);
+                    metrics.ready.set(i64::from(reachable > 0));
+                    flag.store(reachable > 0, std::sync::atomic::Ordering::Relaxed);
                 }
             });
         }
+        tokio::spawn(
+            metrics
+                .kernel
+                .clone()
+                .refresh(args.bpffs_dir.clone(), args.kernel_metrics_interval),
+        );
         tokio::spawn(kiam_ops::serve_admin(
             admin,
             kiam_ops::Admin {
                 metrics: Box::new(move || metrics.encode()),
                 ready: Box::new(move || server_ok.load(std::sync::atomic::Ordering::Relaxed)),
                 not_ready: "not ready: no kiam server reachable\n",
+                health: None,
             },
         ));
         tracing::info!(listen = %net.listen, pin_dir = %args.bpffs_dir.display(), "kiam-agent ready");

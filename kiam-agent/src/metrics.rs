@@ -1,10 +1,29 @@
 //! Agent metrics (prometheus-client, typed label sets), served by the admin listener.
+//!
+//! Besides the agent's own counters, the kernel's: the programs' `KIAM_STATS` counters and the
+//! maps' fill levels, read from the pins by a background task ([`Kernel::refresh`]) and
+//! encoded as they were last read.
 
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use kiam_common::{limits, map_names, program_names};
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family},
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _, text::encode},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::Histogram,
+    },
     registry::Registry,
 };
+
+use crate::loader;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
@@ -18,10 +37,24 @@ pub struct RefusedLabels {
     pub reason: &'static str,
 }
 
+/// Upper bounds of `kiam_agent_credentials_remaining_seconds`: fine around the 30-minute
+/// minimum validity (the alert looks at the 35-minute bucket), coarse beyond.
+const REMAINING_BUCKETS: [f64; 8] = [
+    1800.0, 2100.0, 2400.0, 2700.0, 3000.0, 3600.0, 7200.0, 43200.0,
+];
+
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<RouteLabels, Counter>,
     pub refused_connections: Family<RefusedLabels, Counter>,
+    /// What served credentials had left, in seconds.
+    pub credentials_remaining: Histogram,
+    /// 1 when `/ready` answers 200.
+    pub ready: Gauge,
+    /// Servers that answered the last health check, and servers known.
+    pub servers_reachable: Gauge,
+    pub servers: Gauge,
+    pub kernel: Arc<Kernel>,
 }
 
 impl Default for Metrics {
@@ -39,10 +72,41 @@ impl Default for Metrics {
             "Connections refused before any request (no record, not a pod, collision)",
             refused_connections.clone(),
         );
+        let credentials_remaining = Histogram::new(REMAINING_BUCKETS);
+        registry.register(
+            "credentials_remaining_seconds",
+            "Validity left on credentials served to pods",
+            credentials_remaining.clone(),
+        );
+        let ready = Gauge::default();
+        registry.register(
+            "ready",
+            "1 when the agent is ready (a kiam server answers its health checks)",
+            ready.clone(),
+        );
+        let servers_reachable = Gauge::default();
+        registry.register(
+            "servers_reachable",
+            "kiam servers that answered the last health check",
+            servers_reachable.clone(),
+        );
+        let servers = Gauge::default();
+        registry.register(
+            "servers",
+            "kiam server addresses the agent resolved",
+            servers.clone(),
+        );
+        let kernel = Arc::new(Kernel::default());
+        registry.register_collector(Box::new(kernel.clone()));
         Self {
             registry,
             requests,
             refused_connections,
+            credentials_remaining,
+            ready,
+            servers_reachable,
+            servers,
+            kernel,
         }
     }
 }
@@ -50,7 +114,187 @@ impl Default for Metrics {
 impl Metrics {
     pub fn encode(&self) -> String {
         let mut out = String::new();
+        // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// The kernel side, as last read from the pins.
+#[derive(Debug, Default)]
+pub struct Kernel {
+    last: Mutex<Option<KernelSnapshot>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelSnapshot {
+    /// `KIAM_STATS` by name, summed over CPUs.
+    pub events: Vec<(String, u64)>,
+    /// Entries in the per-connection maps, by map name.
+    pub map_entries: Vec<(String, usize)>,
+    /// Pinned links present, of [`program_names::ALL`].
+    pub programs_attached: usize,
+    /// Whether the pinned configuration says ready.
+    pub configured: bool,
+}
+
+impl KernelSnapshot {
+    pub fn from_status(status: &loader::Status) -> Self {
+        Self {
+            events: status
+                .counters
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
+            map_entries: status
+                .map_entries
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
+            programs_attached: status.links.len(),
+            configured: status.config.as_ref().is_some_and(|c| c.ready),
+        }
+    }
+}
+
+fn capacity(map: &str) -> Option<u32> {
+    match map {
+        map_names::CONNECT => Some(limits::CONNECT_ENTRIES),
+        map_names::TUPLES => Some(limits::TUPLES_ENTRIES),
+        map_names::ACCEPTED => Some(limits::ACCEPTED_ENTRIES),
+        _ => None,
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    event: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabels {
+    map: String,
+}
+
+impl Kernel {
+    pub fn set(&self, snapshot: KernelSnapshot) {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(snapshot);
+    }
+
+    /// Reads the pins every `every` (off the async threads: counting map entries is one
+    /// syscall per entry), until the process ends.
+    pub async fn refresh(self: Arc<Self>, pin_dir: PathBuf, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let dir = pin_dir.clone();
+            match tokio::task::spawn_blocking(move || loader::status(&dir)).await {
+                Ok(Ok(status)) => self.set(KernelSnapshot::from_status(&status)),
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "cannot read the pinned kernel counters")
+                }
+                Err(error) => tracing::warn!(%error, "kernel counter task failed"),
+            }
+        }
+    }
+}
+
+impl Collector for Kernel {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(snapshot) = self.last.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return Ok(());
+        };
+        {
+            let mut family = encoder.encode_descriptor(
+                "kernel_events",
+                "Events counted by the eBPF programs (KIAM_STATS): redirected, exempt, denied, bound, guard drops, tuple collisions, bind denials",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (event, value) in &snapshot.events {
+                ConstCounter::new(*value).encode(family.encode_family(&EventLabels {
+                    event: event.clone(),
+                })?)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "map_entries",
+                "Entries in the eBPF connection maps",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (map, entries) in &snapshot.map_entries {
+                ConstGauge::new(*entries as i64)
+                    .encode(family.encode_family(&MapLabels { map: map.clone() })?)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "map_capacity",
+                "Capacity of the eBPF connection maps (LRU: the oldest entries go first)",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (map, _) in &snapshot.map_entries {
+                if let Some(cap) = capacity(map) {
+                    ConstGauge::new(i64::from(cap))
+                        .encode(family.encode_family(&MapLabels { map: map.clone() })?)?;
+                }
+            }
+        }
+        let attached = ConstGauge::new(snapshot.programs_attached as i64);
+        attached.encode(encoder.encode_descriptor(
+            "programs_attached",
+            "Pinned eBPF program links present",
+            None,
+            attached.metric_type(),
+        )?)?;
+        let expected = ConstGauge::new(program_names::ALL.len() as i64);
+        expected.encode(encoder.encode_descriptor(
+            "programs_expected",
+            "eBPF program links a complete installation pins",
+            None,
+            expected.metric_type(),
+        )?)?;
+        let configured = ConstGauge::new(i64::from(snapshot.configured));
+        configured.encode(encoder.encode_descriptor(
+            "kernel_configured",
+            "1 when the pinned configuration is complete (otherwise the programs refuse metadata connections)",
+            None,
+            configured.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_counters_are_encoded_as_read() {
+        let metrics = Metrics::default();
+        // Nothing read yet: no kernel series rather than zeros.
+        assert!(!metrics.encode().contains("kiam_agent_kernel_events_total"));
+        metrics.kernel.set(KernelSnapshot {
+            events: vec![("redirected_ipv4".into(), 7), ("bind_denied".into(), 1)],
+            map_entries: vec![(map_names::CONNECT.into(), 3)],
+            programs_attached: 6,
+            configured: true,
+        });
+        let text = metrics.encode();
+        for line in [
+            "kiam_agent_kernel_events_total{event=\"redirected_ipv4\"} 7",
+            "kiam_agent_kernel_events_total{event=\"bind_denied\"} 1",
+            "kiam_agent_map_entries{map=\"KIAM_CONNECT\"} 3",
+            "kiam_agent_map_capacity{map=\"KIAM_CONNECT\"} 16384",
+            "kiam_agent_programs_attached 6",
+            "kiam_agent_programs_expected 6",
+            "kiam_agent_kernel_configured 1",
+            "# TYPE kiam_agent_kernel_events counter",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
     }
 }

@@ -1,38 +1,13 @@
 //! `kiam-agent status`: the pinned state (links, configuration, maps, kernel counters) read
 //! from bpffs, and the running agent's requests by route read from its admin listener.
 
-use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+use std::collections::BTreeMap;
 
 use anyhow::Context as _;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::{config::StatusArgs, loader};
 
-/// `GET path` on the agent's admin listener; status and body.
-pub async fn admin_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        stream
-            .write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: kiam\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await?;
-        let text = String::from_utf8_lossy(&raw).into_owned();
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-        Ok((status, body.to_owned()))
-    };
-    tokio::time::timeout(Duration::from_secs(2), exchange)
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in 2s"))?
-}
+pub use kiam_ops::admin_get;
 
 /// Sums `kiam_agent_imds_requests_total` by its `route` label.
 pub fn requests_by_route(metrics: &str) -> BTreeMap<String, u64> {

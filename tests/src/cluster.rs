@@ -31,6 +31,8 @@ pub struct Cluster {
     pub servers: Vec<Server>,
     /// The Kubernetes namespace pods are created in.
     pub namespace: String,
+    /// The agent's flags that connect it to the servers (`--server`, TLS, token, node).
+    pub connection_args: Vec<String>,
     _certs: Certs,
     dir: tempfile::TempDir,
 }
@@ -74,7 +76,7 @@ impl Cluster {
         let path = |name: &str| certs.path(name).to_string_lossy().into_owned();
         let token_file = dir.path().join("agent-token");
         std::fs::write(&token_file, kube.agent_token(NODE_NAME)).expect("agent token");
-        node.agent_args = [
+        let connection_args: Vec<String> = [
             "--node-name",
             NODE_NAME,
             "--server",
@@ -89,9 +91,13 @@ impl Cluster {
             token_file.to_str().expect("utf-8"),
         ]
         .iter()
-        .chain(agent_args)
         .map(|s| (*s).to_owned())
         .collect();
+        node.agent_args = connection_args
+            .iter()
+            .cloned()
+            .chain(agent_args.iter().map(|s| (*s).to_owned()))
+            .collect();
         node.start_agent();
         Cluster {
             node,
@@ -99,9 +105,50 @@ impl Cluster {
             kube,
             servers,
             namespace: namespace.to_owned(),
+            connection_args,
             _certs: certs,
             dir,
         }
+    }
+
+    /// `kiam-agent health` for this node's agent, in the node's network namespace, with
+    /// `extra` flags.
+    pub fn agent_health(&self, extra: &[&str]) -> Output {
+        let attach = self
+            .node
+            .kubepods
+            .strip_prefix(&self.node.cgroup_root)
+            .expect("under root")
+            .to_str()
+            .expect("utf-8")
+            .to_owned();
+        self.agent_health_attached_at(&attach, extra)
+    }
+
+    /// The same, with `--attach-cgroup attach`.
+    pub fn agent_health_attached_at(&self, attach: &str, extra: &[&str]) -> Output {
+        let utf8 = |p: &std::path::Path| p.to_str().expect("utf-8").to_owned();
+        let mut line: Vec<String> = [
+            utf8(&node::agent_bin()),
+            "health".into(),
+            "--cgroup-root".into(),
+            utf8(&self.node.cgroup_root),
+            "--attach-cgroup".into(),
+            attach.to_owned(),
+            "--bpffs-dir".into(),
+            utf8(&self.node.pin_dir),
+            "--admin-listen".into(),
+            "127.0.0.1:8182".into(),
+        ]
+        .into_iter()
+        .chain(self.connection_args.iter().cloned())
+        .collect();
+        line.extend(extra.iter().map(|s| (*s).to_owned()));
+        let line: Vec<&str> = line.iter().map(String::as_str).collect();
+        self.node
+            .command_in(&self.node.agent_pod.cgroup, &self.node.netns, &line)
+            .output()
+            .expect("run kiam-agent health")
     }
 
     /// Replaces the agent's token file, as the kubelet does when it rotates the token.

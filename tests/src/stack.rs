@@ -219,6 +219,12 @@ impl Sts {
         self.assume_calls.load(Ordering::SeqCst)
     }
 
+    /// Stops moto: every STS call through the proxy fails from now on.
+    pub fn kill_moto(&mut self) {
+        let _ = self.moto.kill();
+        let _ = self.moto.wait();
+    }
+
     pub fn inject(&self, faults: &[(u16, &'static str)]) {
         self.faults.lock().expect("lock").extend_from_slice(faults);
     }

@@ -1,6 +1,6 @@
 //! What kiam-agent and kiam-server share to be operable: logging set-up (`--log-format`,
 //! `--log-level`, the `log` crate bridged), the admin listener (`/metrics`, `/live`,
-//! `/ready`), listeners one client cannot exhaust ([`listen`]) and waiting for a stop
+//! `/ready`, `/health`), listeners one client cannot exhaust ([`listen`]) and waiting for a stop
 //! signal.
 
 pub mod listen;
@@ -48,6 +48,8 @@ pub struct Admin {
     pub ready: Box<dyn Fn() -> bool + Send + Sync>,
     /// The body of a 503 from `/ready`.
     pub not_ready: &'static str,
+    /// `/health`: whether healthy (200, else 503) and a JSON body saying what was checked.
+    pub health: Option<Box<dyn Fn() -> (bool, String) + Send + Sync>>,
 }
 
 /// Connections the admin listener holds at once (Prometheus and probes need a few).
@@ -80,10 +82,29 @@ pub async fn serve_admin(listener: tokio::net::TcpListener, admin: Admin) {
                         "/live" => (StatusCode::OK, "ok\n".to_owned()),
                         "/ready" if (admin.ready)() => (StatusCode::OK, "ready\n".to_owned()),
                         "/ready" => (StatusCode::SERVICE_UNAVAILABLE, admin.not_ready.to_owned()),
+                        "/health" if admin.health.is_some() => {
+                            let (healthy, body) =
+                                admin.health.as_ref().map(|h| h()).unwrap_or_default();
+                            match healthy {
+                                true => (StatusCode::OK, body),
+                                false => (StatusCode::SERVICE_UNAVAILABLE, body),
+                            }
+                        }
                         _ => (StatusCode::NOT_FOUND, "not found\n".to_owned()),
                     };
+                    let metrics = req.uri().path() == "/metrics";
                     let mut response = Response::new(Full::new(Bytes::from(body)));
                     *response.status_mut() = status;
+                    // prometheus-client writes OpenMetrics (counter families named without
+                    // `_total`, `# EOF`): say so, or Prometheus parses it as the older format.
+                    let content_type = match metrics {
+                        true => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        false => "text/plain; charset=utf-8",
+                    };
+                    response.headers_mut().insert(
+                        hyper::header::CONTENT_TYPE,
+                        hyper::header::HeaderValue::from_static(content_type),
+                    );
                     Ok::<_, Infallible>(response)
                 }
             });
@@ -92,6 +113,34 @@ pub async fn serve_admin(listener: tokio::net::TcpListener, admin: Admin) {
                 .await;
         });
     }
+}
+
+/// `GET path` on an admin listener (for the `status` and `health` commands); the status and
+/// body. Gives up after 2 seconds.
+pub async fn admin_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: kiam\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await?;
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        Ok((status, body.to_owned()))
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(2), exchange)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in 2s"))?
 }
 
 /// Completes on SIGTERM or SIGINT (never, if the handlers cannot be installed).

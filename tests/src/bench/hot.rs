@@ -345,7 +345,7 @@ pub struct AgentMemory {
 impl AgentMemory {
     pub fn table(&self) -> String {
         format!(
-            "\n5. agent memory, {} pods each holding credentials: RSS {:.1} MiB (peak {:.1}, idle {:.1})\n",
+            "\n4. agent memory, {} pods each holding credentials: RSS {:.1} MiB (peak {:.1}, idle {:.1})\n",
             self.pods, self.rss_mib, self.peak_mib, self.idle_rss_mib
         )
     }

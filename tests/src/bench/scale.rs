@@ -139,7 +139,7 @@ pub struct Scale {
 }
 
 pub fn table(runs: &[Scale]) -> String {
-    let mut out = String::from("\n4. server scale (2 servers, 200 agents)\n");
+    let mut out = String::from("\n5. server scale (2 servers, 200 agents)\n");
     for r in runs {
         let worst = |f: fn(&ServerFigures) -> f64| r.servers.iter().map(f).fold(0.0, f64::max);
         out.push_str(&format!(
@@ -283,6 +283,7 @@ fn agents_load(
         // Every agent warms up first (see below), then runs for `run`.
         let started = Instant::now() + Duration::from_secs(2);
         let mut tasks = Vec::new();
+        let agents = tokens.len().max(1);
         for (n, token) in tokens.iter().enumerate() {
             let server = &servers[n % servers.len()];
             let mut client = server
@@ -303,11 +304,12 @@ fn agents_load(
                 if client.get_credentials(first).await.is_err() {
                     *errors.lock().unwrap_or_else(|e| e.into_inner()) += 1;
                 }
+                // Spread the agents' first requests over one interval, and only then start
+                // the clock: an interval made earlier would fire its missed ticks at once.
+                let offset = Duration::from_secs_f64(n as f64 / agents as f64 / AGENT_RATE);
+                tokio::time::sleep_until((started + offset).into()).await;
                 let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / AGENT_RATE));
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-                // Spread the agents' first requests over one interval.
-                tokio::time::sleep(Duration::from_secs_f64(n as f64 / 200.0 / AGENT_RATE)).await;
-                tokio::time::sleep_until(started.into()).await;
                 while started.elapsed() < run {
                     tick.tick().await;
                     let request = kiam_server::proto::GetCredentialsRequest {
