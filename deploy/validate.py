@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
 """Offline validation of deploy/: renders the kustomize bases and the Helm chart (default and
-non-default values), lints the chart, validates every object against the Kubernetes OpenAPI
-schemas (strict: unknown fields fail), and checks that every kiam flag the manifests pass
-exists in the binaries' --help. Run by `cargo xtask test`.
+non-default values, two releases side by side), lints the chart, validates every object against
+the Kubernetes OpenAPI schemas (strict: unknown fields fail), and checks that every kiam flag
+the manifests pass exists in the binaries' --help; that the chart's values, its schema and its
+README agree; that the kustomize alerts are the chart's; that the alerts and the dashboard only
+use metrics the binaries register; and the pod security of both components. Run by
+`cargo xtask test`.
 
 usage: validate.py KIAM_AGENT_BIN KIAM_SERVER_BIN
 """
 
+import json
 import re
 import subprocess
 import sys
@@ -21,22 +25,48 @@ DEPLOY = Path(__file__).resolve().parent
 CRD_KINDS = {
     ("cert-manager.io/v1", "Issuer"),
     ("cert-manager.io/v1", "Certificate"),
-    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PodMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
 }
 NON_DEFAULT = {
+    "fullnameOverride": "platform-iam",
+    "clusterDomain": "corp.example",
+    "image": {
+        "agent": {"repository": "registry.example.com/kiam-agent", "digest": "sha256:" + "a" * 64},
+        "server": {"repository": "registry.example.com/kiam-server", "tag": "0.1.0-rc1"},
+        "pullPolicy": "Always",
+    },
+    "imagePullSecrets": [{"name": "registry"}],
     "server": {
         "replicas": 3,
         "roleBaseArn": "arn:aws:iam::123456789012:role/",
         "assumeRoleArn": "arn:aws:iam::123456789012:role/kiam-gateway",
         "sessionTags": True,
+        "defaultRole": "app-default",
         "serviceAccountAnnotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/kiam-server"},
         "extraArgs": ["--prefetch-workers=8"],
+        "priorityClassName": "platform-critical",
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "platform", "effect": "NoSchedule"}],
+        "nodeMetadataPassthrough": [],
     },
-    "agent": {"requireImdsv2": True, "address": "", "extraArgs": ["--hedge-after=100ms"]},
+    "agent": {
+        "requireImdsv2": True,
+        "address": "",
+        # A regular expression with ` #` in it: YAML cuts an unquoted argument there.
+        "allowRouteRegexp": "^/latest/meta-data/(placement/region|tags/instance/team #1)$",
+        "extraArgs": ["--hedge-after=100ms"],
+    },
     "tls": {"certManager": False},
-    "serviceMonitor": {"enabled": True},
+    "monitoring": {
+        "podMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+        "prometheusRule": {"enabled": True},
+        "grafanaDashboard": {"enabled": True},
+    },
+    "networkPolicy": {"enabled": True},
     "logFormat": "text",
 }
+CHART = DEPLOY / "helm" / "kiam"
+REPO = DEPLOY.parent
 
 
 def fail(message):
@@ -44,9 +74,18 @@ def fail(message):
     sys.exit(1)
 
 
+def render_chart(values, release="kiam", namespace="kiam"):
+    chart = helm_python.chart.Chart.load(str(CHART))
+    files = chart.render(values, name=release, namespace=namespace, is_install=True)
+    notes = [text for path, text in files.items() if path.endswith("NOTES.txt")]
+    if not notes or f"installed as" not in notes[0]:
+        fail(f"helm ({release}): NOTES.txt did not render")
+    return "\n---\n".join(text for path, text in files.items() if not path.endswith("NOTES.txt"))
+
+
 def rendered_sets():
     sets = {}
-    for overlay in ["base", "with-cert-manager"]:
+    for overlay in ["base", "with-cert-manager", "with-monitoring"]:
         out = subprocess.run(
             ["kubectl", "kustomize", str(DEPLOY / "kustomize" / overlay)],
             capture_output=True, text=True,
@@ -55,15 +94,171 @@ def rendered_sets():
             fail(f"kubectl kustomize {overlay}: {out.stderr.strip()}")
         sets[f"kustomize/{overlay}"] = out.stdout
     sets["examples"] = (DEPLOY / "examples" / "namespace-and-pod.yaml").read_text()
-    chart_dir = DEPLOY / "helm" / "kiam"
-    lint = helm_python.chart.lint(str(chart_dir), strict=True)
+    lint = helm_python.chart.lint(str(CHART), strict=True)
     if lint.get("errors"):
         fail(f"helm lint: {lint['errors']}")
     for label, values in [("default", {}), ("non-default", NON_DEFAULT)]:
-        chart = helm_python.chart.Chart.load(str(chart_dir))
-        files = chart.render(values, name="kiam", namespace="kiam", is_install=True)
-        sets[f"helm/{label}"] = "\n---\n".join(files.values())
+        sets[f"helm/{label}"] = render_chart(values)
     return sets
+
+
+def schema_leaves(values, schema, prefix=""):
+    """The chart's values, flattened where the schema names the keys (a free-form map, such
+    as nodeSelector, is one value); fails where values and schema disagree."""
+    leaves = []
+    properties = schema.get("properties", {})
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        sub = properties.get(key)
+        if sub is None:
+            fail(f"values.yaml: {path} is not in values.schema.json")
+        if isinstance(value, dict) and "properties" in sub:
+            leaves += schema_leaves(value, sub, path + ".")
+        else:
+            leaves.append(path)
+    for key in properties:
+        if key not in values:
+            fail(f"values.schema.json: {prefix}{key} is not in values.yaml")
+    return leaves
+
+
+def check_chart_docs():
+    """Every value is in the schema and in the chart README's table, and the README documents
+    nothing else."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    leaves = schema_leaves(values, schema)
+    readme = (CHART / "README.md").read_text().split("## Values", 1)[-1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `([A-Za-z0-9_.]+)` \|", readme, re.M))
+    for leaf in leaves:
+        if leaf not in documented:
+            fail(f"deploy/helm/kiam/README.md does not document `{leaf}`")
+    for extra in sorted(documented - set(leaves)):
+        fail(f"deploy/helm/kiam/README.md documents `{extra}`, which values.yaml does not have")
+    # The schema is enforced: a typo in a key fails.
+    try:
+        render_chart({"server": {"replica": 3}})
+    except Exception:  # noqa: BLE001 - helm's error type is not exported
+        pass
+    else:
+        fail("values.schema.json accepted an unknown key (server.replica)")
+
+
+def check_two_releases():
+    """Two releases in one namespace share no object name, ClusterRole included."""
+    names = {}
+    for release in ["kiam", "kiam-canary"]:
+        docs = [d for d in yaml.safe_load_all(render_chart({}, release=release)) if d]
+        names[release] = {(d["kind"], d["metadata"]["name"]) for d in docs}
+        for doc in docs:
+            labels = doc["metadata"].get("labels") or {}
+            for key in ["app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/managed-by"]:
+                if key not in labels:
+                    fail(f"helm ({release}): {doc['kind']} {doc['metadata']['name']} has no {key} label")
+    clash = names["kiam"] & names["kiam-canary"]
+    if clash:
+        fail(f"two releases collide: {sorted(clash)}")
+
+
+def check_quoting():
+    """Arguments reach the binaries as written: the non-default regex with ` #` survives."""
+    docs = [d for d in yaml.safe_load_all(render_chart(NON_DEFAULT)) if d]
+    agent = next(d for d in docs if d["kind"] == "DaemonSet")
+    args = agent["spec"]["template"]["spec"]["containers"][0]["args"]
+    want = "--allow-route-regexp=" + NON_DEFAULT["agent"]["allowRouteRegexp"]
+    if want not in args:
+        fail(f"helm: the agent's args lost part of a value: {args}")
+    pull = [d for d in docs if d.get("kind") in ("DaemonSet", "Deployment")]
+    for doc in pull:
+        spec = doc["spec"]["template"]["spec"]
+        if spec.get("imagePullSecrets") != [{"name": "registry"}]:
+            fail(f"helm: {doc['kind']} has no imagePullSecrets")
+        image = spec["containers"][0]["image"]
+        if doc["kind"] == "DaemonSet" and not image.endswith("@sha256:" + "a" * 64):
+            fail(f"helm: the agent's image {image} is not pinned by digest")
+        if doc["kind"] == "Deployment" and not image.endswith(":0.1.0-rc1"):
+            fail(f"helm: the server's image {image} is not the tag asked for")
+    host = next(e["value"] for e in agent["spec"]["template"]["spec"]["containers"][0]["env"] if e["name"] == "KIAM_SERVERS")
+    if not host.endswith(".svc.corp.example:8443"):
+        fail(f"helm: clusterDomain is not used: {host}")
+
+
+def registered_metrics():
+    """Metric names the binaries register, with the suffixes Prometheus sees."""
+    names = set()
+    for component in ["agent", "server"]:
+        source = (REPO / f"kiam-{component}" / "src" / "metrics.rs").read_text()
+        found = re.findall(r'(?:register|encode_descriptor)\(\s*"([a-z_]+)"', source)
+        for name in found:
+            full = f"kiam_{component}_{name}"
+            names |= {full, full + "_total", full + "_bucket", full + "_count", full + "_sum"}
+    return names
+
+
+def check_alerts_and_dashboard():
+    rules = yaml.safe_load((CHART / "files" / "kiam.rules.yaml").read_text())
+    kustomized = yaml.safe_load((DEPLOY / "kustomize" / "monitoring" / "prometheusrule.yaml").read_text())
+    if kustomized["spec"]["groups"] != rules["groups"]:
+        fail("deploy/kustomize/monitoring/prometheusrule.yaml differs from the chart's files/kiam.rules.yaml")
+    alerts = {r["alert"] for g in rules["groups"] for r in g["rules"]}
+    for want in ["KiamAgentNotReady", "KiamRefusedConnectionsRising", "KiamAssumeRoleFailures",
+                 "KiamCredentialsNearMinValidity", "KiamNoServerReachable"]:
+        if want not in alerts:
+            fail(f"kiam.rules.yaml has no {want}")
+    dashboard = json.loads((CHART / "files" / "grafana-dashboard.json").read_text())
+    exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    exprs += [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    known = registered_metrics()
+    for expr in exprs:
+        for metric in re.findall(r"\bkiam_(?:agent|server)_[a-z_]+", expr):
+            if metric not in known:
+                fail(f"{metric} (in {expr!r}) is not a metric the binaries register")
+
+
+def check_pod_security(name, docs):
+    """The servers meet Pod Security's restricted level; the agent runs with RuntimeDefault
+    seccomp and only the capabilities it needs; the namespace kustomize creates is privileged
+    (the agent runs there) and no other is touched."""
+    for doc in docs:
+        kind = doc.get("kind")
+        spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+        where = f"{name}: {kind} {doc.get('metadata', {}).get('name')}"
+        if kind == "Namespace" and name.startswith("kustomize/"):
+            labels = doc["metadata"].get("labels") or {}
+            if labels.get("pod-security.kubernetes.io/enforce") != "privileged":
+                fail(f"{where}: the agent's namespace must be labelled privileged")
+        if kind not in ("Deployment", "DaemonSet"):
+            continue
+        pod = spec.get("securityContext") or {}
+        if (pod.get("seccompProfile") or {}).get("type") != "RuntimeDefault":
+            fail(f"{where}: no seccompProfile RuntimeDefault")
+        for c in spec.get("containers") or []:
+            sc = c.get("securityContext") or {}
+            if sc.get("allowPrivilegeEscalation") is not False or sc.get("privileged"):
+                fail(f"{where}: {c['name']} may escalate privileges")
+            if (sc.get("capabilities") or {}).get("drop") != ["ALL"]:
+                fail(f"{where}: {c['name']} does not drop all capabilities")
+            added = set((sc.get("capabilities") or {}).get("add") or [])
+            if kind == "Deployment":
+                if added or not pod.get("runAsNonRoot"):
+                    fail(f"{where}: the server must run as non-root with no capability (restricted)")
+            elif added != {"BPF", "NET_ADMIN", "SYS_ADMIN", "DAC_READ_SEARCH"}:
+                fail(f"{where}: the agent adds {sorted(added)}")
+        if kind == "Deployment":
+            strategy = doc["spec"].get("strategy", {}).get("rollingUpdate", {})
+            if strategy.get("maxSurge") not in (0, "0") or strategy.get("maxUnavailable") not in (1, "1"):
+                fail(f"{where}: a rollout must replace one server at a time without a surge")
+            affinity = spec.get("affinity", {}).get("podAntiAffinity", {})
+            if affinity.get("requiredDuringSchedulingIgnoredDuringExecution"):
+                fail(f"{where}: required anti-affinity stalls rollouts on small clusters")
+
+
+def check_no_admin_service(name, docs):
+    for doc in docs:
+        if doc.get("kind") == "Service":
+            ports = {p.get("name") for p in doc["spec"].get("ports", [])}
+            if ports != {"grpc"}:
+                fail(f"{name}: Service {doc['metadata']['name']} exposes {sorted(ports)}; only gRPC")
 
 
 def flags_of(binary, *args):
@@ -143,10 +338,16 @@ def main():
         if (binary, subcommand) not in subcommands:
             subcommands[(binary, subcommand)] = flags_of(binary, *([subcommand] if subcommand else []))
         return subcommands[(binary, subcommand)]
+    check_chart_docs()
+    check_two_releases()
+    check_quoting()
+    check_alerts_and_dashboard()
     counts = {}
     for name, text in rendered_sets().items():
         docs = [d for d in yaml.safe_load_all(text) if d]
         check_identity_on(name, docs)
+        check_pod_security(name, docs)
+        check_no_admin_service(name, docs)
         if not docs:
             fail(f"{name}: rendered nothing")
         for doc in docs:
