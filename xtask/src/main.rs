@@ -5,6 +5,7 @@
 //! - `test`: setup, build-ebpf, formatting, lints, unit tests, then the privileged
 //!   end-to-end tests (one at a time).
 //! - `bench`: release builds, then `kiam-bench run` (speed and scale, see `kiam_e2e::bench`).
+//! - `image`: the agent and server images (amd64, arm64) as OCI archives, smoke-tested.
 
 use std::{
     env,
@@ -15,6 +16,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+mod image;
 mod setup;
 
 #[derive(Debug, Parser)]
@@ -42,6 +44,8 @@ enum Cmd {
         /// Keep everything running until Ctrl-C.
         #[arg(long)]
         keep: bool,
+        #[command(subcommand)]
+        action: Option<DemoAction>,
     },
     /// Regenerate docs/flags.md from the binaries' --help.
     Docs,
@@ -69,7 +73,15 @@ enum Cmd {
         /// Targets (default: all).
         targets: Vec<String>,
     },
-    /// Everything CI runs: setup, build-ebpf, fmt, clippy, unit tests, privileged tests.
+    /// Build the agent and server images without Docker (umoci), as OCI archives under
+    /// target/images/, and smoke-test them offline (runc; arm64 under qemu-user).
+    Image {
+        /// Architectures (default: both).
+        #[arg(long, value_enum, value_delimiter = ',', default_values = ["amd64", "arm64"])]
+        arch: Vec<image::Arch>,
+    },
+    /// Everything CI runs: setup, build-ebpf, fmt, clippy, unit tests, fuzz smoke, promtool
+    /// checks, deploy validation, images (amd64 and arm64), privileged tests.
     Test {
         /// Skip the set-up step (when you know the machine is ready).
         #[arg(long)]
@@ -77,6 +89,18 @@ enum Cmd {
         /// Only run the privileged end-to-end tests whose name contains this.
         #[arg(long)]
         e2e_filter: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DemoAction {
+    /// Run a command inside a pod of a running `demo --keep` (its cgroup and network
+    /// namespace), e.g. `cargo xtask demo exec frontend -- aws sts get-caller-identity`.
+    Exec {
+        /// frontend or backend.
+        pod: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
     },
 }
 
@@ -234,6 +258,8 @@ fn test(no_setup: bool, e2e_filter: Option<String>) -> anyhow::Result<()> {
     if let Some(filter) = e2e_filter {
         e2e.arg(filter);
     }
+    promtool()?;
+    image::build(&[image::Arch::Amd64, image::Arch::Arm64])?;
     run(Command::new(setup::venv().join("bin/python"))
         .arg(workspace_root().join("deploy/validate.py"))
         .arg(workspace_root().join("target/debug/kiam-agent"))
@@ -241,13 +267,25 @@ fn test(no_setup: bool, e2e_filter: Option<String>) -> anyhow::Result<()> {
     .context("deploy/ validation (needs kubectl for kustomize)")?;
     if is_root() {
         // As root nothing may be skipped: a skip would hide a broken environment.
-        e2e.env("KIAM_E2E_REQUIRE_PRIVILEGED", "1");
+        e2e.env("KIAM_E2E_REQUIRE_PRIVILEGED", "1")
+            .env("KIAM_REQUIRE_PROMTOOL", "1");
     } else {
         eprintln!(
             "!!! not root: the privileged end-to-end tests will SKIP (run `sudo -E cargo xtask test`)"
         );
     }
     run(&mut e2e)
+}
+
+/// The alerting rules: valid (`promtool check rules`) and doing what their unit tests say
+/// (`promtool test rules`).
+const RULES: &str = "deploy/helm/kiam/files/kiam.rules.yaml";
+const RULES_TESTS: &str = "deploy/helm/kiam/files/kiam.rules.test.yaml";
+
+fn promtool() -> anyhow::Result<()> {
+    run(Command::new("promtool").args(["check", "rules", RULES]))
+        .context("promtool (Debian's prometheus package)")?;
+    run(Command::new("promtool").args(["test", "rules", RULES_TESTS]))
 }
 
 fn build_all() -> anyhow::Result<()> {
@@ -340,7 +378,29 @@ fn demo(keep: bool) -> anyhow::Result<()> {
     if keep {
         cmd.arg("--keep");
     }
-    run(&mut cmd)
+    cmd.current_dir(workspace_root());
+    eprintln!("+ {}", display(&cmd));
+    // Ctrl-C reaches the demo too, which cleans up and exits: wait for it.
+    let _ = ctrlc::set_handler(|| {});
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {}", display(&cmd)))?;
+    // Ctrl-C is how `--keep` ends: the demo cleaned up, and that is a normal exit.
+    use std::os::unix::process::ExitStatusExt as _;
+    if status.success() || status.code() == Some(130) || status.signal() == Some(2) {
+        return Ok(());
+    }
+    bail!("the demo failed ({status})")
+}
+
+fn demo_exec(pod: &str, command: &[String]) -> anyhow::Result<()> {
+    let status = Command::new(workspace_root().join("target/debug/kiam-dev"))
+        .args(["demo-exec", pod, "--"])
+        .args(command)
+        .current_dir(workspace_root())
+        .status()
+        .context("running kiam-dev (start `cargo xtask demo --keep` first)")?;
+    std::process::exit(status.code().unwrap_or(1));
 }
 
 fn docs() -> anyhow::Result<()> {
@@ -372,7 +432,11 @@ fn certs(args: Vec<String>) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Setup => setup::setup(),
-        Cmd::Demo { keep } => demo(keep),
+        Cmd::Demo {
+            action: Some(DemoAction::Exec { pod, command }),
+            ..
+        } => demo_exec(&pod, &command),
+        Cmd::Demo { keep, action: None } => demo(keep),
         Cmd::Bench { args } => bench(args),
         Cmd::Fuzz { seconds, targets } => {
             setup::setup()?;
@@ -380,6 +444,10 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Certs { args } => certs(args),
         Cmd::Docs => docs(),
+        Cmd::Image { arch } => {
+            setup::setup()?;
+            image::build(&arch).map(|_| ())
+        }
         Cmd::BuildEbpf { variant: false } => build_ebpf(),
         Cmd::BuildEbpf { variant: true } => build_ebpf_variant(),
         Cmd::Test {

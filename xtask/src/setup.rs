@@ -7,12 +7,15 @@ use anyhow::{Context as _, bail};
 
 use crate::run;
 
-/// Debian packages: LLVM 22 for bpf-linker (must match nightly's LLVM), bpftool for
-/// inspection and the tests, iproute2/util-linux/curl for the test topology, iptables for the
-/// DNAT a kube-proxy Service installs (node-safety tests), iperf3 for `cargo xtask bench`.
-/// (kubectl, for rendering the kustomize bases, is not in Debian: it is checked for, not
-/// installed.)
-const APT_PACKAGES: [&str; 8] = [
+/// Debian packages: LLVM 22 for bpf-linker (must match nightly's LLVM; its llvm-objdump
+/// compares eBPF objects), bpftool for inspection and the tests, iproute2/util-linux/curl for
+/// the test topology, iptables for the DNAT a kube-proxy Service installs (node-safety tests),
+/// iperf3 for `cargo xtask bench`, prometheus for promtool (rules, alerts and metrics lint);
+/// for `cargo xtask image`: umoci (OCI assembly), runc (running the images), the arm64 cross
+/// toolchain and glibc, qemu-user-static (running arm64 binaries), ca-certificates (the
+/// server image's CA bundle). (kubectl, for rendering the kustomize bases, is not in Debian:
+/// it is checked for, not installed.)
+const APT_PACKAGES: [&str; 15] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "bpftool",
@@ -21,7 +24,18 @@ const APT_PACKAGES: [&str; 8] = [
     "curl",
     "iptables",
     "iperf3",
+    "prometheus",
+    "umoci",
+    "runc",
+    "gcc-aarch64-linux-gnu",
+    "libc6-dev-arm64-cross",
+    "qemu-user-static",
+    "ca-certificates",
 ];
+/// Disassembles eBPF objects (from llvm-22).
+pub const LLVM_OBJDUMP: &str = "llvm-objdump-22";
+/// Cross-compilation targets `cargo xtask image` builds for.
+const RUST_TARGETS: [&str; 1] = ["aarch64-unknown-linux-gnu"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// Python packages for the tests, in the project's `.venv`: moto as the STS server, and the
@@ -180,6 +194,13 @@ pub fn setup() -> anyhow::Result<()> {
     for component in ["clippy", "rustfmt"] {
         if !stable.lines().any(|l| l.starts_with(component)) {
             run(&mut rustup(&["component", "add", component]))?;
+        }
+    }
+
+    let targets = output(&mut rustup(&["target", "list", "--installed"])).unwrap_or_default();
+    for target in RUST_TARGETS {
+        if !targets.lines().any(|l| l.trim() == target) {
+            run(&mut rustup(&["target", "add", target]))?;
         }
     }
 
