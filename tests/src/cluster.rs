@@ -172,7 +172,8 @@ impl Cluster {
         pod
     }
 
-    fn home(&self) -> PathBuf {
+    /// `$HOME` of commands run in pods.
+    pub fn home(&self) -> PathBuf {
         let home = self.dir.path().join("home");
         let _ = std::fs::create_dir_all(&home);
         home

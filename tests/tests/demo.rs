@@ -25,8 +25,10 @@ fn the_demo_shows_two_roles_and_leaves_nothing_behind() {
             "{text}"
         );
     }
-    assert!(text.contains("bpftool cgroup tree"), "{text}");
-    // The demo's unique name, from the bpftool line: kiam-e2e-<id>.
+    // What it inspected is gone by now: it says how to keep it instead.
+    assert!(!text.contains("bpftool cgroup tree"), "{text}");
+    assert!(text.contains("cargo xtask demo --keep"), "{text}");
+    // The demo's unique name, from its first line: kiam-e2e-<id>.
     let id = text
         .split("kiam-e2e-")
         .nth(1)
@@ -53,6 +55,92 @@ fn the_demo_shows_two_roles_and_leaves_nothing_behind() {
         .expect("ps");
     let running = String::from_utf8_lossy(&ps.stdout);
     assert!(!running.contains(&id), "processes left behind:\n{running}");
+}
+
+#[test]
+fn demo_keep_runs_commands_in_a_pod_and_ends_quietly_on_ctrl_c() {
+    if !privileged("demo --keep") {
+        return;
+    }
+    use std::io::{BufRead as _, BufReader};
+    let mut demo = Command::new(workspace_bin("kiam-dev"))
+        .args(["demo", "--keep"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the demo");
+    let mut seen = String::new();
+    let mut lines = BufReader::new(demo.stdout.take().expect("stdout")).lines();
+    for line in lines.by_ref() {
+        let line = line.expect("demo output");
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("Running until Ctrl-C") {
+            break;
+        }
+    }
+    assert!(seen.contains("bpftool cgroup tree"), "{seen}");
+    assert!(seen.contains("cargo xtask demo exec frontend --"), "{seen}");
+    let id = seen
+        .split("kiam-e2e-")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_alphanumeric()).next())
+        .expect("demo id")
+        .to_owned();
+
+    // The exact command the demo prints, minus `cargo xtask`: the AWS CLI in the pod gets
+    // the pod's role; a pod the demo does not have is a clear error.
+    let exec = |pod: &str, cmd: &[&str]| {
+        Command::new(workspace_bin("kiam-dev"))
+            .args(["demo-exec", pod, "--"])
+            .args(cmd)
+            .output()
+            .expect("demo-exec")
+    };
+    let whoami = exec(
+        "frontend",
+        &[
+            "aws",
+            "sts",
+            "get-caller-identity",
+            "--endpoint-url",
+            kiam_e2e::cluster::STS_URL,
+            "--query",
+            "Arn",
+            "--output",
+            "text",
+        ],
+    );
+    let arn = String::from_utf8_lossy(&whoami.stdout);
+    assert!(
+        arn.contains("assumed-role/app-frontend/"),
+        "{arn}{}",
+        String::from_utf8_lossy(&whoami.stderr)
+    );
+    let missing = exec("nope", &["true"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("frontend"));
+
+    // Ctrl-C: everything removed, exit 130, no error.
+    let _ = Command::new("kill")
+        .args(["-INT", &demo.id().to_string()])
+        .status();
+    let status = demo.wait().expect("demo exit");
+    assert_eq!(status.code(), Some(130));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut demo.stderr.take().expect("stderr"), &mut stderr)
+        .expect("stderr");
+    assert!(!stderr.contains("Error"), "{stderr}");
+    assert!(
+        !kiam_e2e::node::cgroup_root()
+            .join(format!("kiam-e2e-{id}"))
+            .exists(),
+        "cgroup left behind"
+    );
+    assert!(
+        !kiam_e2e::repo("target/demo/pods.json").exists(),
+        "demo state left behind"
+    );
 }
 
 #[test]

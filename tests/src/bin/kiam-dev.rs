@@ -37,6 +37,16 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+    /// Run a command inside a pod of a running `demo --keep`: in its cgroup and network
+    /// namespace, with the environment an SDK in a pod has (no credentials but the metadata
+    /// service's) and the test virtualenv's AWS CLI on PATH.
+    DemoExec {
+        /// The pod: frontend or backend.
+        pod: String,
+        /// The command and its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
+    },
     /// Print docs/flags.md: every command's --help (`cargo xtask docs` writes it).
     FlagsDoc,
     /// Write a development PKI for kiam.
@@ -116,11 +126,14 @@ fn whoami(cluster: &Cluster, pod: &Pod) -> anyhow::Result<String> {
 
 fn demo(keep: bool) -> anyhow::Result<()> {
     preflight()?;
-    println!("Starting: moto (STS), the Kubernetes API emulator, two kiam servers, the agent …");
     let node = Node::new();
     let id = node.id.clone();
+    println!(
+        "Starting demo kiam-e2e-{id}: moto (STS), the Kubernetes API emulator, two kiam servers, the agent …"
+    );
     ctrlc::set_handler(move || {
         eprintln!("\ninterrupted: cleaning up");
+        let _ = std::fs::remove_file(demo_state());
         kiam_e2e::kill_tracked();
         node::cleanup(&id);
         std::process::exit(130);
@@ -161,6 +174,18 @@ fn demo(keep: bool) -> anyhow::Result<()> {
         "Nothing reached the node's metadata service: {} connections.",
         cluster.node.fake_imds_connections()
     );
+    if arns.len() != 2 || arns[0] == arns[1] {
+        bail!("expected two different assumed roles, got {arns:?}");
+    }
+    if !keep {
+        println!();
+        println!(
+            "Rerun with `sudo -E cargo xtask demo --keep` to explore: bpftool, `kiam-agent status`,"
+        );
+        println!("and `cargo xtask demo exec <pod> -- <command>` to run commands in a pod.");
+        println!("\nCleaning up.");
+        return Ok(());
+    }
     println!();
     println!("Inspect the kernel side:");
     let node = &cluster.node;
@@ -183,17 +208,84 @@ fn demo(keep: bool) -> anyhow::Result<()> {
         node::agent_bin().display(),
         node.pin_dir.display()
     );
-    if arns.len() != 2 || arns[0] == arns[1] {
-        bail!("expected two different assumed roles, got {arns:?}");
+    let state: serde_json::Map<String, serde_json::Value> = pods
+        .iter()
+        .map(|(pod, name, _)| {
+            (
+                (*name).to_owned(),
+                json!({
+                    "cgroup": pod.cgroup,
+                    "netns": pod.netns,
+                    "home": cluster.home(),
+                }),
+            )
+        })
+        .collect();
+    std::fs::create_dir_all(demo_state().parent().unwrap_or(std::path::Path::new(".")))?;
+    std::fs::write(demo_state(), serde_json::to_vec_pretty(&state)?)?;
+    println!();
+    println!("Run commands inside a pod, from another terminal (as root):");
+    println!(
+        "  cargo xtask demo exec frontend -- aws sts get-caller-identity --endpoint-url {}",
+        kiam_e2e::cluster::STS_URL
+    );
+    println!(
+        "  cargo xtask demo exec backend -- curl -s http://169.254.169.254/latest/meta-data/iam/security-credentials/"
+    );
+    println!("\nRunning until Ctrl-C.");
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
     }
-    if keep {
-        println!("\nRunning until Ctrl-C.");
-        loop {
-            std::thread::sleep(Duration::from_secs(3600));
+}
+
+/// Where a running `demo --keep` says where its pods are.
+fn demo_state() -> PathBuf {
+    repo("target/demo/pods.json")
+}
+
+fn demo_exec(pod: &str, command: &[String]) -> ExitCode {
+    let run = || -> anyhow::Result<ExitCode> {
+        let state: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(demo_state())
+                .context("no demo running: start `sudo -E cargo xtask demo --keep` first")?,
+        )?;
+        let Some(found) = state.get(pod) else {
+            let names: Vec<&String> = state
+                .as_object()
+                .map(|o| o.keys().collect())
+                .unwrap_or_default();
+            bail!("no pod {pod:?} in the demo; its pods: {names:?}");
+        };
+        let field = |key: &str| found[key].as_str().map(str::to_owned).context("demo state");
+        let (cgroup, netns, home) = (field("cgroup")?, field("netns")?, field("home")?);
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("echo $$ > '{cgroup}/cgroup.procs' && exec \"$@\""))
+            .arg("sh")
+            .arg("nsenter")
+            .arg(format!("--net=/var/run/netns/{netns}"))
+            .arg("--")
+            .args(command);
+        node::sdk_env(&mut cmd, std::path::Path::new(&home));
+        cmd.env(
+            "PATH",
+            format!(
+                "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                repo(".venv/bin").display()
+            ),
+        );
+        let status = cmd.status().context("running the command in the pod")?;
+        Ok(ExitCode::from(
+            status.code().unwrap_or(1).clamp(0, 255) as u8
+        ))
+    };
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kiam-dev: {e:#}");
+            ExitCode::FAILURE
         }
     }
-    println!("\nCleaning up.");
-    Ok(())
 }
 
 fn certs(out: PathBuf, server_names: Vec<String>, nodes: Vec<String>) -> anyhow::Result<()> {
@@ -233,7 +325,9 @@ pub fn flags_doc() -> anyhow::Result<String> {
             &agent,
             &["mount-bpffs", "--help"][..],
         ),
+        ("kiam-agent health", &agent, &["health", "--help"][..]),
         ("kiam-server", &server, &["--help"][..]),
+        ("kiam-server health", &server, &["health", "--help"][..]),
     ] {
         // A clean environment: clap shows the values of set variables.
         let help = Command::new(bin)
@@ -257,6 +351,7 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Cmd::FlagsDoc => flags_doc().map(|doc| print!("{doc}")),
         Cmd::Demo { keep } => demo(keep),
+        Cmd::DemoExec { pod, command } => return demo_exec(&pod, &command),
         Cmd::Certs {
             out,
             server_names,
