@@ -6,7 +6,7 @@
 //!   with a path (`team/app`), joined to the base ARN; or a full role ARN (cross-account).
 //! - The namespace permits roles with kiam's `iam.amazonaws.com/permitted` regular expression
 //!   (anchored at both ends) and/or kube2iam's `iam.amazonaws.com/allowed-roles` JSON list,
-//!   whose entries are roles or globs (kube2iam's `--namespace-restriction-format glob`).
+//!   whose entries are roles or `*` globs (kube2iam's `--namespace-restriction-format glob`).
 //!   No rule permits nothing; a rule that does not parse denies and says why.
 //! - The operator's pass-through rules (server flags, never pod annotations) select system
 //!   pods that get the node's own metadata service instead of a role.
@@ -167,29 +167,55 @@ pub struct NamespaceRules {
 enum AllowedEntry {
     /// A role name (joined to the base ARN when checked) or a full role ARN.
     Role(String),
-    /// A glob (`*`, `?`, `[...]`) over full role ARNs (an entry starting with `arn:`) or
-    /// over the names, path included, of roles in the base account. As in kube2iam, `*`
-    /// stops at `/`: `team/*` permits `team/app`, not `team/x/app`.
-    Glob { pattern: glob::Pattern, arn: bool },
+    /// kube2iam's glob (`--namespace-restriction-format glob`): `*` matches any run of
+    /// characters, `/` included, and the whole role must match. Over full role ARNs (an entry
+    /// starting with `arn:`) or over the names, path included, of roles in the base account
+    /// (kube2iam joins such an entry to the base ARN, which comes to the same).
+    Glob { pattern: Glob, arn: bool },
 }
 
-const GLOB_OPTIONS: glob::MatchOptions = glob::MatchOptions {
-    case_sensitive: true,
-    require_literal_separator: true,
-    require_literal_leading_dot: false,
-};
+/// A `*`-only glob, split at its stars.
+#[derive(Clone, Debug)]
+struct Glob(Vec<String>);
+
+impl Glob {
+    fn new(pattern: &str) -> Self {
+        Self(pattern.split('*').map(str::to_owned).collect())
+    }
+
+    fn matches(&self, text: &str) -> bool {
+        let parts = &self.0;
+        let (Some(first), Some(last)) = (parts.first(), parts.last()) else {
+            return false;
+        };
+        if parts.len() == 1 {
+            return text == first;
+        }
+        let Some(mut rest) = text.strip_prefix(first.as_str()) else {
+            return false;
+        };
+        for middle in &parts[1..parts.len() - 1] {
+            match rest.find(middle.as_str()) {
+                Some(at) => rest = &rest[at + middle.len()..],
+                None => return false,
+            }
+        }
+        rest.len() >= last.len() && rest.ends_with(last.as_str())
+    }
+}
 
 impl AllowedEntry {
     fn parse(raw: &str) -> Result<Self, String> {
         let entry = raw.trim();
         let bad = |why: String| format!("entry {raw:?}: {why}");
-        if !entry.contains(['*', '?', '[', ']']) {
+        // Any base gives the same verdict on a name.
+        let probe = BaseArn {
+            partition: "aws".into(),
+            account: "000000000000".into(),
+        };
+        if !entry.contains('*') {
             // Checked now, so a typo denies with a reason rather than silently matching
-            // nothing; any base gives the same verdict on a name.
-            let probe = BaseArn {
-                partition: "aws".into(),
-                account: "000000000000".into(),
-            };
+            // nothing.
             probe.resolve(entry).map_err(|e| bad(e.to_string()))?;
             return Ok(Self::Role(entry.to_owned()));
         }
@@ -200,31 +226,33 @@ impl AllowedEntry {
             })?,
             false => entry.trim_start_matches('/'),
         };
+        // With the stars taken out, what is left must be role-name characters.
         if name.is_empty()
             || !name
                 .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "+=,.@-_/*?[]!".contains(c))
+                .all(|c| c.is_ascii_alphanumeric() || "+=,.@-_/*".contains(c))
         {
             return Err(bad(
-                "a role glob may only use role-name characters and * ? [ ]".into(),
+                "a role glob may only use role-name characters and *".into()
             ));
         }
-        let pattern = glob::Pattern::new(match arn {
-            true => entry,
-            false => name,
+        Ok(Self::Glob {
+            pattern: Glob::new(match arn {
+                true => entry,
+                false => name,
+            }),
+            arn,
         })
-        .map_err(|e| bad(format!("not a glob: {e}")))?;
-        Ok(Self::Glob { pattern, arn })
     }
 
     fn permits(&self, role: &RoleArn, base: &BaseArn, in_base: bool) -> bool {
         match self {
             Self::Role(entry) => base.resolve(entry).is_ok_and(|arn| arn.arn == role.arn),
-            Self::Glob { pattern, arn: true } => pattern.matches_with(&role.arn, GLOB_OPTIONS),
+            Self::Glob { pattern, arn: true } => pattern.matches(&role.arn),
             Self::Glob {
                 pattern,
                 arn: false,
-            } => in_base && pattern.matches_with(&role.name, GLOB_OPTIONS),
+            } => in_base && pattern.matches(&role.name),
         }
     }
 }
@@ -583,26 +611,47 @@ mod tests {
     }
 
     #[test]
+    fn globs_match_as_kube2iams() {
+        let glob = |p: &str, t: &str| Glob::new(p).matches(t);
+        assert!(glob("app-*", "app-"));
+        assert!(glob("app-*", "app-web"));
+        assert!(glob("app-*", "app-web/x"));
+        assert!(!glob("app-*", "my-app-web"));
+        assert!(glob("*-web", "app-web"));
+        assert!(!glob("*-web", "app-web2"));
+        assert!(glob("a*b*c", "aXbYc"));
+        assert!(glob("a*b*c", "abc"));
+        assert!(!glob("a*b*c", "acb"));
+        assert!(glob("a**", "abc"));
+        assert!(glob("*", ""));
+        // The prefix and suffix may not overlap.
+        assert!(!glob("ab*ba", "aba"));
+        assert!(glob("team/*/db", "team/x/y/db"));
+        assert!(glob("exact", "exact"));
+        assert!(!glob("exact", "exact2"));
+    }
+
+    #[test]
     fn allowed_roles_globs() {
         use Denied::*;
-        let list = r#"["app-*", "team/*", "arn:aws:iam::999999999999:role/ci-?", "db-[ab]"]"#;
+        let list = r#"["app-*", "team/*", "arn:aws:iam::999999999999:role/ci-*"]"#;
         for role in [
             "app-web",
             "app-",
             "team/app",
+            // As in kube2iam, `*` crosses `/`.
+            "team/x/app",
+            "app-web/x",
             "arn:aws:iam::999999999999:role/ci-1",
-            "db-a",
+            "arn:aws:iam::999999999999:role/ci-12",
         ] {
             assert_eq!(check(None, Some(list), role), Ok(()), "{role}");
         }
         for role in [
-            // `*` stops at `/`, as in kube2iam.
-            "team/x/app",
-            "app/x",
             "my-app-web",
-            "arn:aws:iam::999999999999:role/ci-12",
+            "other",
             "arn:aws:iam::999999999999:role/path/ci-1",
-            "db-c",
+            "arn:aws:iam::999999999999:role/dev",
             // A name glob does not reach into another account or partition.
             "arn:aws:iam::999999999999:role/app-web",
             "arn:aws-cn:iam::123456789012:role/app-web",
@@ -623,12 +672,13 @@ mod tests {
         );
         // Entries are validated: one bad entry denies everything, with the reason.
         for bad in [
-            r#"["app-[", "app"]"#,
+            r#"["app-[ab]", "app"]"#,
             r#"["app", "bad name*"]"#,
             r#"["arn:aws:iam::*:user/*"]"#,
             r#"["app", "no spaces"]"#,
             r#"["app", ""]"#,
             r#"["*", "a//b"]"#,
+            r#"["app?"]"#,
         ] {
             let err = check(None, Some(bad), "app").expect_err(bad);
             assert!(

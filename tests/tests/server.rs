@@ -579,12 +579,13 @@ async fn kube2iam_migration_default_role_and_allowed_roles_globs() {
     assert_eq!(refused.code(), Code::NotFound);
     assert!(refused.message().contains("--default-role"), "{refused:?}");
 
-    // Globs: `*` matches within one path segment.
+    // Globs, as kube2iam's: `*` matches any run of characters, `/` included.
     for (name, role, permitted) in [
         ("a", "svc-api", true),
         ("b", "team/db", true),
-        ("c", "team/x/db", false),
+        ("c", "team/x/db", true),
         ("d", "other", false),
+        ("e", "my-svc-api", false),
     ] {
         let uid = env.kube.pod(
             "globbed",
