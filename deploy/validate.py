@@ -144,20 +144,25 @@ def check_chart_docs():
         fail("values.schema.json accepted an unknown key (server.replica)")
 
 
+CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding", "Namespace"}
+
+
 def check_two_releases():
-    """Two releases in one namespace share no object name, ClusterRole included."""
-    names = {}
-    for release in ["kiam", "kiam-canary"]:
-        docs = [d for d in yaml.safe_load_all(render_chart({}, release=release)) if d]
-        names[release] = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    """Releases never share an object: two in one namespace share no name, and two of the same
+    name in different namespaces share no cluster-wide name (ClusterRole and its binding)."""
+    def objects(release, namespace):
+        docs = [d for d in yaml.safe_load_all(render_chart({}, release=release, namespace=namespace)) if d]
         for doc in docs:
             labels = doc["metadata"].get("labels") or {}
             for key in ["app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/managed-by"]:
                 if key not in labels:
                     fail(f"helm ({release}): {doc['kind']} {doc['metadata']['name']} has no {key} label")
-    clash = names["kiam"] & names["kiam-canary"]
-    if clash:
-        fail(f"two releases collide: {sorted(clash)}")
+        return {(d["kind"], None if d["kind"] in CLUSTER_SCOPED else namespace, d["metadata"]["name"]) for d in docs}
+    first = objects("kiam", "kiam")
+    for release, namespace in [("kiam-canary", "kiam"), ("kiam", "platform")]:
+        clash = first & objects(release, namespace)
+        if clash:
+            fail(f"releases kiam/kiam and {release}/{namespace} collide: {sorted(clash, key=str)}")
 
 
 def check_quoting():

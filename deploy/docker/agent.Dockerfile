@@ -1,7 +1,7 @@
 # kiam-agent image, for your own CI. Build from the repository root:
 #   docker build -f deploy/docker/agent.Dockerfile -t kiam-agent .
 # This project builds the same image without Docker: `cargo xtask image` (umoci, from scratch,
-# smoke-tested with crun; arm64 too).
+# smoke-tested with runc; arm64 too).
 #
 # Toolchains are pinned: Rust 1.95.0 builds user space; the eBPF programs need a nightly whose
 # LLVM (22) matches bpf-linker's, so nightly is pinned by date and linked as `nightly` (what

@@ -1,7 +1,7 @@
 # kiam-server image, for your own CI. Build from the repository root:
 #   docker build -f deploy/docker/server.Dockerfile -t kiam-server .
 # This project builds the same image without Docker: `cargo xtask image` (umoci, from scratch,
-# smoke-tested with crun; arm64 too). The server needs no eBPF toolchain.
+# smoke-tested with runc; arm64 too). The server needs no eBPF toolchain.
 FROM docker.io/library/rust:1.95.0-bookworm AS build
 WORKDIR /src
 COPY . .

@@ -124,6 +124,8 @@ impl Metrics {
 #[derive(Debug, Default)]
 pub struct Kernel {
     last: Mutex<Option<KernelSnapshot>>,
+    /// Reads of the pins that failed; the kernel series vanish until one succeeds.
+    read_errors: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -181,6 +183,13 @@ impl Kernel {
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(snapshot);
     }
 
+    /// A read failed: what was read before is no longer shown as current.
+    pub fn failed(&self) {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.read_errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Reads the pins every `every` (off the async threads: counting map entries is one
     /// syscall per entry), until the process ends.
     pub async fn refresh(self: Arc<Self>, pin_dir: PathBuf, every: Duration) {
@@ -191,9 +200,13 @@ impl Kernel {
             match tokio::task::spawn_blocking(move || loader::status(&dir)).await {
                 Ok(Ok(status)) => self.set(KernelSnapshot::from_status(&status)),
                 Ok(Err(error)) => {
-                    tracing::warn!(%error, "cannot read the pinned kernel counters")
+                    self.failed();
+                    tracing::warn!(%error, "cannot read the pinned kernel counters");
                 }
-                Err(error) => tracing::warn!(%error, "kernel counter task failed"),
+                Err(error) => {
+                    self.failed();
+                    tracing::warn!(%error, "kernel counter task failed");
+                }
             }
         }
     }
@@ -201,6 +214,13 @@ impl Kernel {
 
 impl Collector for Kernel {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let errors = ConstCounter::new(self.read_errors.load(std::sync::atomic::Ordering::Relaxed));
+        errors.encode(encoder.encode_descriptor(
+            "kernel_metrics_read_errors",
+            "Failed reads of the pinned kernel counters (the kernel series are absent until one succeeds)",
+            None,
+            errors.metric_type(),
+        )?)?;
         let Some(snapshot) = self.last.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
             return Ok(());
         };
@@ -276,7 +296,7 @@ mod tests {
     fn kernel_counters_are_encoded_as_read() {
         let metrics = Metrics::default();
         // Nothing read yet: no kernel series rather than zeros.
-        assert!(!metrics.encode().contains("kiam_agent_kernel_events_total"));
+        assert!(!metrics.encode().contains("kiam_agent_kernel_events_total{"));
         metrics.kernel.set(KernelSnapshot {
             events: vec![("redirected_ipv4".into(), 7), ("bind_denied".into(), 1)],
             map_entries: vec![(map_names::CONNECT.into(), 3)],
@@ -296,5 +316,13 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }
+        // A failed read: no stale kernel series, and the failure counted.
+        metrics.kernel.failed();
+        let text = metrics.encode();
+        assert!(!text.contains("kiam_agent_programs_attached"), "{text}");
+        assert!(
+            text.contains("kiam_agent_kernel_metrics_read_errors_total 1"),
+            "{text}"
+        );
     }
 }

@@ -48,11 +48,15 @@ impl StsHealth {
     }
 
     pub fn report(&self, watches_synced: bool) -> Report {
+        self.report_at(watches_synced, Instant::now())
+    }
+
+    fn report_at(&self, watches_synced: bool, now: Instant) -> Report {
         let last = self.last.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let (sts_reachable, sts_detail, ago) = match last {
             None => (None, "not checked yet".to_owned(), None),
             Some((at, result)) => {
-                let ago = at.elapsed();
+                let ago = now.saturating_duration_since(at);
                 let fresh = ago <= self.stale_after();
                 let detail = match (&result, fresh) {
                     (_, false) => format!(
@@ -180,9 +184,19 @@ mod tests {
         assert_eq!(report.sts_reachable, Some(false));
         assert!(report.sts_detail.contains("expired token"));
         // A stale success does not count.
-        if let Some(then) = Instant::now().checked_sub(Duration::from_secs(181)) {
-            *sts.last.lock().expect("lock") = Some((then, Ok("arn".into())));
-            assert!(!sts.report(true).healthy);
-        }
+        sts.record(Ok("arn".into()));
+        let later = Instant::now() + Duration::from_secs(181);
+        let report = sts.report_at(true, later);
+        assert!(!report.healthy);
+        assert!(
+            report
+                .sts_detail
+                .contains("no GetCallerIdentity answer for 18"),
+            "{report:?}"
+        );
+        assert!(
+            sts.report_at(true, Instant::now() + Duration::from_secs(179))
+                .healthy
+        );
     }
 }

@@ -221,9 +221,27 @@ impl AllowedEntry {
         }
         let arn = entry.starts_with("arn:");
         let name = match arn {
-            true => entry.split_once(":role/").map(|(_, name)| name).ok_or_else(|| {
-                bad("a glob over ARNs must keep the literal :role/ (arn:<partition>:iam::<account>:role/<name glob>)".into())
-            })?,
+            true => {
+                let shape = || {
+                    bad("a glob over ARNs must read arn:<partition>:iam::<12-digit account>:role/<name glob> (* allowed in the partition, account and name)".into())
+                };
+                let (prefix, name) = entry.split_once(":role/").ok_or_else(shape)?;
+                let parts: Vec<&str> = prefix.split(':').collect();
+                let [_, partition, "iam", "", account] = parts.as_slice() else {
+                    return Err(shape());
+                };
+                let partition_ok = !partition.is_empty()
+                    && partition
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c == '-' || c == '*');
+                let account_ok = (account.len() == 12 || account.contains('*'))
+                    && !account.is_empty()
+                    && account.chars().all(|c| c.is_ascii_digit() || c == '*');
+                if !partition_ok || !account_ok {
+                    return Err(shape());
+                }
+                name
+            }
             false => entry.trim_start_matches('/'),
         };
         // With the stars taken out, what is left must be role-name characters.
@@ -661,15 +679,17 @@ mod tests {
                 "{role}"
             );
         }
-        // An ARN glob may name every account: the namespace's owner wrote it.
-        assert_eq!(
-            check(
-                None,
-                Some(r#"["arn:aws:iam::*:role/reader"]"#),
-                "arn:aws:iam::999999999999:role/reader"
-            ),
-            Ok(())
-        );
+        // An ARN glob may name every account or partition: the namespace's owner wrote it.
+        for list in [
+            r#"["arn:aws:iam::*:role/reader"]"#,
+            r#"["arn:*:iam::999999999999:role/read*"]"#,
+        ] {
+            assert_eq!(
+                check(None, Some(list), "arn:aws:iam::999999999999:role/reader"),
+                Ok(()),
+                "{list}"
+            );
+        }
         // Entries are validated: one bad entry denies everything, with the reason.
         for bad in [
             r#"["app-[ab]", "app"]"#,
@@ -679,6 +699,10 @@ mod tests {
             r#"["app", ""]"#,
             r#"["*", "a//b"]"#,
             r#"["app?"]"#,
+            // An ARN glob that could never match is refused, not silently useless.
+            r#"["arn:aws:iam::123:role/app-*"]"#,
+            r#"["arn:aws:iam:123456789012:role/app-*"]"#,
+            r#"["arn:aws:sts::123456789012:role/app-*"]"#,
         ] {
             let err = check(None, Some(bad), "app").expect_err(bad);
             assert!(
