@@ -8,7 +8,9 @@
 //! No pod can take the listener from the others: connections are capped overall and per pod
 //! (the caller's pod, from its cgroup; over the cap a pod gets a 429 and the connection is
 //! closed), a request head must arrive within `--idle-timeout`, which also ends idle
-//! kept-alive connections, and heads and bodies are bounded.
+//! kept-alive connections, and heads and bodies are bounded. A pod already known is held to
+//! its share in the accept loop itself, before it can take an overall slot, so a flood from
+//! one pod cannot fill the overall cap while the agent is behind in serving it.
 
 use std::{
     collections::HashMap,
@@ -35,7 +37,7 @@ use tokio::{
 use crate::{
     imds::Imds,
     metrics::RefusedLabels,
-    resolver::{Caller, RecordSource, ResolveError, Resolver},
+    resolver::{Begun, Caller, RecordSource, ResolveError, Resolver},
 };
 
 /// The listener's limits.
@@ -96,20 +98,42 @@ pub async fn serve<S: RecordSource>(
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                // Over the overall cap the connection is closed at once; nothing slower than
-                // accept() happens on this loop: resolution runs per task.
+                let begun = match socket2::SockRef::from(&stream).cookie() {
+                    Ok(cookie) => resolver.begin(cookie),
+                    Err(error) => {
+                        tracing::error!(%error, %peer, "getsockopt(SO_COOKIE) failed");
+                        continue;
+                    }
+                };
+                // A pod the agent knows is held to its share here, before its connection
+                // takes one of the overall slots: however many connections one pod opens,
+                // and however far behind the agent is in serving them, they never fill the
+                // slots the other pods need. (Nothing here waits: a cgroup not cached yet is
+                // looked up by the connection's task, which applies the same share.)
+                let pod_pass = match &begun {
+                    Begun::Known(Ok(caller)) => match pods.enter(&caller.pod().pod_uid) {
+                        Some(pass) => Some(pass),
+                        None => {
+                            refused(&imds, "pod_connection_limit");
+                            // The socket's buffer is empty: the answer fits without waiting.
+                            let _ = stream.try_write(TOO_MANY);
+                            continue;
+                        }
+                    },
+                    _ => None,
+                };
                 let Some(pass) = gate.enter() else {
-                    imds.metrics
-                        .refused_connections
-                        .get_or_create(&RefusedLabels {
-                            reason: "over_capacity",
-                        })
-                        .inc();
+                    refused(&imds, "over_capacity");
                     continue;
                 };
-                let (resolver, imds, pods) = (resolver.clone(), imds.clone(), pods.clone());
+                let shared = Shared {
+                    resolver: resolver.clone(),
+                    imds: imds.clone(),
+                    pods: pods.clone(),
+                    limits,
+                };
                 tokio::spawn(async move {
-                    handle(stream, peer, resolver, imds, pods, limits, pass).await;
+                    handle(stream, peer, begun, shared, (pass, pod_pass)).await;
                 });
             }
             Err(error) => {
@@ -122,21 +146,36 @@ pub async fn serve<S: RecordSource>(
 
 const TOO_MANY: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain\r\nContent-Length: 53\r\nConnection: close\r\n\r\nkiam: this pod has too many connections to kiam open\n";
 
-async fn handle<S: RecordSource>(
-    mut stream: TcpStream,
-    peer: SocketAddr,
+fn refused(imds: &Imds, reason: &'static str) {
+    imds.metrics
+        .refused_connections
+        .get_or_create(&RefusedLabels { reason })
+        .inc();
+}
+
+/// What every connection's task shares.
+struct Shared<S> {
     resolver: Arc<Resolver<S>>,
     imds: Arc<Imds>,
     pods: Arc<PodGate>,
     limits: Limits,
-    _pass: Pass,
+}
+
+async fn handle<S: RecordSource>(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    begun: Begun,
+    Shared {
+        resolver,
+        imds,
+        pods,
+        limits,
+    }: Shared<S>,
+    (_pass, pod_pass): (Pass, Option<PodPass>),
 ) {
-    let caller = match socket2::SockRef::from(&stream).cookie() {
-        Ok(cookie) => resolver.resolve(cookie).await,
-        Err(error) => {
-            tracing::error!(%error, %peer, "getsockopt(SO_COOKIE) failed");
-            return;
-        }
+    let caller = match begun {
+        Begun::Known(result) => result,
+        Begun::Lookup(record) => resolver.finish(record).await,
     };
     match &caller {
         Ok(c) => tracing::debug!(
@@ -149,36 +188,32 @@ async fn handle<S: RecordSource>(
         ),
         Err(error) => {
             tracing::warn!(%peer, %error, "refusing connection");
-            let reason = match error {
-                ResolveError::NoRecord => "no_record",
-                ResolveError::Collision => "collision",
-                ResolveError::NotAPod { .. } => "not_a_pod",
-                ResolveError::CgroupGone(_) => "cgroup_gone",
-                ResolveError::Unresolved { .. } => "unresolved",
-                ResolveError::Map(_) => "map_error",
-            };
-            imds.metrics
-                .refused_connections
-                .get_or_create(&RefusedLabels { reason })
-                .inc();
+            refused(
+                &imds,
+                match error {
+                    ResolveError::NoRecord => "no_record",
+                    ResolveError::Collision => "collision",
+                    ResolveError::NotAPod { .. } => "not_a_pod",
+                    ResolveError::CgroupGone(_) => "cgroup_gone",
+                    ResolveError::Unresolved { .. } => "unresolved",
+                    ResolveError::Map(_) => "map_error",
+                },
+            );
         }
     }
-    let _pod_pass = match &caller {
-        Ok(c) => match pods.enter(&c.pod().pod_uid) {
+    // A caller first seen now (its cgroup was looked up) gets the same per-pod share.
+    let _pod_pass = match (pod_pass, &caller) {
+        (Some(pass), _) => Some(pass),
+        (None, Ok(c)) => match pods.enter(&c.pod().pod_uid) {
             Some(pass) => Some(pass),
             None => {
-                imds.metrics
-                    .refused_connections
-                    .get_or_create(&RefusedLabels {
-                        reason: "pod_connection_limit",
-                    })
-                    .inc();
+                refused(&imds, "pod_connection_limit");
                 let _ =
                     tokio::time::timeout(Duration::from_secs(1), stream.write_all(TOO_MANY)).await;
                 return;
             }
         },
-        Err(_) => None,
+        (None, Err(_)) => None,
     };
     if let Err(error) = serve_connection(stream, caller, imds, limits.idle_timeout).await {
         tracing::debug!(%peer, %error, "connection ended with an error");

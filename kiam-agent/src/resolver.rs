@@ -278,6 +278,29 @@ pub enum ResolveError {
     },
 }
 
+/// How far [`Resolver::begin`] got without waiting.
+#[derive(Debug)]
+pub enum Begun {
+    /// The caller, or why there is none.
+    Known(Result<Caller, ResolveError>),
+    /// The record of a cgroup not cached yet: [`Resolver::finish`] looks it up.
+    Lookup(ConnRecord),
+}
+
+fn caller(record: &ConnRecord, cached: Arc<CachedCgroup>) -> Result<Caller, ResolveError> {
+    match &cached.pod {
+        Ok(_) => Ok(Caller {
+            cgroup_id: record.cgroup_id,
+            pid: record.tgid,
+            cgroup: cached,
+        }),
+        Err(e) => Err(ResolveError::NotAPod {
+            path: cached.path.clone(),
+            source: e.clone(),
+        }),
+    }
+}
+
 pub struct Resolver<S> {
     records: S,
     lookup: Arc<dyn CgroupLookup>,
@@ -303,26 +326,40 @@ impl<S: RecordSource> Resolver<S> {
 
     /// Who made the connection whose agent-side socket has this cookie.
     pub async fn resolve(&self, cookie: u64) -> Result<Caller, ResolveError> {
-        let record = self
-            .records
-            .take(cookie)
-            .map_err(ResolveError::Map)?
-            .ok_or(ResolveError::NoRecord)?;
+        match self.begin(cookie) {
+            Begun::Known(result) => result,
+            Begun::Lookup(record) => self.finish(record).await,
+        }
+    }
+
+    /// The part of [`Self::resolve`] that never waits: the record, and the caller when its
+    /// cgroup is cached (or known to be gone). The accept loop uses it to hold a known pod to
+    /// its share of connections before the connection takes an overall slot.
+    pub fn begin(&self, cookie: u64) -> Begun {
+        let record = match self.records.take(cookie) {
+            Ok(Some(record)) => record,
+            Ok(None) => return Begun::Known(Err(ResolveError::NoRecord)),
+            Err(e) => return Begun::Known(Err(ResolveError::Map(e))),
+        };
         if record.flags & RECORD_POISONED != 0 {
-            return Err(ResolveError::Collision);
+            return Begun::Known(Err(ResolveError::Collision));
         }
+        if let Some(hit) = self.cached(record.cgroup_id) {
+            return Begun::Known(caller(&record, hit));
+        }
+        // A pod creating and deleting cgroups must not make the agent look up per
+        // connection: a gone id is refused at once for a while.
+        if self.is_gone(record.cgroup_id) {
+            return Begun::Known(Err(ResolveError::CgroupGone(record.cgroup_id)));
+        }
+        Begun::Lookup(record)
+    }
+
+    /// The rest of [`Self::resolve`] for a record whose cgroup is not cached: asks the cgroup
+    /// file system.
+    pub async fn finish(&self, record: ConnRecord) -> Result<Caller, ResolveError> {
         let cached = self.cgroup(record.cgroup_id).await?;
-        match &cached.pod {
-            Ok(_) => Ok(Caller {
-                cgroup_id: record.cgroup_id,
-                pid: record.tgid,
-                cgroup: cached,
-            }),
-            Err(e) => Err(ResolveError::NotAPod {
-                path: cached.path.clone(),
-                source: e.clone(),
-            }),
-        }
+        caller(&record, cached)
     }
 
     fn cached(&self, id: u64) -> Option<Arc<CachedCgroup>> {
@@ -365,8 +402,6 @@ impl<S: RecordSource> Resolver<S> {
         if let Some(hit) = self.cached(id) {
             return Ok(hit);
         }
-        // A pod creating and deleting cgroups must not make the agent look up per
-        // connection: a gone id is refused at once for a while.
         if self.is_gone(id) {
             return Err(ResolveError::CgroupGone(id));
         }

@@ -103,7 +103,19 @@ fn one_pod_holding_20000_connections_cannot_slow_another_down() {
     )
     .expect("victim load");
     eprintln!("the other pod, while 20,000 connections were held: {stats:?}");
-    assert_eq!(stats.errors, 0, "{stats:?}");
+    let refused = |metrics: &str| {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("kiam_agent_refused_connections_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(
+        stats.errors,
+        0,
+        "{stats:?}\n{}",
+        refused(&c.node.agent_metrics())
+    );
     assert!(stats.requests > 100, "{stats:?}");
     assert!(
         stats.p99_us < 10_000.0,

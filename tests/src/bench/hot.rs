@@ -170,6 +170,7 @@ fn median_stats(runs: &[Stats]) -> Stats {
         p50_us: median(runs.iter().map(|s| s.p50_us).collect()),
         p99_us: median(runs.iter().map(|s| s.p99_us).collect()),
         max_us: runs.iter().map(|s| s.max_us).fold(0.0, f64::max),
+        first_error: runs.iter().find_map(|s| s.first_error.clone()),
     }
 }
 

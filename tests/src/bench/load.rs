@@ -28,6 +28,9 @@ pub struct Stats {
     pub p99_us: f64,
     #[serde(default)]
     pub max_us: f64,
+    /// The first failed request's error, so a run with errors says what they were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_error: Option<String>,
 }
 
 impl Stats {
@@ -49,6 +52,7 @@ impl Stats {
             p50_us: pick(0.50),
             p99_us: pick(0.99),
             max_us: pick(1.0),
+            first_error: None,
         }
     }
 }
@@ -62,22 +66,26 @@ fn drive(
 ) -> Stats {
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
-    let results: Vec<(Vec<u32>, u64)> = thread::scope(|scope| {
+    let results: Vec<(Vec<u32>, u64, Option<String>)> = thread::scope(|scope| {
         let handles: Vec<_> = (0..concurrency.max(1))
             .map(|_| {
                 let mut request = worker();
                 let stop = stop.clone();
                 scope.spawn(move || {
                     let (mut micros, mut errors) = (Vec::with_capacity(1 << 16), 0u64);
+                    let mut first_error = None;
                     while !stop.load(Ordering::Relaxed) {
                         let t = Instant::now();
                         match request() {
                             Ok(()) => micros
                                 .push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX)),
-                            Err(_) => errors += 1,
+                            Err(error) => {
+                                errors += 1;
+                                first_error.get_or_insert_with(|| format!("{error:#}"));
+                            }
                         }
                     }
-                    (micros, errors)
+                    (micros, errors, first_error)
                 })
             })
             .collect();
@@ -90,8 +98,12 @@ fn drive(
     });
     let elapsed = started.elapsed();
     let errors = results.iter().map(|r| r.1).sum();
+    let first_error = results.iter().find_map(|r| r.2.clone());
     let micros = results.into_iter().flat_map(|r| r.0).collect();
-    Stats::from_latencies(micros, errors, elapsed)
+    Stats {
+        first_error,
+        ..Stats::from_latencies(micros, errors, elapsed)
+    }
 }
 
 /// One HTTP/1.1 exchange on `stream`; the status code. Reads exactly the response.
