@@ -24,6 +24,18 @@ pub enum AddressError {
     },
 }
 
+/// Maps a netlink failure while `action` on `addr` to an [`AddressError`].
+fn netlink_error(
+    action: &'static str,
+    addr: Ipv4Addr,
+) -> impl FnOnce(rtnetlink::Error) -> AddressError {
+    move |source| AddressError::Netlink {
+        action,
+        addr,
+        source,
+    }
+}
+
 /// `169.254.0.0/16`.
 pub fn is_link_local(addr: Ipv4Addr) -> bool {
     addr.is_link_local()
@@ -39,13 +51,7 @@ fn handle() -> Result<rtnetlink::Handle, AddressError> {
 /// whether it added it.
 pub async fn ensure_on_loopback(addr: Ipv4Addr) -> Result<bool, AddressError> {
     let handle = handle()?;
-    let err = |action| {
-        move |source| AddressError::Netlink {
-            action,
-            addr,
-            source,
-        }
-    };
+    let err = |action| netlink_error(action, addr);
     let present = handle
         .address()
         .get()
@@ -70,13 +76,7 @@ pub async fn ensure_on_loopback(addr: Ipv4Addr) -> Result<bool, AddressError> {
 /// Removes `addr/32` from `lo` if it is there. Returns whether it removed it.
 pub async fn remove_from_loopback(addr: Ipv4Addr) -> Result<bool, AddressError> {
     let handle = handle()?;
-    let err = |action| {
-        move |source| AddressError::Netlink {
-            action,
-            addr,
-            source,
-        }
-    };
+    let err = |action| netlink_error(action, addr);
     let found = handle
         .address()
         .get()

@@ -14,6 +14,30 @@ use std::{
     sync::Mutex,
 };
 
+/// The value of the series `series` (name and labels, as exposed) in a metrics text; the sum
+/// when it is repeated, `None` when it is absent.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    let values: Vec<f64> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix(series))
+        .filter_map(|v| v.strip_prefix(' '))
+        .filter_map(|v| v.trim().parse().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+/// Calls `check` every 100 ms until it holds or `timeout` has passed (then once more).
+pub fn poll(timeout: std::time::Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    check()
+}
+
 /// Processes started by the harness, so an interrupted demo can stop them.
 static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 

@@ -459,6 +459,14 @@ impl Node {
             .to_owned()
     }
 
+    /// Whether `pod` is served `role` (the credentials listing names it) within 10 s.
+    pub fn served(&self, pod: &Pod, role: &str) -> bool {
+        let listing = format!("http://{IMDS}/latest/meta-data/iam/security-credentials/");
+        crate::poll(Duration::from_secs(10), || {
+            self.get(pod, &listing) == format!("200 {role}")
+        })
+    }
+
     /// The agent's command line for this node (`kiam-agent` and its flags, without
     /// `agent_args`).
     pub fn agent_command_line(&self) -> Vec<String> {

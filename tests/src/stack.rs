@@ -973,6 +973,43 @@ impl Server {
     }
 }
 
+/// One server with everything it talks to: its own STS (moto), API emulator and
+/// certificates, in a temporary directory. Fields drop in order: the server stops first.
+pub struct ServerStack {
+    pub server: Server,
+    pub certs: Certs,
+    pub kube: Kube,
+    pub sts: Sts,
+    pub dir: tempfile::TempDir,
+}
+
+impl ServerStack {
+    /// Namespace `team` permits `app-.*`; the server runs with `extra` flags.
+    pub fn start(extra: &[&str]) -> Self {
+        Self::start_with(
+            |kube| kube.namespace("team", json!({"iam.amazonaws.com/permitted": "app-.*"})),
+            extra,
+        )
+    }
+
+    /// `prepare` fills the emulator (namespaces, pods) before the server starts with `extra`.
+    pub fn start_with(prepare: impl FnOnce(&Kube), extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let sts = Sts::start();
+        let kube = Kube::start(dir.path());
+        prepare(&kube);
+        let certs = Certs::new(dir.path());
+        let server = Server::start(dir.path(), &certs, &sts, &kube, extra);
+        Self {
+            server,
+            certs,
+            kube,
+            sts,
+            dir,
+        }
+    }
+}
+
 /// Sends a bearer token with every call, as the agent does.
 #[derive(Clone)]
 pub struct Bearer(pub Option<String>);

@@ -13,6 +13,7 @@ use std::{
 use kiam_e2e::{
     bench::{self, load::Stats},
     cluster::{Cluster, NODE_NAME},
+    metric,
     node::{HELPER, IMDS, Node, Pod, privileged},
     stack::{Certs, Kube, PodObject, Server, Sts, eventually},
 };
@@ -20,22 +21,6 @@ use kiam_server::proto::{GetCredentialsRequest, Reason, reason_of};
 use serde_json::json;
 
 const LISTING: &str = "http://169.254.169.254/latest/meta-data/iam/security-credentials/";
-
-fn get(node: &Node, pod: &Pod, url: &str) -> String {
-    node.run_in(&pod.cgroup, &pod.netns, &[HELPER.as_str(), "get", url])
-        .trim()
-        .to_owned()
-}
-
-fn served(node: &Node, pod: &Pod, role: &str) -> bool {
-    (0..100).any(|_| {
-        let ok = get(node, pod, LISTING) == format!("200 {role}");
-        if !ok {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        ok
-    })
-}
 
 /// Starts `kiam-bench load` in `pod` (IMDSv2 credentials, a new connection per request).
 fn start_load(node: &Node, pod: &Pod, role: &str, seconds: &str) -> std::process::Child {
@@ -75,13 +60,6 @@ fn finish_load(load: std::process::Child) -> Stats {
     serde_json::from_slice(&out.stdout).expect("stats")
 }
 
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 fn signal(pid: u32, signal: &str) {
     let status = Command::new("kill")
         .args([&format!("-{signal}"), &pid.to_string()])
@@ -103,12 +81,13 @@ fn a_frozen_or_killed_server_is_invisible_to_pods() {
         &["--role-ttl", "1ms"],
     );
     let pod = c.pod("a", json!({"iam.amazonaws.com/role": "app-a"}));
-    assert!(served(&c.node, &pod, "app-a"));
+    assert!(c.node.served(&pod, "app-a"));
     let answered = |s: &Server| {
         metric(
             &s.metrics(),
             "kiam_server_requests_total{method=\"GetPodRole\",result=\"ok\"}",
         )
+        .unwrap_or(0.0)
     };
     for (fault, round) in [("STOP", 0), ("KILL", 1)] {
         let victim = round;
@@ -149,9 +128,9 @@ fn an_sts_stall_leaves_held_credentials_alone_and_new_pods_get_a_clear_answer() 
         &[],
     );
     let pod = c.pod("a", json!({"iam.amazonaws.com/role": "app-a"}));
-    assert!(served(&c.node, &pod, "app-a"));
+    assert!(c.node.served(&pod, "app-a"));
     let creds = format!("{LISTING}app-a");
-    assert!(get(&c.node, &pod, &creds).starts_with("200 "));
+    assert!(c.node.get(&pod, &creds).starts_with("200 "));
     let before = finish_load(start_load(&c.node, &pod, "app-a", "2"));
     let arn = |role: &str| format!("arn:aws:iam::123456789012:role/{role}");
     let held_calls = c.sts.calls_for(&arn("app-a"));
@@ -169,12 +148,9 @@ fn an_sts_stall_leaves_held_credentials_alone_and_new_pods_get_a_clear_answer() 
     );
     // A pod that appears now: a clear 503 within the SDKs' timeout, not a hang.
     let new = c.pod("b", json!({"iam.amazonaws.com/role": "app-b"}));
-    assert!(
-        served(&c.node, &new, "app-b"),
-        "the role itself needs no STS"
-    );
+    assert!(c.node.served(&new, "app-b"), "the role itself needs no STS");
     let started = Instant::now();
-    let answer = get(&c.node, &new, &format!("{LISTING}app-b"));
+    let answer = c.node.get(&new, &format!("{LISTING}app-b"));
     let took = started.elapsed();
     assert!(
         answer.starts_with("503 ") && answer.contains("AssumeRole has not answered"),
@@ -193,7 +169,7 @@ fn an_sts_stall_leaves_held_credentials_alone_and_new_pods_get_a_clear_answer() 
     let mut answer = String::new();
     assert!(
         (0..50).any(|_| {
-            answer = get(&c.node, &new, &format!("{LISTING}app-b"));
+            answer = c.node.get(&new, &format!("{LISTING}app-b"));
             let ok = answer.starts_with("200 ");
             if !ok {
                 std::thread::sleep(Duration::from_millis(200));
@@ -409,11 +385,11 @@ fn three_hundred_pod_lifecycles_never_serve_a_wrong_role() {
                                 edited = true;
                             }
                             let asked = Instant::now();
-                            let listing = get(&c.node, pod, LISTING);
+                            let listing = c.node.get(pod, LISTING);
                             let Some(role) = listing.strip_prefix("200 ") else {
                                 continue;
                             };
-                            let line = get(&c.node, pod, &format!("{LISTING}{role}"));
+                            let line = c.node.get(pod, &format!("{LISTING}{role}"));
                             let answered = Instant::now();
                             if let Some(doc) = line.strip_prefix("200 ") {
                                 let doc: serde_json::Value =
@@ -440,7 +416,7 @@ fn three_hundred_pod_lifecycles_never_serve_a_wrong_role() {
                         set_role(None);
                         // Deleted: nothing more once the window has passed.
                         std::thread::sleep(window);
-                        let after = get(&c.node, pod, LISTING);
+                        let after = c.node.get(pod, LISTING);
                         assert!(
                             !after.starts_with("200 "),
                             "a deleted pod was served: {after}"

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use kiam_e2e::{
     cluster::{Cluster, NODE_NAME},
+    metric,
     node::{HELPER, Node, privileged},
-    stack::{AgentClient, Certs, Kube, Server, Sts, TokenSpec, eventually},
+    stack::{AgentClient, ServerStack, TokenSpec, eventually},
 };
 use kiam_server::proto::{GetCredentialsRequest, GetPodRoleRequest, Reason, reason_of};
 use serde_json::json;
@@ -16,28 +17,18 @@ use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(15);
 
-struct Env {
-    _dir: tempfile::TempDir,
-    sts: Sts,
-    kube: Kube,
-    certs: Certs,
-    server: Server,
+/// One server and what it talks to, with the helpers these tests share.
+struct Env(ServerStack);
+
+impl std::ops::Deref for Env {
+    type Target = ServerStack;
+    fn deref(&self) -> &ServerStack {
+        &self.0
+    }
 }
 
 fn start(extra: &[&str]) -> Env {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let sts = Sts::start();
-    let kube = Kube::start(dir.path());
-    kube.namespace("team", json!({"iam.amazonaws.com/permitted": "app-.*"}));
-    let certs = Certs::new(dir.path());
-    let server = Server::start(dir.path(), &certs, &sts, &kube, extra);
-    Env {
-        _dir: dir,
-        sts,
-        kube,
-        certs,
-        server,
-    }
+    Env(ServerStack::start(extra))
 }
 
 impl Env {
@@ -50,13 +41,8 @@ impl Env {
     }
 
     fn refusals(&self, reason: &str) -> f64 {
-        let name = format!("kiam_server_refusals_total{{reason=\"{reason}\"}}");
-        self.server
-            .metrics()
-            .lines()
-            .find_map(|l| l.strip_prefix(name.as_str()))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0)
+        let series = format!("kiam_server_refusals_total{{reason=\"{reason}\"}}");
+        metric(&self.server.metrics(), &series).unwrap_or(0.0)
     }
 
     /// A pod on `node` with a permitted role, known to the server, its credentials

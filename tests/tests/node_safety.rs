@@ -14,7 +14,9 @@ use std::{process::Command, time::Duration};
 
 use kiam_e2e::{
     cluster::{Cluster, NODE_NAME},
+    metric,
     node::{AGENT_IP, AGENT_PORT, HELPER, LINK_LOCAL_AGENT_IP, Node, Pod, privileged},
+    poll,
     stack::PodObject,
 };
 use serde_json::json;
@@ -26,17 +28,6 @@ fn helper(node: &Node, pod: &Pod, args: &[&str]) -> String {
     let mut cmd = vec![HELPER.as_str()];
     cmd.extend_from_slice(args);
     node.run_in(&pod.cgroup, &pod.netns, &cmd).trim().to_owned()
-}
-
-/// Polls `check` every 100 ms for up to 10 s.
-fn eventually(mut check: impl FnMut() -> bool) -> bool {
-    for _ in 0..100 {
-        if check() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    check()
 }
 
 fn cluster(agent_args: &[&str]) -> Cluster {
@@ -63,7 +54,11 @@ fn host_network_system_pods_get_the_nodes_metadata_verbatim_and_nobody_else_does
     c.kube.put_pod(&object);
     let instance_id = format!("{META}/latest/meta-data/instance-id");
     assert!(
-        eventually(|| helper(&c.node, &system, &["get", &instance_id]) == "200 real-imds"),
+        poll(Duration::from_secs(10), || helper(
+            &c.node,
+            &system,
+            &["get", &instance_id]
+        ) == "200 real-imds"),
         "the system pod never reached the node's metadata:\n{}",
         c.node.agent_log()
     );
@@ -125,7 +120,12 @@ fn host_network_system_pods_get_the_nodes_metadata_verbatim_and_nobody_else_does
     moved.host_network = true;
     c.kube.put_pod(&moved);
     assert!(
-        eventually(|| helper(&c.node, &system, &["get", &instance_id]).starts_with("404")),
+        poll(Duration::from_secs(10), || helper(
+            &c.node,
+            &system,
+            &["get", &instance_id]
+        )
+        .starts_with("404")),
         "the moved pod still passes through"
     );
     let line = helper(&c.node, &system, &["get", &creds_url]);
@@ -153,7 +153,7 @@ fn host_network_system_pods_get_the_nodes_metadata_verbatim_and_nobody_else_does
     object.labels = json!({"kiam.amazonaws.com/node-metadata": "passthrough"});
     c.kube.put_pod(&object);
     let before = c.node.fake_imds_requests().len();
-    assert!(eventually(|| helper(
+    assert!(poll(Duration::from_secs(10), || helper(
         &c.node,
         &sneaky,
         &["get", &creds_url]
@@ -216,9 +216,11 @@ fn credential_and_identity_paths_never_reach_the_node_whatever_the_allow_list() 
     let mut c = cluster(&["--allow-route-regexp", ".*"]);
     let a = c.pod("a", json!({"iam.amazonaws.com/role": "app-a"}));
     let listing = format!("{META}/latest/meta-data/iam/security-credentials/");
-    assert!(eventually(
-        || helper(&c.node, &a, &["get", &listing]) == "200 app-a"
-    ));
+    assert!(poll(Duration::from_secs(10), || helper(
+        &c.node,
+        &a,
+        &["get", &listing]
+    ) == "200 app-a"));
     // Each of these reached the node's metadata service (its credentials included) with
     // `.*` before.
     for (path, want) in [
@@ -309,7 +311,7 @@ fn mirror_pods_get_nothing_and_are_counted() {
     c.kube.put_pod(&object);
     let listing = format!("{META}/latest/meta-data/iam/security-credentials/");
     let mut line = String::new();
-    assert!(eventually(|| {
+    assert!(poll(Duration::from_secs(10), || {
         line = helper(&c.node, &pod, &["get", &listing]);
         line.starts_with("403")
     }));
@@ -322,17 +324,11 @@ fn mirror_pods_get_nothing_and_are_counted() {
                 &s.metrics(),
                 "kiam_server_refusals_total{reason=\"MIRROR_POD\"}",
             )
+            .unwrap_or(0.0)
         })
         .sum();
     assert!(refused >= 1.0, "mirror refusals counted: {refused}");
     assert_eq!(c.sts.calls(), 0);
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[test]

@@ -14,33 +14,13 @@ use std::{
 
 use kiam_e2e::{
     cluster::Cluster,
+    metric,
     node::{HELPER, Node, privileged},
+    poll,
 };
 use serde_json::json;
 
 const CREDENTIALS: &str = "http://169.254.169.254/latest/meta-data/iam/security-credentials/";
-
-/// The value of the series `name` (labels included, as exposed), summed when repeated.
-fn metric(text: &str, name: &str) -> Option<f64> {
-    let values: Vec<f64> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix(name))
-        .filter_map(|v| v.strip_prefix(' '))
-        .filter_map(|v| v.trim().parse().ok())
-        .collect();
-    (!values.is_empty()).then(|| values.iter().sum())
-}
-
-fn poll(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + timeout;
-    while std::time::Instant::now() < deadline {
-        if check() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    check()
-}
 
 fn text(out: &Output) -> String {
     format!(

@@ -6,43 +6,38 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use kiam_e2e::stack::{ACCOUNT, AgentClient, Certs, Kube, Server, Sts, eventually};
+use kiam_e2e::stack::{ACCOUNT, AgentClient, Certs, ServerStack, eventually};
 use kiam_server::proto::{GetCredentialsRequest, GetPodRoleRequest, HealthRequest};
 use serde_json::json;
 use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(15);
 
-struct Env {
-    _dir: tempfile::TempDir,
-    sts: Sts,
-    kube: Kube,
-    certs: Certs,
-    server: Server,
+/// One server and what it talks to, with the helpers these tests share.
+struct Env(ServerStack);
+
+impl std::ops::Deref for Env {
+    type Target = ServerStack;
+    fn deref(&self) -> &ServerStack {
+        &self.0
+    }
 }
 
 fn start(extra: &[&str]) -> Env {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let sts = Sts::start();
-    let kube = Kube::start(dir.path());
-    kube.namespace(
-        "team",
-        json!({"iam.amazonaws.com/permitted": "app-.*|arn:aws:iam::999999999999:role/cross"}),
-    );
-    kube.namespace(
-        "legacy",
-        json!({"iam.amazonaws.com/allowed-roles": "[\"old-app\"]"}),
-    );
-    kube.namespace("closed", json!({}));
-    let certs = Certs::new(dir.path());
-    let server = Server::start(dir.path(), &certs, &sts, &kube, extra);
-    Env {
-        _dir: dir,
-        sts,
-        kube,
-        certs,
-        server,
-    }
+    Env(ServerStack::start_with(
+        |kube| {
+            kube.namespace(
+                "team",
+                json!({"iam.amazonaws.com/permitted": "app-.*|arn:aws:iam::999999999999:role/cross"}),
+            );
+            kube.namespace(
+                "legacy",
+                json!({"iam.amazonaws.com/allowed-roles": "[\"old-app\"]"}),
+            );
+            kube.namespace("closed", json!({}));
+        },
+        extra,
+    ))
 }
 
 impl Env {

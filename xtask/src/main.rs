@@ -161,6 +161,12 @@ fn nightly_ebpf(subcommand: &str) -> Command {
         ["-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f"),
     )
     .env("PATH", setup::path_with_cargo_bin());
+    without_outer_toolchain(&mut cmd);
+    cmd
+}
+
+/// Forgets the toolchain this xtask was started with, so a nested `cargo +nightly` uses its own.
+fn without_outer_toolchain(cmd: &mut Command) -> &mut Command {
     for var in [
         "RUSTC",
         "RUSTDOC",
@@ -324,15 +330,7 @@ fn fuzz(seconds: u64, targets: &[String]) -> anyhow::Result<()> {
             // keeps the build and the runs fast.
             .args(["-O", "--sanitizer", "none"])
             .env("PATH", setup::path_with_cargo_bin());
-        for var in [
-            "RUSTC",
-            "RUSTDOC",
-            "RUSTUP_TOOLCHAIN",
-            "CARGO",
-            "RUSTC_WRAPPER",
-        ] {
-            cmd.env_remove(var);
-        }
+        without_outer_toolchain(&mut cmd);
         cmd
     };
     run(&mut cargo_fuzz("build"))?;
