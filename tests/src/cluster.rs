@@ -45,7 +45,17 @@ impl Cluster {
         Self::start_with(node, namespace, annotations, agent_args, &[])
     }
 
-    /// The same, with `server_args` for both servers.
+    /// A fresh node and namespace `team` permitting `app-.*`, the agent run with `agent_args`.
+    pub fn team(agent_args: &[&str]) -> Cluster {
+        Self::start(
+            Node::new(),
+            "team",
+            serde_json::json!({"iam.amazonaws.com/permitted": "app-.*"}),
+            agent_args,
+        )
+    }
+
+    /// The same as [`Self::start`], with `server_args` for both servers.
     pub fn start_with(
         mut node: Node,
         namespace: &str,

@@ -74,12 +74,7 @@ fn a_frozen_or_killed_server_is_invisible_to_pods() {
         return;
     }
     // The role is asked for on every request, so every request needs a server.
-    let mut c = Cluster::start(
-        Node::new(),
-        "team",
-        json!({"iam.amazonaws.com/permitted": "app-.*"}),
-        &["--role-ttl", "1ms"],
-    );
+    let mut c = Cluster::team(&["--role-ttl", "1ms"]);
     let pod = c.pod("a", json!({"iam.amazonaws.com/role": "app-a"}));
     assert!(c.node.served(&pod, "app-a"));
     let answered = |s: &Server| {
@@ -121,12 +116,7 @@ fn an_sts_stall_leaves_held_credentials_alone_and_new_pods_get_a_clear_answer() 
     if !privileged("STS stall") {
         return;
     }
-    let mut c = Cluster::start(
-        Node::new(),
-        "team",
-        json!({"iam.amazonaws.com/permitted": "app-.*"}),
-        &[],
-    );
+    let mut c = Cluster::team(&[]);
     let pod = c.pod("a", json!({"iam.amazonaws.com/role": "app-a"}));
     assert!(c.node.served(&pod, "app-a"));
     let creds = format!("{LISTING}app-a");

@@ -8,7 +8,7 @@ use std::time::Duration;
 use kiam_e2e::{
     cluster::{Cluster, NODE_NAME},
     metric,
-    node::{HELPER, Node, privileged},
+    node::{HELPER, privileged},
     stack::{AgentClient, ServerStack, TokenSpec, eventually},
 };
 use kiam_server::proto::{GetCredentialsRequest, GetPodRoleRequest, Reason, reason_of};
@@ -300,12 +300,7 @@ fn a_rotated_token_is_picked_up_without_a_restart() {
     if !privileged("token rotation") {
         return;
     }
-    let mut c = Cluster::start(
-        Node::new(),
-        "team",
-        json!({"iam.amazonaws.com/permitted": "app-.*"}),
-        &["--role-ttl", "200ms", "--refusal-ttl", "200ms"],
-    );
+    let mut c = Cluster::team(&["--role-ttl", "200ms", "--refusal-ttl", "200ms"]);
     let pod = c.pod("a", json!({"iam.amazonaws.com/role": "app-a"}));
     let listing = "http://169.254.169.254/latest/meta-data/iam/security-credentials/";
     let get = |c: &Cluster| {

@@ -93,12 +93,7 @@ fn agent_metrics_follow_real_traffic() {
     if !privileged("agent metrics") {
         return;
     }
-    let mut c = Cluster::start(
-        Node::new(),
-        "team",
-        json!({"iam.amazonaws.com/permitted": "app-.*"}),
-        &["--kernel-metrics-interval", "1s"],
-    );
+    let mut c = Cluster::team(&["--kernel-metrics-interval", "1s"]);
     let pod = c.pod("web", json!({"iam.amazonaws.com/role": "app-web"}));
     let creds = format!("{CREDENTIALS}app-web");
     let get = |url: &str| {
@@ -198,12 +193,7 @@ fn agent_health_checks_the_agent_its_programs_and_every_server() {
     if !privileged("kiam-agent health") {
         return;
     }
-    let mut c = Cluster::start(
-        Node::new(),
-        "team",
-        json!({"iam.amazonaws.com/permitted": "app-.*"}),
-        &[],
-    );
+    let mut c = Cluster::team(&[]);
     let mut out = c.agent_health(&[]);
     assert!(
         poll(Duration::from_secs(15), || {

@@ -26,12 +26,7 @@ fn one_pod_holding_20000_connections_cannot_slow_another_down() {
     if !privileged("connection limits") {
         return;
     }
-    let mut c = Cluster::start(
-        Node::new(),
-        "team",
-        json!({"iam.amazonaws.com/permitted": "app-.*"}),
-        &["--idle-timeout", "5s"],
-    );
+    let mut c = Cluster::team(&["--idle-timeout", "5s"]);
     let victim = c.pod("victim", json!({"iam.amazonaws.com/role": "app-v"}));
     let attacker = c.pod("attacker", json!({"iam.amazonaws.com/role": "app-a"}));
     assert!(c.node.served(&victim, "app-v"));
@@ -208,12 +203,7 @@ fn no_secret_reaches_a_log_at_debug_level() {
         return;
     }
     // The agent and the servers log at debug in the tests.
-    let mut c = Cluster::start(
-        Node::new(),
-        "team",
-        json!({"iam.amazonaws.com/permitted": "app-.*"}),
-        &["--role-ttl", "1ms"],
-    );
+    let mut c = Cluster::team(&["--role-ttl", "1ms"]);
     let pod = c.pod("a", json!({"iam.amazonaws.com/role": "app-a"}));
     assert!(c.node.served(&pod, "app-a"));
     let line = c.node.run_in(

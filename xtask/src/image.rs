@@ -541,6 +541,27 @@ pub fn ebpf_is_architecture_independent() -> anyhow::Result<()> {
     run(crate::nightly_ebpf("build")
         .args(["--target-dir", EBPF_AARCH64_DIR])
         .env("AYA_BPF_TARGET_ARCH", "aarch64"))?;
+    // The comparison proves nothing unless aya's bindings really were aarch64's: their build
+    // script says which architecture it chose.
+    let build_dir = workspace_root()
+        .join(EBPF_AARCH64_DIR)
+        .join("bpfel-unknown-none/release/build");
+    let chose_aarch64 = fs::read_dir(&build_dir)
+        .with_context(|| format!("reading {}", build_dir.display()))?
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("aya-ebpf-bindings-")
+        })
+        .filter_map(|e| fs::read_to_string(e.path().join("output")).ok())
+        .any(|out| out.contains("cargo:rustc-cfg=bpf_target_arch=\"aarch64\""));
+    if !chose_aarch64 {
+        bail!(
+            "aya-ebpf-bindings was not built for aarch64 under {} (AYA_BPF_TARGET_ARCH ignored?)",
+            build_dir.display()
+        );
+    }
     let native = workspace_root().join(crate::EBPF_OBJECT);
     let aarch64 = workspace_root()
         .join(EBPF_AARCH64_DIR)

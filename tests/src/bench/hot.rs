@@ -10,7 +10,7 @@ use serde_json::json;
 use super::{Options, cpu_seconds, in_pod, load::Stats, median, memory_mib, serve_in, tune_netns};
 use crate::{
     cluster::Cluster,
-    node::{AGENT_IP, AGENT_PORT, HELPER, Node},
+    node::{AGENT_IP, AGENT_PORT, Node},
 };
 
 const ROLE: &str = "app-bench";
@@ -193,15 +193,8 @@ pub fn hot_path(options: &Options) -> anyhow::Result<HotPath> {
     let pod = c.pod("bench", json!({"iam.amazonaws.com/role": ROLE}));
     tune_netns(&pod.netns)?;
     let url = format!("http://169.254.169.254{CREDS}");
-    let served = (0..100).any(|_| {
-        let line = c
-            .node
-            .run_in(&pod.cgroup, &pod.netns, &[HELPER.as_str(), "get", &url]);
-        let ok = line.starts_with("200 ");
-        if !ok {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        ok
+    let served = crate::poll(Duration::from_secs(10), || {
+        c.node.get(&pod, &url).starts_with("200 ")
     });
     anyhow::ensure!(served, "the bench pod was never served");
     let redirect = "169.254.169.254:80".to_owned();
@@ -380,15 +373,8 @@ pub fn agent_memory(_options: &Options) -> anyhow::Result<AgentMemory> {
             "http://169.254.169.254/latest/meta-data/iam/security-credentials/app-{}",
             i % 10
         );
-        let ok = (0..50).any(|_| {
-            let line = c
-                .node
-                .run_in(&pod.cgroup, &pod.netns, &[HELPER.as_str(), "get", &url]);
-            let ok = line.starts_with("200 ");
-            if !ok {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            ok
+        let ok = crate::poll(Duration::from_secs(5), || {
+            c.node.get(pod, &url).starts_with("200 ")
         });
         anyhow::ensure!(ok, "pod {i} was never served");
     }

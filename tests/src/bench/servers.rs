@@ -10,7 +10,10 @@ use anyhow::Context as _;
 use http_body_util::Full;
 use hyper::{Request, Response, body::Bytes, header, service::service_fn};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+};
 
 /// A credentials document the size of a real one.
 pub fn document() -> Bytes {
@@ -26,9 +29,13 @@ pub fn document() -> Bytes {
     Bytes::from(body.to_string())
 }
 
-/// Serves `document()` to every request (a token to PUTs) until the process ends. Prints
-/// `ready` once listening.
-pub fn bare_hyper(listen: SocketAddr) -> anyhow::Result<()> {
+/// Runs `connection` in a task for every connection accepted on `listen`, on tokio's
+/// multi-threaded runtime, until the process ends. Prints `ready` once listening.
+fn serve<F, Fut>(listen: SocketAddr, connection: F) -> anyhow::Result<()>
+where
+    F: Fn(TcpStream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -37,54 +44,50 @@ pub fn bare_hyper(listen: SocketAddr) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("bind {listen}"))?;
         println!("ready");
-        let body = document();
         loop {
             let (stream, _) = listener.accept().await?;
-            let body = body.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let body = match req.method() == hyper::Method::PUT {
-                        true => Bytes::from_static(b"bare-token"),
-                        false => body.clone(),
-                    };
-                    async move {
-                        let mut response = Response::new(Full::new(body));
-                        response.headers_mut().insert(
-                            header::CONTENT_TYPE,
-                            header::HeaderValue::from_static("application/json"),
-                        );
-                        Ok::<_, Infallible>(response)
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+            tokio::spawn(connection(stream));
+        }
+    })
+}
+
+/// Serves `document()` to every request (a token to PUTs) until the process ends. Prints
+/// `ready` once listening.
+pub fn bare_hyper(listen: SocketAddr) -> anyhow::Result<()> {
+    let body = document();
+    serve(listen, move |stream| {
+        let body = body.clone();
+        async move {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let body = match req.method() == hyper::Method::PUT {
+                    true => Bytes::from_static(b"bare-token"),
+                    false => body.clone(),
+                };
+                async move {
+                    let mut response = Response::new(Full::new(body));
+                    response.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        header::HeaderValue::from_static("application/json"),
+                    );
+                    Ok::<_, Infallible>(response)
+                }
             });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
         }
     })
 }
 
 /// Echoes [`super::load::MESSAGE`]-byte exchanges until each client closes. Prints `ready`.
 pub fn echo(listen: SocketAddr) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("bind {listen}"))?;
-        println!("ready");
-        loop {
-            let (mut stream, _) = listener.accept().await?;
-            let _ = stream.set_nodelay(true);
-            tokio::spawn(async move {
-                let mut buf = [0u8; super::load::MESSAGE];
-                while stream.read_exact(&mut buf).await.is_ok() {
-                    if stream.write_all(&buf).await.is_err() {
-                        return;
-                    }
-                }
-            });
+    serve(listen, |mut stream| async move {
+        let _ = stream.set_nodelay(true);
+        let mut buf = [0u8; super::load::MESSAGE];
+        while stream.read_exact(&mut buf).await.is_ok() {
+            if stream.write_all(&buf).await.is_err() {
+                return;
+            }
         }
     })
 }
