@@ -10,7 +10,9 @@
 //! closed), a request head must arrive within `--idle-timeout`, which also ends idle
 //! kept-alive connections, and heads and bodies are bounded. A pod already known is held to
 //! its share in the accept loop itself, before it can take an overall slot, so a flood from
-//! one pod cannot fill the overall cap while the agent is behind in serving it.
+//! one pod cannot fill the overall cap while the agent is behind in serving it. Connections
+//! without an identity (no record, as a direct connection to the agent's port has) share one
+//! pod's share between them.
 
 use std::{
     collections::HashMap,
@@ -108,19 +110,29 @@ pub async fn serve<S: RecordSource>(
                 // A pod the agent knows is held to its share here, before its connection
                 // takes one of the overall slots: however many connections one pod opens,
                 // and however far behind the agent is in serving them, they never fill the
-                // slots the other pods need. (Nothing here waits: a cgroup not cached yet is
-                // looked up by the connection's task, which applies the same share.)
+                // slots the other pods need. Connections nobody can be named for (no record,
+                // a collision, a cgroup gone or not a pod's) share one such share. Nothing
+                // here waits: a cgroup not cached yet is looked up by the connection's task,
+                // which applies the same share.
                 let pod_pass = match &begun {
                     Begun::Known(Ok(caller)) => match pods.enter(&caller.pod().pod_uid) {
                         Some(pass) => Some(pass),
                         None => {
                             refused(&imds, "pod_connection_limit");
-                            // The socket's buffer is empty: the answer fits without waiting.
-                            let _ = stream.try_write(TOO_MANY);
+                            // A plain non-blocking send: the new socket's buffer is empty, so
+                            // the answer fits without waiting.
+                            let _ = socket2::SockRef::from(&stream).send(TOO_MANY);
                             continue;
                         }
                     },
-                    _ => None,
+                    Begun::Known(Err(error)) => match pods.enter(UNIDENTIFIED) {
+                        Some(pass) => Some(pass),
+                        None => {
+                            refused(&imds, refusal_reason(error));
+                            continue;
+                        }
+                    },
+                    Begun::Lookup(_) => None,
                 };
                 let Some(pass) = gate.enter() else {
                     refused(&imds, "over_capacity");
@@ -145,6 +157,21 @@ pub async fn serve<S: RecordSource>(
 }
 
 const TOO_MANY: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain\r\nContent-Length: 53\r\nConnection: close\r\n\r\nkiam: this pod has too many connections to kiam open\n";
+
+/// The per-pod share that connections without an identity have in common (not a pod UID).
+const UNIDENTIFIED: &str = "(unidentified)";
+
+/// The `reason` label of a connection refused for `error`.
+fn refusal_reason(error: &ResolveError) -> &'static str {
+    match error {
+        ResolveError::NoRecord => "no_record",
+        ResolveError::Collision => "collision",
+        ResolveError::NotAPod { .. } => "not_a_pod",
+        ResolveError::CgroupGone(_) => "cgroup_gone",
+        ResolveError::Unresolved { .. } => "unresolved",
+        ResolveError::Map(_) => "map_error",
+    }
+}
 
 fn refused(imds: &Imds, reason: &'static str) {
     imds.metrics
@@ -188,24 +215,14 @@ async fn handle<S: RecordSource>(
         ),
         Err(error) => {
             tracing::warn!(%peer, %error, "refusing connection");
-            refused(
-                &imds,
-                match error {
-                    ResolveError::NoRecord => "no_record",
-                    ResolveError::Collision => "collision",
-                    ResolveError::NotAPod { .. } => "not_a_pod",
-                    ResolveError::CgroupGone(_) => "cgroup_gone",
-                    ResolveError::Unresolved { .. } => "unresolved",
-                    ResolveError::Map(_) => "map_error",
-                },
-            );
+            refused(&imds, refusal_reason(error));
         }
     }
     // A caller first seen now (its cgroup was looked up) gets the same per-pod share.
     let _pod_pass = match (pod_pass, &caller) {
-        (Some(pass), _) => Some(pass),
+        (Some(pass), _) => pass,
         (None, Ok(c)) => match pods.enter(&c.pod().pod_uid) {
-            Some(pass) => Some(pass),
+            Some(pass) => pass,
             None => {
                 refused(&imds, "pod_connection_limit");
                 let _ =
@@ -213,7 +230,10 @@ async fn handle<S: RecordSource>(
                 return;
             }
         },
-        (None, Err(_)) => None,
+        (None, Err(_)) => match pods.enter(UNIDENTIFIED) {
+            Some(pass) => pass,
+            None => return,
+        },
     };
     if let Err(error) = serve_connection(stream, caller, imds, limits.idle_timeout).await {
         tracing::debug!(%peer, %error, "connection ended with an error");
@@ -316,4 +336,191 @@ fn reply(
         );
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::VecDeque, fs, os::unix::fs::MetadataExt as _, path::Path, sync::Mutex};
+
+    use aya::maps::MapError;
+    use kiam_common::ConnRecord;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+    use crate::{
+        metrics::Metrics,
+        resolver::Cgroupfs,
+        token::Tokens,
+        upstream::{Settings, SystemClock, Upstream},
+    };
+
+    const POD_A: &str = "0f6a8c2e-3b1d-4e5f-9a7b-1c2d3e4f5a6b";
+    const POD_B: &str = "7c1d2e3f-4a5b-4c6d-8e7f-9a0b1c2d3e4f";
+
+    /// Hands out records in accept order (the tests connect one at a time); `None` stands
+    /// for a connection that did not come through the redirect, as do all once they run out.
+    struct Queue(Mutex<VecDeque<Option<ConnRecord>>>);
+
+    impl RecordSource for Queue {
+        fn take(&self, _cookie: u64) -> Result<Option<ConnRecord>, MapError> {
+            Ok(self.0.lock().expect("lock").pop_front().flatten())
+        }
+    }
+
+    /// A kubelet-shaped container cgroup of `pod` under `root`; its id (inode).
+    fn container(root: &Path, pod: &str) -> u64 {
+        let dir = root.join(format!(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{}.scope",
+            pod.replace('-', "_"),
+            "ab".repeat(32)
+        ));
+        fs::create_dir_all(&dir).expect("mkdir");
+        fs::metadata(&dir).expect("stat").ino()
+    }
+
+    fn record(cgroup_id: u64) -> ConnRecord {
+        ConnRecord {
+            cgroup_id,
+            tgid: 7,
+            ..ConnRecord::default()
+        }
+    }
+
+    /// The listener with `records`, walking cgroups under `root`; its address and metrics.
+    async fn listener(
+        root: &Path,
+        records: Vec<Option<ConnRecord>>,
+        max_connections: usize,
+        max_per_pod: usize,
+    ) -> (SocketAddr, Arc<Imds>) {
+        let lookup =
+            Arc::new(Cgroupfs::new(root, root.join("kubepods.slice"), false).expect("open"));
+        let resolver = Arc::new(Resolver::new(
+            Queue(Mutex::new(records.into())),
+            lookup,
+            root.to_owned(),
+        ));
+        let imds = Arc::new(Imds {
+            tokens: Tokens::random().expect("key"),
+            upstream: Upstream::new(
+                None,
+                Arc::new(SystemClock),
+                Settings {
+                    node: "node".into(),
+                    deadline: Duration::from_millis(100),
+                    min_validity: Duration::from_secs(1800),
+                    role_ttl: Duration::from_secs(10),
+                    refusal_ttl: Duration::from_secs(1),
+                },
+            ),
+            allow: regex::Regex::new(crate::config::DEFAULT_ALLOW_ROUTE).expect("regex"),
+            require_v2: false,
+            forwarder: None,
+            metrics: Arc::new(Metrics::default()),
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let limits = Limits {
+            max_connections,
+            max_per_pod,
+            idle_timeout: Duration::from_secs(30),
+        };
+        tokio::spawn(serve(listener, resolver, imds.clone(), limits));
+        (addr, imds)
+    }
+
+    /// Connects and waits until the agent has accepted (and resolved) the connection: the
+    /// identity path answers on it. Returns the open connection.
+    async fn held(addr: SocketAddr) -> TcpStream {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream
+            .write_all(b"GET /kiam/v1/identity HTTP/1.1\r\nHost: kiam\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("an answer in time")
+            .expect("read");
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        stream
+    }
+
+    /// A new connection, and what the agent sent on it before closing it (empty if it closed
+    /// without a word), or `None` while it keeps the connection open.
+    async fn unasked(addr: SocketAddr) -> (TcpStream, Option<String>) {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let mut text = Vec::new();
+        let answer =
+            tokio::time::timeout(Duration::from_millis(500), stream.read_to_end(&mut text))
+                .await
+                .ok()
+                .map(|_| String::from_utf8_lossy(&text).into_owned());
+        (stream, answer)
+    }
+
+    fn refusals(imds: &Imds, reason: &'static str) -> u64 {
+        imds.metrics
+            .refused_connections
+            .get_or_create(&RefusedLabels { reason })
+            .get()
+    }
+
+    #[tokio::test]
+    async fn a_known_pod_over_its_share_gets_429_without_taking_an_overall_slot() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (a, b) = (container(dir.path(), POD_A), container(dir.path(), POD_B));
+        // Pod A holds both overall slots (its share is two); its next five connections are
+        // refused by its share, with a 429, not by the overall cap.
+        let mut records = vec![Some(record(a)); 7];
+        records.push(Some(record(b)));
+        let (addr, imds) = listener(dir.path(), records, 2, 2).await;
+        let first = held(addr).await;
+        let _second = held(addr).await;
+        for _ in 0..5 {
+            let (_, answer) = unasked(addr).await;
+            let answer = answer.expect("closed at once");
+            assert!(answer.starts_with("HTTP/1.1 429"), "{answer:?}");
+        }
+        assert_eq!(refusals(&imds, "pod_connection_limit"), 5);
+        assert_eq!(refusals(&imds, "over_capacity"), 0);
+        // Once pod A lets one go, pod B gets its slot.
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _other = held(addr).await;
+    }
+
+    #[tokio::test]
+    async fn connections_without_an_identity_share_one_pods_share() {
+        let dir = tempfile::tempdir().expect("dir");
+        let a = container(dir.path(), POD_A);
+        // Five connections without a record between two of pod A's, as direct connections
+        // to the agent's port would be.
+        let mut records = vec![Some(record(a))];
+        records.extend([None; 5]);
+        records.push(Some(record(a)));
+        let (addr, imds) = listener(dir.path(), records, 10, 2).await;
+        let _pod = held(addr).await;
+        let mut kept = Vec::new();
+        for _ in 0..2 {
+            let (stream, answer) = unasked(addr).await;
+            assert_eq!(
+                answer, None,
+                "the first two are kept (and answered when they ask)"
+            );
+            kept.push(stream);
+        }
+        for _ in 0..3 {
+            let (_, answer) = unasked(addr).await;
+            assert_eq!(answer.as_deref(), Some(""), "closed at once");
+        }
+        assert_eq!(refusals(&imds, "no_record"), 5);
+        assert_eq!(refusals(&imds, "over_capacity"), 0);
+        // The pod with an identity still has its own share.
+        let _again = held(addr).await;
+    }
 }

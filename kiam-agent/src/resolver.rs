@@ -324,7 +324,8 @@ impl<S: RecordSource> Resolver<S> {
         }
     }
 
-    /// Who made the connection whose agent-side socket has this cookie.
+    /// Who made the connection whose agent-side socket has this cookie ([`Self::begin`], then
+    /// [`Self::finish`] when that is needed).
     pub async fn resolve(&self, cookie: u64) -> Result<Caller, ResolveError> {
         match self.begin(cookie) {
             Begun::Known(result) => result,
@@ -332,9 +333,10 @@ impl<S: RecordSource> Resolver<S> {
         }
     }
 
-    /// The part of [`Self::resolve`] that never waits: the record, and the caller when its
-    /// cgroup is cached (or known to be gone). The accept loop uses it to hold a known pod to
-    /// its share of connections before the connection takes an overall slot.
+    /// The part of [`Self::resolve`] that never waits (no await, no contended lock): the
+    /// record, and the caller when its cgroup is cached (or known to be gone). The accept loop
+    /// uses it to hold a known pod to its share of connections before the connection takes an
+    /// overall slot.
     pub fn begin(&self, cookie: u64) -> Begun {
         let record = match self.records.take(cookie) {
             Ok(Some(record)) => record,
@@ -344,12 +346,28 @@ impl<S: RecordSource> Resolver<S> {
         if record.flags & RECORD_POISONED != 0 {
             return Begun::Known(Err(ResolveError::Collision));
         }
-        if let Some(hit) = self.cached(record.cgroup_id) {
+        // Never waits on a lock: while the cache is being pruned or made room in, the
+        // connection's task finishes the resolution instead.
+        let cached = match self.cache.try_read() {
+            Ok(cache) => cache.get(&record.cgroup_id).cloned(),
+            Err(std::sync::TryLockError::Poisoned(e)) => {
+                e.into_inner().get(&record.cgroup_id).cloned()
+            }
+            Err(std::sync::TryLockError::WouldBlock) => return Begun::Lookup(record),
+        };
+        if let Some(hit) = cached {
             return Begun::Known(caller(&record, hit));
         }
         // A pod creating and deleting cgroups must not make the agent look up per
         // connection: a gone id is refused at once for a while.
-        if self.is_gone(record.cgroup_id) {
+        let gone = match self.gone.try_lock() {
+            Ok(gone) => gone.get(&record.cgroup_id).copied(),
+            Err(std::sync::TryLockError::Poisoned(e)) => {
+                e.into_inner().get(&record.cgroup_id).copied()
+            }
+            Err(std::sync::TryLockError::WouldBlock) => return Begun::Lookup(record),
+        };
+        if gone.is_some_and(|until| Instant::now() < until) {
             return Begun::Known(Err(ResolveError::CgroupGone(record.cgroup_id)));
         }
         Begun::Lookup(record)
@@ -495,6 +513,53 @@ mod tests {
     /// Walks only: the temporary tree is not a cgroup2 file system.
     fn walker(dir: &Path) -> Arc<dyn CgroupLookup> {
         Arc::new(Cgroupfs::new(dir, dir.join("kubepods.slice"), false).expect("open"))
+    }
+
+    #[tokio::test]
+    async fn begin_answers_cached_ids_itself_and_leaves_only_misses_to_finish() {
+        let (dir, container) = tree();
+        let id = inode(&container).expect("inode");
+        let qos = inode(container.parent().and_then(Path::parent).expect("qos")).expect("inode");
+        let rec = |cgroup_id, tgid| ConnRecord {
+            cgroup_id,
+            tgid,
+            ..ConnRecord::default()
+        };
+        let resolver = Resolver::new(
+            records(&[
+                (1, rec(id, 1)),
+                (2, rec(id, 2)),
+                (3, rec(qos, 3)),
+                (4, rec(qos, 4)),
+            ]),
+            walker(dir.path()),
+            dir.path().to_owned(),
+        );
+        let Begun::Lookup(first) = resolver.begin(1) else {
+            panic!("an id not cached yet is left to finish")
+        };
+        assert_eq!(resolver.finish(first).await.expect("a pod").pid, 1);
+        // Cached now: known without waiting, with this connection's pid.
+        match resolver.begin(2) {
+            Begun::Known(Ok(c)) => assert_eq!((c.pid, c.pod().pod_uid.as_str()), (2, UID)),
+            other => panic!("{other:?}"),
+        }
+        let Begun::Lookup(third) = resolver.begin(3) else {
+            panic!("an id not cached yet is left to finish")
+        };
+        assert!(matches!(
+            resolver.finish(third).await,
+            Err(ResolveError::NotAPod { .. })
+        ));
+        // A cached cgroup that is not a pod's is refused at once too.
+        assert!(matches!(
+            resolver.begin(4),
+            Begun::Known(Err(ResolveError::NotAPod { .. }))
+        ));
+        assert!(matches!(
+            resolver.begin(5),
+            Begun::Known(Err(ResolveError::NoRecord))
+        ));
     }
 
     #[tokio::test]
