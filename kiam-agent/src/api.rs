@@ -347,12 +347,7 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
-    use crate::{
-        metrics::Metrics,
-        resolver::Cgroupfs,
-        token::Tokens,
-        upstream::{Settings, SystemClock, Upstream},
-    };
+    use crate::resolver::Cgroupfs;
 
     const POD_A: &str = "0f6a8c2e-3b1d-4e5f-9a7b-1c2d3e4f5a6b";
     const POD_B: &str = "7c1d2e3f-4a5b-4c6d-8e7f-9a0b1c2d3e4f";
@@ -400,24 +395,7 @@ mod tests {
             lookup,
             root.to_owned(),
         ));
-        let imds = Arc::new(Imds {
-            tokens: Tokens::random().expect("key"),
-            upstream: Upstream::new(
-                None,
-                Arc::new(SystemClock),
-                Settings {
-                    node: "node".into(),
-                    deadline: Duration::from_millis(100),
-                    min_validity: Duration::from_secs(1800),
-                    role_ttl: Duration::from_secs(10),
-                    refusal_ttl: Duration::from_secs(1),
-                },
-            ),
-            allow: regex::Regex::new(crate::config::DEFAULT_ALLOW_ROUTE).expect("regex"),
-            require_v2: false,
-            forwarder: None,
-            metrics: Arc::new(Metrics::default()),
-        });
+        let imds = Arc::new(Imds::for_tests(crate::config::DEFAULT_ALLOW_ROUTE, false));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let limits = Limits {

@@ -287,14 +287,37 @@ fn info(arn: &str) -> Reply {
 }
 
 #[cfg(test)]
+impl Imds {
+    /// The service with no servers behind it (every role lookup fails), no node metadata
+    /// service, a fresh token key and paths matching `allow` forwardable.
+    pub(crate) fn for_tests(allow: &str, require_v2: bool) -> Self {
+        Self {
+            tokens: Tokens::random().expect("key"),
+            upstream: Upstream::new(
+                None,
+                Arc::new(crate::upstream::SystemClock),
+                crate::upstream::Settings {
+                    node: "node".into(),
+                    deadline: Duration::from_millis(100),
+                    min_validity: Duration::from_secs(1800),
+                    role_ttl: Duration::from_secs(10),
+                    refusal_ttl: Duration::from_secs(1),
+                },
+            ),
+            allow: Regex::new(allow).expect("regex"),
+            require_v2,
+            forwarder: None,
+            metrics: Arc::default(),
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use http_body_util::BodyExt as _;
 
     use super::*;
-    use crate::{
-        identity::{PodCgroup, QosClass},
-        upstream::{Settings, SystemClock, Upstream},
-    };
+    use crate::identity::{PodCgroup, QosClass};
 
     fn caller(uid: &str) -> Caller {
         Caller::for_pod(PodCgroup {
@@ -306,24 +329,10 @@ mod tests {
     }
 
     fn imds(require_v2: bool) -> Imds {
-        Imds {
-            tokens: Tokens::random().expect("key"),
-            upstream: Upstream::new(
-                None,
-                Arc::new(SystemClock),
-                Settings {
-                    node: "node".into(),
-                    deadline: Duration::from_millis(100),
-                    min_validity: Duration::from_secs(1800),
-                    role_ttl: Duration::from_secs(10),
-                    refusal_ttl: Duration::from_secs(1),
-                },
-            ),
-            allow: Regex::new("^/latest/meta-data/placement/region$|^/latest/.*$").expect("regex"),
+        Imds::for_tests(
+            "^/latest/meta-data/placement/region$|^/latest/.*$",
             require_v2,
-            forwarder: None,
-            metrics: Arc::default(),
-        }
+        )
     }
 
     fn request(method: Method, path: &str, headers: &[(&'static str, &str)]) -> Request<Bytes> {
