@@ -89,6 +89,11 @@ enum Cmd {
         /// Only run the privileged end-to-end tests whose name contains this.
         #[arg(long)]
         e2e_filter: Option<String>,
+        /// Remove each stage's build output once it has served (target/fuzz after the fuzz
+        /// smoke; the release, arm64 and image work directories after the images), for
+        /// machines with little disk such as CI. Also on with KIAM_XTASK_PRUNE=1.
+        #[arg(long)]
+        prune: bool,
     },
 }
 
@@ -221,7 +226,23 @@ fn nix_like_geteuid() -> u32 {
         .unwrap_or(u32::MAX)
 }
 
-fn test(no_setup: bool, e2e_filter: Option<String>) -> anyhow::Result<()> {
+/// Removes `dirs` under target/ when `prune` is set, saying how much that freed.
+fn prune_target(prune: bool, dirs: &[&str]) -> anyhow::Result<()> {
+    if !prune {
+        return Ok(());
+    }
+    for dir in dirs {
+        let path = workspace_root().join("target").join(dir);
+        if path.exists() {
+            std::fs::remove_dir_all(&path)
+                .with_context(|| format!("removing {}", path.display()))?;
+            eprintln!("prune: removed {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+fn test(no_setup: bool, e2e_filter: Option<String>, prune: bool) -> anyhow::Result<()> {
     if !no_setup {
         setup::setup()?;
     }
@@ -242,6 +263,7 @@ fn test(no_setup: bool, e2e_filter: Option<String>) -> anyhow::Result<()> {
     run(cargo().args(["test"]))?;
     // A short fuzz of every target (`cargo xtask fuzz` runs them longer).
     fuzz(10, &[])?;
+    prune_target(prune, &["fuzz"])?;
     // Privileged tests: real eBPF, cgroups and network namespaces, one at a time.
     build_all()?;
     build_ebpf_variant()?;
@@ -266,6 +288,15 @@ fn test(no_setup: bool, e2e_filter: Option<String>) -> anyhow::Result<()> {
     }
     promtool()?;
     image::build(&[image::Arch::Amd64, image::Arch::Arm64])?;
+    prune_target(
+        prune,
+        &[
+            "release",
+            "aarch64-unknown-linux-gnu",
+            "ebpf-aarch64",
+            "images/work",
+        ],
+    )?;
     run(Command::new(setup::venv().join("bin/python"))
         .arg(workspace_root().join("deploy/validate.py"))
         .arg(workspace_root().join("target/debug/kiam-agent"))
@@ -451,6 +482,11 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test {
             no_setup,
             e2e_filter,
-        } => test(no_setup, e2e_filter),
+            prune,
+        } => test(
+            no_setup,
+            e2e_filter,
+            prune || env::var_os("KIAM_XTASK_PRUNE").is_some_and(|v| v == "1"),
+        ),
     }
 }
