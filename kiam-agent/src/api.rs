@@ -93,10 +93,21 @@ pub async fn serve<S: RecordSource>(
     limits: Limits,
 ) {
     let gate = Gate::new(limits.max_connections);
-    let pods = Arc::new(PodGate {
-        open: Mutex::new(HashMap::new()),
-        max: limits.max_per_pod.max(1),
+    let shared = Arc::new(Shared {
+        resolver,
+        imds,
+        pods: Arc::new(PodGate {
+            open: Mutex::new(HashMap::new()),
+            max: limits.max_per_pod.max(1),
+        }),
+        limits,
     });
+    let Shared {
+        resolver,
+        imds,
+        pods,
+        ..
+    } = &*shared;
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
@@ -118,7 +129,7 @@ pub async fn serve<S: RecordSource>(
                     Begun::Known(Ok(caller)) => match pods.enter(&caller.pod().pod_uid) {
                         Some(pass) => Some(pass),
                         None => {
-                            refused(&imds, "pod_connection_limit");
+                            refused(imds, "pod_connection_limit");
                             // A plain non-blocking send: the new socket's buffer is empty, so
                             // the answer fits without waiting.
                             let _ = socket2::SockRef::from(&stream).send(TOO_MANY);
@@ -128,22 +139,17 @@ pub async fn serve<S: RecordSource>(
                     Begun::Known(Err(error)) => match pods.enter(UNIDENTIFIED) {
                         Some(pass) => Some(pass),
                         None => {
-                            refused(&imds, refusal_reason(error));
+                            refused(imds, refusal_reason(error));
                             continue;
                         }
                     },
                     Begun::Lookup(_) => None,
                 };
                 let Some(pass) = gate.enter() else {
-                    refused(&imds, "over_capacity");
+                    refused(imds, "over_capacity");
                     continue;
                 };
-                let shared = Shared {
-                    resolver: resolver.clone(),
-                    imds: imds.clone(),
-                    pods: pods.clone(),
-                    limits,
-                };
+                let shared = shared.clone();
                 tokio::spawn(async move {
                     handle(stream, peer, begun, shared, (pass, pod_pass)).await;
                 });
@@ -192,14 +198,15 @@ async fn handle<S: RecordSource>(
     mut stream: TcpStream,
     peer: SocketAddr,
     begun: Begun,
-    Shared {
+    shared: Arc<Shared<S>>,
+    (_pass, pod_pass): (Pass, Option<PodPass>),
+) {
+    let Shared {
         resolver,
         imds,
         pods,
         limits,
-    }: Shared<S>,
-    (_pass, pod_pass): (Pass, Option<PodPass>),
-) {
+    } = &*shared;
     let caller = match begun {
         Begun::Known(result) => result,
         Begun::Lookup(record) => resolver.finish(record).await,
@@ -215,7 +222,7 @@ async fn handle<S: RecordSource>(
         ),
         Err(error) => {
             tracing::warn!(%peer, %error, "refusing connection");
-            refused(&imds, refusal_reason(error));
+            refused(imds, refusal_reason(error));
         }
     }
     // A caller first seen now (its cgroup was looked up) gets the same per-pod share.
@@ -224,7 +231,7 @@ async fn handle<S: RecordSource>(
         (None, Ok(c)) => match pods.enter(&c.pod().pod_uid) {
             Some(pass) => pass,
             None => {
-                refused(&imds, "pod_connection_limit");
+                refused(imds, "pod_connection_limit");
                 let _ =
                     tokio::time::timeout(Duration::from_secs(1), stream.write_all(TOO_MANY)).await;
                 return;
@@ -235,7 +242,7 @@ async fn handle<S: RecordSource>(
             None => return,
         },
     };
-    if let Err(error) = serve_connection(stream, caller, imds, limits.idle_timeout).await {
+    if let Err(error) = serve_connection(stream, caller, imds.clone(), limits.idle_timeout).await {
         tracing::debug!(%peer, %error, "connection ended with an error");
     }
 }

@@ -13,7 +13,7 @@ use std::{
 use kiam_common::{limits, map_names, program_names};
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _, text::encode},
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text::encode},
     metrics::{
         counter::{ConstCounter, Counter},
         family::Family,
@@ -214,13 +214,12 @@ impl Kernel {
 
 impl Collector for Kernel {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let errors = ConstCounter::new(self.read_errors.load(std::sync::atomic::Ordering::Relaxed));
-        errors.encode(encoder.encode_descriptor(
+        scalar(
+            &mut encoder,
             "kernel_metrics_read_errors",
             "Failed reads of the pinned kernel counters (the kernel series are absent until one succeeds)",
-            None,
-            errors.metric_type(),
-        )?)?;
+            ConstCounter::new(self.read_errors.load(std::sync::atomic::Ordering::Relaxed)),
+        )?;
         let Some(snapshot) = self.last.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
             return Ok(());
         };
@@ -263,29 +262,35 @@ impl Collector for Kernel {
                 }
             }
         }
-        let attached = ConstGauge::new(snapshot.programs_attached as i64);
-        attached.encode(encoder.encode_descriptor(
+        scalar(
+            &mut encoder,
             "programs_attached",
             "Pinned eBPF program links present",
-            None,
-            attached.metric_type(),
-        )?)?;
-        let expected = ConstGauge::new(program_names::ALL.len() as i64);
-        expected.encode(encoder.encode_descriptor(
+            ConstGauge::new(snapshot.programs_attached as i64),
+        )?;
+        scalar(
+            &mut encoder,
             "programs_expected",
             "eBPF program links a complete installation pins",
-            None,
-            expected.metric_type(),
-        )?)?;
-        let configured = ConstGauge::new(i64::from(snapshot.configured));
-        configured.encode(encoder.encode_descriptor(
+            ConstGauge::new(program_names::ALL.len() as i64),
+        )?;
+        scalar(
+            &mut encoder,
             "kernel_configured",
             "1 when the pinned configuration is complete (otherwise the programs refuse metadata connections)",
-            None,
-            configured.metric_type(),
-        )?)?;
-        Ok(())
+            ConstGauge::new(i64::from(snapshot.configured)),
+        )
     }
+}
+
+/// One unlabelled series `name` with `help`.
+fn scalar(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric: impl EncodeMetric,
+) -> Result<(), std::fmt::Error> {
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
 }
 
 #[cfg(test)]
