@@ -193,7 +193,9 @@ def registered_metrics():
     names = set()
     for component in ["agent", "server"]:
         source = (REPO / f"kiam-{component}" / "src" / "metrics.rs").read_text()
-        found = re.findall(r'(?:register|encode_descriptor)\(\s*"([a-z_]+)"', source)
+        # The name is the first string argument of a registration, of a collector's
+        # descriptor, or of the agent's scalar() helper (whose first argument is the encoder).
+        found = re.findall(r'\b(?:register|encode_descriptor|scalar)\(\s*(?:&mut \w+,\s*)?"([a-z_]+)"', source)
         for name in found:
             full = f"kiam_{component}_{name}"
             names |= {full, full + "_total", full + "_bucket", full + "_count", full + "_sum"}

@@ -2,7 +2,8 @@
 //! emulator:
 //! - the agent's `/metrics` after real traffic: kernel counters, map fill levels, readiness,
 //!   servers reachable, validity left on served credentials (and `promtool check metrics`
-//!   accepts the exposition when promtool is installed);
+//!   accepts the exposition when promtool is installed), and every series the shipped alerts
+//!   and dashboard query is one the agent or server exposes;
 //! - `kiam-agent health` and `kiam-server health`, and their exit codes.
 //!
 //! Run as root by `cargo xtask test`; without root each test prints a loud SKIP.
@@ -88,6 +89,27 @@ fn promtool_check_metrics(openmetrics: &str) -> Option<Output> {
     Some(child.wait_with_output().expect("promtool"))
 }
 
+/// The `kiam_agent_*` and `kiam_server_*` names in a rules file or dashboard.
+fn kiam_series(source: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    for prefix in ["kiam_agent_", "kiam_server_"] {
+        for (at, _) in source.match_indices(prefix) {
+            let name: String = source[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            let whole_word = !source[..at]
+                .chars()
+                .next_back()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+            if whole_word && !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
+    names
+}
+
 #[test]
 fn agent_metrics_follow_real_traffic() {
     if !privileged("agent metrics") {
@@ -112,6 +134,26 @@ fn agent_metrics_follow_real_traffic() {
     }
     // A path outside the allow-list: answered 404, still a redirected connection.
     assert!(get("http://169.254.169.254/latest/user-data").starts_with("404"));
+    // A role the namespace does not permit: refused by the server.
+    let forbidden = c.pod("forbidden", json!({"iam.amazonaws.com/role": "db-admin"}));
+    let answer = c.node.get(&forbidden, &format!("{CREDENTIALS}db-admin"));
+    assert!(!answer.starts_with("200"), "{answer}");
+    // A process in the pods' tree that is no pod (its QoS slice): refused by the agent.
+    let qos_slice = pod
+        .cgroup
+        .parent()
+        .and_then(|p| p.parent())
+        .expect("qos slice");
+    let helper = [HELPER.as_str(), "get", &creds];
+    let answer = c
+        .node
+        .command_in(qos_slice, &pod.netns, &helper)
+        .output()
+        .expect("get");
+    assert!(
+        !String::from_utf8_lossy(&answer.stdout).starts_with("200"),
+        "{answer:?}"
+    );
 
     let mut exposition = String::new();
     assert!(
@@ -173,6 +215,35 @@ fn agent_metrics_follow_real_traffic() {
             "promtool check metrics: {}",
             text(&out)
         );
+    }
+    // Every series the shipped alerts and dashboard query is one the running binaries expose.
+    let agent = c.node.agent_metrics();
+    let servers: Vec<String> = c.servers.iter().map(|s| s.metrics()).collect();
+    let families: Vec<String> = std::iter::once(&agent)
+        .chain(&servers)
+        .flat_map(|e| e.lines())
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect();
+    for file in [
+        "deploy/helm/kiam/files/kiam.rules.yaml",
+        "deploy/helm/kiam/files/grafana-dashboard.json",
+    ] {
+        let source = std::fs::read_to_string(kiam_e2e::repo(file)).expect(file);
+        let queried = kiam_series(&source);
+        assert!(!queried.is_empty(), "{file} queries no kiam series");
+        for name in queried {
+            assert!(
+                families.iter().any(|f| {
+                    name == *f
+                        || name
+                            .strip_prefix(f.as_str())
+                            .is_some_and(|s| ["_total", "_bucket", "_count", "_sum"].contains(&s))
+                }),
+                "{file} queries {name}, which neither binary exposes; they expose {families:?}"
+            );
+        }
     }
 
     // With one server gone the agent stays ready and says how many it reaches.
