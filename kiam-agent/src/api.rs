@@ -114,7 +114,10 @@ pub async fn serve<S: RecordSource>(
                 let begun = match socket2::SockRef::from(&stream).cookie() {
                     Ok(cookie) => resolver.begin(cookie),
                     Err(error) => {
+                        // Without the cookie nothing names the caller: refused, like a
+                        // connection with no record.
                         tracing::error!(%error, %peer, "getsockopt(SO_COOKIE) failed");
+                        refused(imds, "no_cookie");
                         continue;
                     }
                 };
