@@ -12,7 +12,9 @@
 //! its share in the accept loop itself, before it can take an overall slot, so a flood from
 //! one pod cannot fill the overall cap while the agent is behind in serving it. Connections
 //! without an identity (no record, as a direct connection to the agent's port has) share one
-//! pod's share between them.
+//! pod's share between them. A refused connection's answer is followed by a gentle close
+//! (FIN, then the client's unread request drained), so the client reads the 429 rather than
+//! a reset.
 
 use std::{
     collections::HashMap,
@@ -32,8 +34,9 @@ use hyper::{
 use hyper_util::rt::TokioIo;
 use kiam_ops::listen::{Gate, Pass};
 use tokio::{
-    io::AsyncWriteExt as _,
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
+    sync::Semaphore,
 };
 
 use crate::{
@@ -101,11 +104,13 @@ pub async fn serve<S: RecordSource>(
             max: limits.max_per_pod.max(1),
         }),
         limits,
+        lingering: Arc::new(Semaphore::new(MAX_LINGERING)),
     });
     let Shared {
         resolver,
         imds,
         pods,
+        lingering,
         ..
     } = &*shared;
     loop {
@@ -136,6 +141,7 @@ pub async fn serve<S: RecordSource>(
                             // A plain non-blocking send: the new socket's buffer is empty, so
                             // the answer fits without waiting.
                             let _ = socket2::SockRef::from(&stream).send(TOO_MANY);
+                            close_gently(stream, lingering);
                             continue;
                         }
                     },
@@ -170,6 +176,31 @@ const TOO_MANY: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/p
 /// The per-pod share that connections without an identity have in common (not a pod UID).
 const UNIDENTIFIED: &str = "(unidentified)";
 
+/// How long a refused connection's unread input is drained after its answer.
+const LINGER: Duration = Duration::from_secs(2);
+/// Refused connections drained at once; past this, closed at once.
+const MAX_LINGERING: usize = 256;
+
+/// Closes a connection that has been sent its refusal: FIN after the answer, then whatever
+/// the client sent or still sends is read and dropped until it closes, for at most
+/// [`LINGER`]. Closed with its request unread, the socket would be reset by the kernel, and
+/// the client could see the reset instead of the answer. Past [`MAX_LINGERING`] connections
+/// being drained, the connection is closed at once, so a flood costs a bounded amount.
+fn close_gently(stream: TcpStream, lingering: &Arc<Semaphore>) {
+    let _ = socket2::SockRef::from(&stream).shutdown(std::net::Shutdown::Write);
+    let Ok(permit) = lingering.clone().try_acquire_owned() else {
+        return;
+    };
+    tokio::spawn(async move {
+        let (mut stream, _permit) = (stream, permit);
+        let mut sink = [0u8; 1024];
+        let _ = tokio::time::timeout(LINGER, async {
+            while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
+    });
+}
+
 /// The `reason` label of a connection refused for `error`.
 fn refusal_reason(error: &ResolveError) -> &'static str {
     match error {
@@ -195,6 +226,8 @@ struct Shared<S> {
     imds: Arc<Imds>,
     pods: Arc<PodGate>,
     limits: Limits,
+    /// Permits for refused connections being drained ([`close_gently`]).
+    lingering: Arc<Semaphore>,
 }
 
 async fn handle<S: RecordSource>(
@@ -202,13 +235,14 @@ async fn handle<S: RecordSource>(
     peer: SocketAddr,
     begun: Begun,
     shared: Arc<Shared<S>>,
-    (_pass, pod_pass): (Pass, Option<PodPass>),
+    (slot, pod_pass): (Pass, Option<PodPass>),
 ) {
     let Shared {
         resolver,
         imds,
         pods,
         limits,
+        lingering,
     } = &*shared;
     let caller = match begun {
         Begun::Known(result) => result,
@@ -237,6 +271,9 @@ async fn handle<S: RecordSource>(
                 refused(imds, "pod_connection_limit");
                 let _ =
                     tokio::time::timeout(Duration::from_secs(1), stream.write_all(TOO_MANY)).await;
+                // Draining a refused connection takes none of the overall slots.
+                drop(slot);
+                close_gently(stream, lingering);
                 return;
             }
         },
@@ -480,6 +517,46 @@ mod tests {
         drop(first);
         tokio::time::sleep(Duration::from_millis(200)).await;
         let _other = held(addr).await;
+    }
+
+    #[tokio::test]
+    async fn a_refused_client_that_already_asked_reads_the_whole_429_and_a_clean_close() {
+        let dir = tempfile::tempdir().expect("dir");
+        let a = container(dir.path(), POD_A);
+        let pod_slice = dir.path().join(format!(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+            POD_A.replace('-', "_")
+        ));
+        let slice = fs::metadata(pod_slice).expect("stat").ino();
+        // Pod A's share is one: it holds it, and each of its next connections is refused
+        // after its request is already on the way, as an SDK's would be. The first ten come
+        // from its cached container cgroup (refused in the accept loop), the next ten from its
+        // pod cgroup, not cached yet (refused by the connection's task after the lookup).
+        let mut records = vec![Some(record(a)); 11];
+        records.extend([Some(record(slice)); 10]);
+        let (addr, imds) = listener(dir.path(), records, 10, 1).await;
+        let _held = held(addr).await;
+        for _ in 0..20 {
+            let mut stream = TcpStream::connect(addr).await.expect("connect");
+            stream
+                .write_all(b"GET /latest/meta-data/iam/security-credentials/ HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n")
+                .await
+                .expect("write");
+            let mut text = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut text))
+                .await
+                .expect("closed in time");
+            let text = String::from_utf8_lossy(&text);
+            assert!(
+                read.is_ok(),
+                "{read:?} after {text:?}: reset instead of closed"
+            );
+            assert!(
+                text.starts_with("HTTP/1.1 429") && text.ends_with("open\n"),
+                "{text:?}"
+            );
+        }
+        assert_eq!(refusals(&imds, "pod_connection_limit"), 20);
     }
 
     #[tokio::test]
