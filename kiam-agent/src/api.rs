@@ -34,7 +34,7 @@ use hyper::{
 use hyper_util::rt::TokioIo;
 use kiam_ops::listen::{Gate, Pass};
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    io::AsyncReadExt as _,
     net::{TcpListener, TcpStream},
     sync::Semaphore,
 };
@@ -137,11 +137,7 @@ pub async fn serve<S: RecordSource>(
                     Begun::Known(Ok(caller)) => match pods.enter(&caller.pod().pod_uid) {
                         Some(pass) => Some(pass),
                         None => {
-                            refused(imds, "pod_connection_limit");
-                            // A plain non-blocking send: the new socket's buffer is empty, so
-                            // the answer fits without waiting.
-                            let _ = socket2::SockRef::from(&stream).send(TOO_MANY);
-                            close_gently(stream, lingering);
+                            too_many(imds, stream, lingering);
                             continue;
                         }
                     },
@@ -180,6 +176,15 @@ const UNIDENTIFIED: &str = "(unidentified)";
 const LINGER: Duration = Duration::from_secs(2);
 /// Refused connections drained at once; past this, closed at once.
 const MAX_LINGERING: usize = 256;
+
+/// Refuses a connection of a pod over its share: counted, answered 429 and closed gently.
+/// The answer is a plain non-blocking send: nothing has been written to the new socket yet,
+/// so it fits in the buffer without waiting.
+fn too_many(imds: &Imds, stream: TcpStream, lingering: &Arc<Semaphore>) {
+    refused(imds, "pod_connection_limit");
+    let _ = socket2::SockRef::from(&stream).send(TOO_MANY);
+    close_gently(stream, lingering);
+}
 
 /// Closes a connection that has been sent its refusal: FIN after the answer, then whatever
 /// the client sent or still sends is read and dropped until it closes, for at most
@@ -231,7 +236,7 @@ struct Shared<S> {
 }
 
 async fn handle<S: RecordSource>(
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     begun: Begun,
     shared: Arc<Shared<S>>,
@@ -268,12 +273,9 @@ async fn handle<S: RecordSource>(
         (None, Ok(c)) => match pods.enter(&c.pod().pod_uid) {
             Some(pass) => pass,
             None => {
-                refused(imds, "pod_connection_limit");
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(1), stream.write_all(TOO_MANY)).await;
                 // Draining a refused connection takes none of the overall slots.
                 drop(slot);
-                close_gently(stream, lingering);
+                too_many(imds, stream, lingering);
                 return;
             }
         },
@@ -387,7 +389,13 @@ fn reply(
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::VecDeque, fs, os::unix::fs::MetadataExt as _, path::Path, sync::Mutex};
+    use std::{
+        collections::VecDeque,
+        fs,
+        os::unix::fs::MetadataExt as _,
+        path::{Path, PathBuf},
+        sync::Mutex,
+    };
 
     use aya::maps::MapError;
     use kiam_common::ConnRecord;
@@ -409,13 +417,17 @@ mod tests {
         }
     }
 
-    /// A kubelet-shaped container cgroup of `pod` under `root`; its id (inode).
+    /// The kubelet-shaped cgroup of `pod` under `root`.
+    fn pod_slice(root: &Path, pod: &str) -> PathBuf {
+        root.join(format!(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+            pod.replace('-', "_")
+        ))
+    }
+
+    /// A container cgroup of `pod` under `root`; its id (inode).
     fn container(root: &Path, pod: &str) -> u64 {
-        let dir = root.join(format!(
-            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{}.scope",
-            pod.replace('-', "_"),
-            "ab".repeat(32)
-        ));
+        let dir = pod_slice(root, pod).join(format!("cri-containerd-{}.scope", "ab".repeat(32)));
         fs::create_dir_all(&dir).expect("mkdir");
         fs::metadata(&dir).expect("stat").ino()
     }
@@ -523,11 +535,9 @@ mod tests {
     async fn a_refused_client_that_already_asked_reads_the_whole_429_and_a_clean_close() {
         let dir = tempfile::tempdir().expect("dir");
         let a = container(dir.path(), POD_A);
-        let pod_slice = dir.path().join(format!(
-            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
-            POD_A.replace('-', "_")
-        ));
-        let slice = fs::metadata(pod_slice).expect("stat").ino();
+        let slice = fs::metadata(pod_slice(dir.path(), POD_A))
+            .expect("stat")
+            .ino();
         // Pod A's share is one: it holds it, and each of its next connections is refused
         // after its request is already on the way, as an SDK's would be. The first ten come
         // from its cached container cgroup (refused in the accept loop), the next ten from its
