@@ -57,6 +57,43 @@ fn the_demo_shows_two_roles_and_leaves_nothing_behind() {
     assert!(!running.contains(&id), "processes left behind:\n{running}");
 }
 
+/// A fresh machine of this kind has no systemd: nothing mounts bpffs at `/sys/fs/bpf`, and
+/// mounts are private. Here that machine is a mount namespace of its own in which
+/// `/sys/fs/bpf` is unmounted; the README's command (`cargo xtask demo` = setup, build, demo)
+/// must work there, so setup has to mount bpffs, shared, before the demo starts its agent.
+#[test]
+fn setup_and_the_demo_work_where_bpffs_was_never_mounted() {
+    if !privileged("demo on a bare machine") {
+        return;
+    }
+    let script = format!(
+        "while umount /sys/fs/bpf 2>/dev/null; do :; done; \
+         if grep -q ' /sys/fs/bpf ' /proc/self/mountinfo; then echo 'bpffs still mounted' >&2; exit 2; fi; \
+         {xtask} setup && exec {dev} demo",
+        xtask = workspace_bin("xtask").display(),
+        dev = workspace_bin("kiam-dev").display(),
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .expect("run setup and the demo");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("setup: mounted bpffs at /sys/fs/bpf (shared"),
+        "{stderr}"
+    );
+    for role in ["app-frontend", "app-backend"] {
+        assert!(
+            stdout.contains(&format!("arn:aws:sts::123456789012:assumed-role/{role}/")),
+            "{stdout}"
+        );
+    }
+}
+
 #[test]
 fn demo_keep_runs_commands_in_a_pod_and_ends_quietly_on_ctrl_c() {
     if !privileged("demo --keep") {

@@ -17,6 +17,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 mod image;
+mod machine;
 mod setup;
 
 #[derive(Debug, Parser)]
@@ -28,8 +29,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Install build and test requirements (apt packages, nightly rust-src, bpf-linker).
-    /// Idempotent: skips what is installed.
+    /// Install build and test requirements (apt packages, nightly rust-src, bpf-linker) and
+    /// bring the machine into shape (bpffs mounted and shared at /sys/fs/bpf, cgroup v2).
+    /// Idempotent: skips what is installed or already in place.
     Setup,
     /// Build the eBPF object with nightly and bpf-linker.
     BuildEbpf {

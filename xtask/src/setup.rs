@@ -243,5 +243,5 @@ pub fn setup() -> anyhow::Result<()> {
             .env_remove("RUSTUP_TOOLCHAIN")
             .env_remove("CARGO"))?;
     }
-    Ok(())
+    crate::machine::prepare()
 }
