@@ -7,7 +7,7 @@
 
 use std::{path::Path, process::ExitCode};
 
-use crate::{cgroup, client, config::HealthArgs, loader, status::admin_get};
+use crate::{cgroup, client, config::HealthArgs, pins, status::admin_get};
 
 pub const HEALTHY: u8 = 0;
 pub const UNHEALTHY: u8 = 1;
@@ -91,7 +91,7 @@ fn programs(args: &HealthArgs, report: &mut Report) {
         }
     };
     let dir: &Path = &args.bpffs_dir;
-    let status = match loader::status(dir) {
+    let status = match pins::status(dir) {
         Ok(status) => status,
         Err(error) => {
             report.fail(
@@ -123,7 +123,7 @@ fn programs(args: &HealthArgs, report: &mut Report) {
             format!("nothing pinned at {}", dir.display()),
         ),
     }
-    match loader::link_cgroups(dir) {
+    match pins::link_cgroups(dir) {
         Ok(links) => {
             let wrong: Vec<String> = links
                 .iter()

@@ -1,4 +1,4 @@
-//! The kiam node agent's parts: the eBPF [`loader`] and pins, caller resolution
+//! The kiam node agent's parts: the eBPF [`loader`], its [`pins`] on [`bpffs`], caller resolution
 //! ([`resolver`], [`cgroup`], [`identity`]), the instance-metadata API ([`api`], [`imds`],
 //! [`route`], [`token`], [`forward`]), what is asked of the servers ([`upstream`],
 //! [`client`]), and operations ([`config`], [`metrics`], [`status`], [`health`], [`address`]). The
@@ -7,6 +7,7 @@
 
 pub mod address;
 pub mod api;
+pub mod bpffs;
 pub mod caps;
 pub mod cgroup;
 pub mod client;
@@ -17,6 +18,7 @@ pub mod identity;
 pub mod imds;
 pub mod loader;
 pub mod metrics;
+pub mod pins;
 pub mod resolver;
 pub mod route;
 pub mod status;

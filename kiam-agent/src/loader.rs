@@ -2,13 +2,12 @@
 //! bpffs directory, so the redirect outlives the agent (fail closed: with the agent gone, pods
 //! get "connection refused", never the node's metadata service).
 //!
-//! Layout: `<pin dir>/maps/KIAM_*` and `<pin dir>/links/kiam_*`. A restarted agent loads the
-//! object again with the pinned maps, then for each program either re-adopts the pinned link
+//! Layout: see [`crate::pins`]; the pins must live on a bpffs the host sees
+//! ([`crate::bpffs`]). A restarted agent loads the object again with the pinned maps, then for each program either re-adopts the pinned link
 //! (same program tag) or swaps in the new program: the new link is attached and pinned beside
 //! the old one, then renamed over it, so the hook is never empty.
 
 use std::{
-    collections::BTreeMap,
     fs, io,
     os::fd::AsFd,
     path::{Path, PathBuf},
@@ -16,7 +15,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, MapError, MapInfo, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, MapError, MapInfo},
     pin::PinError,
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, SockOps,
@@ -24,21 +23,20 @@ use aya::{
         loaded_programs,
     },
 };
-use kiam_common::{
-    CONFIG_READY, Config, ConnRecord, LAYOUT_VERSION, map_names, program_names, stat,
+use kiam_common::{CONFIG_READY, Config, ConnRecord, map_names, program_names};
+
+use crate::{
+    bpffs::{self, BpffsError},
+    pins::{is_maps_dir, links_dir, maps_dir},
 };
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at build time (empty when the
 /// agent was built without it).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kiam-ebpf.o"));
 
-/// bpffs super-block magic, from `linux/magic.h`.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Cgroup bpf links always attach in multi mode (beside Cilium's and others' programs); the
 /// kernel rejects `BPF_LINK_CREATE` with any attach flag, so "single" is what asks for that.
 const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
-/// Where bpffs is mounted when it is missing.
-const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
@@ -46,18 +44,8 @@ pub enum LoaderError {
         "this kiam-agent was built without its eBPF object: run `cargo xtask build-ebpf`, then rebuild the agent"
     )]
     NoObject,
-    #[error(
-        "{} is not on a bpf file system: mount bpffs on the host at /sys/fs/bpf (the manifests' init container runs `kiam-agent mount-bpffs`) and give the agent the host's /sys/fs/bpf, or set --bpffs-dir; pins anywhere else would vanish with the agent and let pods reach the node's credentials",
-        .0.display()
-    )]
-    NotBpffs(PathBuf),
-    #[error(
-        "{} is on a bpf file system only this agent's mount namespace sees (a private mount): give the agent the host's /sys/fs/bpf with mountPropagation: HostToContainer, or pins would vanish with the agent and let pods reach the node's credentials (--allow-private-bpffs accepts this for development only)",
-        .0.display()
-    )]
-    PrivateBpffs(PathBuf),
-    #[error("mounting bpffs at {} (needs CAP_SYS_ADMIN)", .0.display())]
-    Mount(PathBuf, #[source] nix::Error),
+    #[error(transparent)]
+    Bpffs(#[from] BpffsError),
     #[error(
         "loading the eBPF programs (the agent needs root or CAP_BPF + CAP_NET_ADMIN, and a kernel with cgroup sock_addr, sock_ops and cgroup_skb programs, 5.8 or newer)"
     )]
@@ -164,146 +152,6 @@ fn prog_err(name: &'static str) -> impl FnOnce(ProgramError) -> LoaderError {
     move |source| LoaderError::Program { name, source }
 }
 
-fn is_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path)
-        .map(|fs| fs.filesystem_type().0 == BPF_FS_MAGIC)
-        .unwrap_or(false)
-}
-
-/// A line of `/proc/self/mountinfo`, as far as the checks need it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MountEntry {
-    pub mount_point: PathBuf,
-    pub fs_type: String,
-    /// The mount has a peer group (`shared:N`) or a master (`master:N`): it propagates
-    /// between mount namespaces, i.e. it is (or receives) the host's.
-    pub propagated: bool,
-}
-
-/// `\040`-style escapes of mountinfo paths.
-fn unescape(field: &str) -> String {
-    let mut out = String::new();
-    let mut rest = field;
-    while let Some(i) = rest.find('\\') {
-        out.push_str(&rest[..i]);
-        let code = rest
-            .get(i + 1..i + 4)
-            .and_then(|o| u8::from_str_radix(o, 8).ok());
-        match code {
-            Some(byte) => {
-                out.push(char::from(byte));
-                rest = &rest[i + 4..];
-            }
-            None => {
-                out.push('\\');
-                rest = &rest[i + 1..];
-            }
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
-/// The mount holding `path`: the entry with the longest mount point that contains it (the
-/// last one when several are stacked on the same point).
-pub fn mount_of(mountinfo: &str, path: &Path) -> Option<MountEntry> {
-    let mut best: Option<MountEntry> = None;
-    for line in mountinfo.lines() {
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        let fields: Vec<&str> = left.split(' ').collect();
-        let (Some(point), Some(fs_type)) = (fields.get(4), right.split(' ').next()) else {
-            continue;
-        };
-        let mount_point = PathBuf::from(unescape(point));
-        if !path.starts_with(&mount_point) {
-            continue;
-        }
-        let longer = best
-            .as_ref()
-            .is_none_or(|b| mount_point.as_os_str().len() >= b.mount_point.as_os_str().len());
-        if longer {
-            best = Some(MountEntry {
-                mount_point,
-                fs_type: fs_type.to_owned(),
-                propagated: fields
-                    .iter()
-                    .skip(6)
-                    .any(|f| f.starts_with("shared:") || f.starts_with("master:")),
-            });
-        }
-    }
-    best
-}
-
-/// Whether this process shares the mount namespace of the kernel's own threads (the host's).
-/// Only answerable with the host's pid namespace (pid 2 is then `kthreadd`); in a container
-/// it is `false` and the mount's propagation decides.
-fn in_host_mount_namespace() -> bool {
-    let kthreadd = fs::read_to_string("/proc/2/comm").is_ok_and(|c| c.trim() == "kthreadd");
-    let ns = |pid: &str| fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
-    kthreadd && ns("2").is_some() && ns("2") == ns("self")
-}
-
-/// Makes sure `dir` can be created on a bpffs the host sees, so the pins outlive this agent
-/// (and its container). With `allow_private` (development), a bpffs only this mount
-/// namespace sees is accepted, and mounted at `/sys/fs/bpf` when missing.
-fn ensure_bpffs(dir: &Path, allow_private: bool) -> Result<(), LoaderError> {
-    let parent = dir.parent().unwrap_or(dir);
-    if !is_bpffs(parent) {
-        if allow_private && parent == Path::new(BPFFS_MOUNT) {
-            mount_bpffs(parent)?;
-            tracing::warn!(
-                path = BPFFS_MOUNT,
-                "--allow-private-bpffs: mounted a bpffs the host may not see; the pins vanish with this agent"
-            );
-            return Ok(());
-        }
-        return Err(LoaderError::NotBpffs(dir.to_owned()));
-    }
-    if allow_private || in_host_mount_namespace() {
-        return Ok(());
-    }
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").map_err(io_err(parent))?;
-    match mount_of(&mountinfo, parent) {
-        Some(entry) if entry.fs_type == "bpf" && entry.propagated => Ok(()),
-        _ => Err(LoaderError::PrivateBpffs(dir.to_owned())),
-    }
-}
-
-/// Mounts bpffs at `path` unless one is there (`kiam-agent mount-bpffs`, run by the
-/// manifests' init container with the host's `/sys/fs/bpf` and bidirectional propagation, so
-/// the mount is the host's). Returns whether it mounted.
-pub fn mount_bpffs(path: &Path) -> Result<bool, LoaderError> {
-    if is_bpffs(path) {
-        return Ok(false);
-    }
-    fs::create_dir_all(path).map_err(io_err(path))?;
-    nix::mount::mount(
-        Some("bpf"),
-        path,
-        Some("bpf"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .map_err(|e| LoaderError::Mount(path.to_owned(), e))?;
-    Ok(true)
-}
-
-/// Maps of the current layout; other `maps-v*` directories belong to older agents.
-pub fn maps_dir(pin_dir: &Path) -> PathBuf {
-    pin_dir.join(format!("maps-v{LAYOUT_VERSION}"))
-}
-
-fn is_maps_dir(name: &str) -> bool {
-    name == "maps" || name.starts_with("maps-v")
-}
-
-pub fn links_dir(pin_dir: &Path) -> PathBuf {
-    pin_dir.join("links")
-}
-
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, LoaderError> {
     ebpf.take_map(name).ok_or(LoaderError::MissingMap(name))
 }
@@ -333,7 +181,7 @@ pub fn install(opts: &InstallOptions) -> Result<Installed, LoaderError> {
     if object.is_empty() {
         return Err(LoaderError::NoObject);
     }
-    ensure_bpffs(&opts.pin_dir, opts.allow_private_bpffs)?;
+    bpffs::ensure(&opts.pin_dir, opts.allow_private_bpffs)?;
     let maps = maps_dir(&opts.pin_dir);
     let links = links_dir(&opts.pin_dir);
     for dir in [&opts.pin_dir, &maps, &links] {
@@ -628,246 +476,4 @@ pub fn uninstall(pin_dir: &Path) -> Result<Vec<PathBuf>, LoaderError> {
         Err(e) => return Err(io_err(pin_dir)(e)),
     }
     Ok(removed)
-}
-
-/// A pinned link, as `status` reports it.
-#[derive(Debug, serde::Serialize)]
-pub struct LinkStatus {
-    pub program: String,
-    pub link_id: u32,
-    pub program_id: u32,
-    pub program_tag: String,
-    pub run_count: u64,
-}
-
-/// Everything `kiam-agent status` shows.
-#[derive(Debug, serde::Serialize)]
-pub struct Status {
-    pub pin_dir: PathBuf,
-    pub links: Vec<LinkStatus>,
-    pub missing_links: Vec<String>,
-    pub config: Option<ConfigStatus>,
-    pub exempt_cgroups: Vec<u64>,
-    pub map_entries: BTreeMap<String, usize>,
-    pub counters: BTreeMap<String, u64>,
-}
-
-#[derive(Debug, serde::Serialize)]
-pub struct ConfigStatus {
-    pub attach_cgroup_id: u64,
-    pub agent_addr4: String,
-    pub agent_addr6: String,
-    pub agent_port: u32,
-    pub agent_netns_cookie: u64,
-    pub ready: bool,
-}
-
-/// The cgroup each pinned link is attached to, as the kernel reports it (`cgroup_id:` in
-/// the link's fdinfo; 0 once the cgroup is gone); `None` for a link that is not pinned.
-pub fn link_cgroups(pin_dir: &Path) -> Result<Vec<(String, Option<u64>)>, LoaderError> {
-    let dir = links_dir(pin_dir);
-    let mut found = Vec::new();
-    for name in program_names::ALL {
-        let path = dir.join(name);
-        if !path.exists() {
-            found.push((name.to_owned(), None));
-            continue;
-        }
-        let link_err = |source| LoaderError::Link {
-            path: path.clone(),
-            source,
-        };
-        // Held open while this process's fdinfo is searched for it.
-        let link: FdLink = PinnedLink::from_pin(&path).map_err(link_err)?.into();
-        let id = link.info().map_err(link_err)?.id();
-        found.push((name.to_owned(), fdinfo_cgroup(id)));
-        drop(link);
-    }
-    Ok(found)
-}
-
-/// Finds this process's descriptor of link `link_id` and reads its `cgroup_id`.
-fn fdinfo_cgroup(link_id: u32) -> Option<u64> {
-    let wanted = format!("link_id:\t{link_id}\n");
-    fs::read_dir("/proc/self/fdinfo")
-        .ok()?
-        .flatten()
-        .filter_map(|entry| fs::read_to_string(entry.path()).ok())
-        .find(|info| info.contains(&wanted))
-        .and_then(|info| parse_fdinfo_cgroup(&info))
-}
-
-fn parse_fdinfo_cgroup(info: &str) -> Option<u64> {
-    info.lines()
-        .find_map(|line| line.strip_prefix("cgroup_id:"))
-        .and_then(|v| v.trim().parse().ok())
-}
-
-/// Reads the pinned state without loading or changing anything.
-pub fn status(pin_dir: &Path) -> Result<Status, LoaderError> {
-    let links_dir = links_dir(pin_dir);
-    let maps_dir = maps_dir(pin_dir);
-    let mut links = Vec::new();
-    let mut missing_links = Vec::new();
-    for name in program_names::ALL {
-        let path = links_dir.join(name);
-        if !path.exists() {
-            missing_links.push(name.to_owned());
-            continue;
-        }
-        let link: FdLink = PinnedLink::from_pin(&path)
-            .map_err(|source| LoaderError::Link {
-                path: path.clone(),
-                source,
-            })?
-            .into();
-        let info = link.info().map_err(|source| LoaderError::Link {
-            path: path.clone(),
-            source,
-        })?;
-        let prog = loaded_programs()
-            .flatten()
-            .find(|p| p.id() == info.program_id());
-        links.push(LinkStatus {
-            program: name.to_owned(),
-            link_id: info.id(),
-            program_id: info.program_id(),
-            program_tag: prog
-                .as_ref()
-                .map(|p| format!("{:016x}", p.tag()))
-                .unwrap_or_default(),
-            run_count: prog.map(|p| p.run_count()).unwrap_or(0),
-        });
-    }
-
-    let open = |name: &'static str| -> Result<Option<MapData>, LoaderError> {
-        let path = maps_dir.join(name);
-        if !path.exists() {
-            return Ok(None);
-        }
-        MapData::from_pin(&path).map(Some).map_err(map_err(name))
-    };
-    let config = match open(map_names::CONFIG)? {
-        Some(data) => {
-            let array: Array<MapData, Config> =
-                Array::try_from(Map::Array(data)).map_err(map_err(map_names::CONFIG))?;
-            let c = array.get(&0, 0).map_err(map_err(map_names::CONFIG))?;
-            Some(ConfigStatus {
-                attach_cgroup_id: c.attach_cgroup_id,
-                agent_addr4: kiam_common::addr::from_words(kiam_common::v4_mapped(c.agent_addr4))
-                    .to_string(),
-                agent_addr6: kiam_common::addr::from_words(c.agent_addr6).to_string(),
-                agent_port: c.agent_port,
-                agent_netns_cookie: c.agent_netns_cookie,
-                ready: c.flags & CONFIG_READY != 0,
-            })
-        }
-        None => None,
-    };
-    let exempt_cgroups = match open(map_names::EXEMPT)? {
-        Some(data) => {
-            let map: HashMap<MapData, u64, u32> =
-                HashMap::try_from(Map::HashMap(data)).map_err(map_err(map_names::EXEMPT))?;
-            map.keys().flatten().collect()
-        }
-        None => Vec::new(),
-    };
-    let mut map_entries = BTreeMap::new();
-    for name in [map_names::CONNECT, map_names::ACCEPTED] {
-        if let Some(data) = open(name)? {
-            let map: HashMap<MapData, u64, ConnRecord> =
-                HashMap::try_from(Map::LruHashMap(data)).map_err(map_err(name))?;
-            map_entries.insert(name.to_owned(), map.keys().flatten().count());
-        }
-    }
-    if let Some(data) = open(map_names::TUPLES)? {
-        let map: HashMap<MapData, kiam_common::TupleKey, ConnRecord> =
-            HashMap::try_from(Map::LruHashMap(data)).map_err(map_err(map_names::TUPLES))?;
-        map_entries.insert(map_names::TUPLES.to_owned(), map.keys().flatten().count());
-    }
-    let mut counters = BTreeMap::new();
-    if let Some(data) = open(map_names::STATS)? {
-        let stats: PerCpuArray<MapData, u64> =
-            PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_err(map_names::STATS))?;
-        for (index, name) in stat::NAMES.iter().enumerate() {
-            let values = stats
-                .get(&(index as u32), 0)
-                .map_err(map_err(map_names::STATS))?;
-            counters.insert((*name).to_owned(), values.iter().sum());
-        }
-    }
-    Ok(Status {
-        pin_dir: pin_dir.to_owned(),
-        links,
-        missing_links,
-        config,
-        exempt_cgroups,
-        map_entries,
-        counters,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const HOST: &str = "\
-27 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
-23 27 0:22 / /sys rw,relatime shared:7 - sysfs sysfs rw
-44 23 0:39 / /sys/fs/bpf rw,relatime shared:12 - bpf bpf rw
-45 23 0:40 / /sys/fs/bpf/odd\\040dir rw,relatime - tmpfs tmpfs rw
-";
-    const CONTAINER_HOST_TO_CONTAINER: &str = "\
-700 650 0:80 / / rw,relatime - overlay overlay rw
-720 700 0:39 / /sys/fs/bpf rw,relatime master:12 - bpf bpf rw
-";
-    const CONTAINER_PRIVATE: &str = "\
-700 650 0:80 / / rw,relatime - overlay overlay rw
-720 700 0:22 / /sys rw,relatime - sysfs sysfs rw
-721 720 0:91 / /sys/fs/bpf rw,relatime - bpf bpf rw
-";
-
-    #[test]
-    fn cgroup_links_name_their_cgroup_in_fdinfo() {
-        let info = "pos:\t0\nflags:\t02000000\nmnt_id:\t15\nino:\t1057\nlink_type:\tcgroup\nlink_id:\t42\nprog_tag:\t0123456789abcdef\nprog_id:\t97\ncgroup_id:\t5301\nattach_type:\t10\n";
-        assert_eq!(parse_fdinfo_cgroup(info), Some(5301));
-        assert_eq!(parse_fdinfo_cgroup("link_type:\txdp\nlink_id:\t1\n"), None);
-    }
-
-    #[test]
-    fn the_mount_holding_a_path_and_whether_it_propagates() {
-        let pins = Path::new("/sys/fs/bpf/kiam");
-        let cases = [
-            (HOST, pins, Some(("/sys/fs/bpf", "bpf", true))),
-            (
-                CONTAINER_HOST_TO_CONTAINER,
-                pins,
-                Some(("/sys/fs/bpf", "bpf", true)),
-            ),
-            (CONTAINER_PRIVATE, pins, Some(("/sys/fs/bpf", "bpf", false))),
-            (
-                HOST,
-                Path::new("/sys/fs/bpf/odd dir/x"),
-                Some(("/sys/fs/bpf/odd dir", "tmpfs", false)),
-            ),
-            (
-                HOST,
-                Path::new("/sys/fs/bpfx"),
-                Some(("/sys", "sysfs", true)),
-            ),
-            (HOST, Path::new("/tmp/x"), Some(("/", "ext4", true))),
-            ("", pins, None),
-        ];
-        for (mountinfo, path, want) in cases {
-            let got = mount_of(mountinfo, path);
-            let got = got.as_ref().map(|m| {
-                (
-                    m.mount_point.to_str().unwrap_or(""),
-                    m.fs_type.as_str(),
-                    m.propagated,
-                )
-            });
-            assert_eq!(got, want, "{}", path.display());
-        }
-    }
 }

@@ -4,8 +4,8 @@
 use std::{net::IpAddr, path::Path, sync::Arc, time::Duration};
 
 use kiam_agent::{
-    address, api, caps, cgroup, client, config, forward, health, imds, loader, metrics, resolver,
-    status, token, upstream,
+    address, api, bpffs, caps, cgroup, client, config, forward, health, imds, loader, metrics,
+    pins, resolver, status, token, upstream,
 };
 
 use anyhow::Context as _;
@@ -278,7 +278,7 @@ fn raise_memlock_limit() {
 
 fn uninstall(dir: &Path) -> anyhow::Result<()> {
     // The configured address, to remove it from lo if the agent added it there.
-    let agent_addr = loader::status(dir)
+    let agent_addr = pins::status(dir)
         .ok()
         .and_then(|s| s.config)
         .and_then(|c| c.agent_addr4.parse::<std::net::Ipv4Addr>().ok())
@@ -303,9 +303,15 @@ fn uninstall(dir: &Path) -> anyhow::Result<()> {
 }
 
 fn mount_bpffs(path: &Path) -> anyhow::Result<()> {
-    match loader::mount_bpffs(path)? {
-        true => println!("mounted bpffs at {}", path.display()),
-        false => println!("bpffs already mounted at {}", path.display()),
+    match bpffs::mount(path)? {
+        bpffs::Mounted::Mounted => println!("mounted bpffs at {} (shared)", path.display()),
+        bpffs::Mounted::MadeShared => {
+            println!(
+                "bpffs already mounted at {}; made it shared",
+                path.display()
+            )
+        }
+        bpffs::Mounted::AlreadyThere => println!("bpffs already mounted at {}", path.display()),
     }
     Ok(())
 }

@@ -23,7 +23,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::loader;
+use crate::pins;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
@@ -141,7 +141,7 @@ pub struct KernelSnapshot {
 }
 
 impl KernelSnapshot {
-    pub fn from_status(status: &loader::Status) -> Self {
+    pub fn from_status(status: &pins::Status) -> Self {
         Self {
             events: status
                 .counters
@@ -197,7 +197,7 @@ impl Kernel {
         loop {
             tick.tick().await;
             let dir = pin_dir.clone();
-            match tokio::task::spawn_blocking(move || loader::status(&dir)).await {
+            match tokio::task::spawn_blocking(move || pins::status(&dir)).await {
                 Ok(Ok(status)) => self.set(KernelSnapshot::from_status(&status)),
                 Ok(Err(error)) => {
                     self.failed();

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use anyhow::Context as _;
 
-use crate::{config::StatusArgs, loader};
+use crate::{config::StatusArgs, pins};
 
 pub use kiam_ops::admin_get;
 
@@ -34,7 +34,7 @@ pub fn requests_by_route(metrics: &str) -> BTreeMap<String, u64> {
 #[derive(serde::Serialize)]
 struct Report {
     #[serde(flatten)]
-    pins: loader::Status,
+    pins: pins::Status,
     /// `None` when the agent's admin listener did not answer.
     requests_by_route: Option<BTreeMap<String, u64>>,
 }
@@ -47,7 +47,7 @@ pub fn show(args: &StatusArgs) -> anyhow::Result<()> {
             dir.display()
         );
     }
-    let pins = loader::status(dir)?;
+    let pins = pins::status(dir)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

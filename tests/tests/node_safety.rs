@@ -410,7 +410,8 @@ fn pins_must_live_on_a_bpffs_the_host_sees() {
     let (_, text) = run(&line, "umount /sys/fs/bpf &&");
     assert!(text.contains("is not on a bpf file system"), "{text}");
 
-    // `kiam-agent mount-bpffs` (the init container) mounts one, once.
+    // `kiam-agent mount-bpffs` (the init container) mounts one, once, and shared (as systemd
+    // mounts it): mounts on this machine are private by default.
     let bin = line[0].clone();
     let mount_twice = vec![
         bin.clone(),
@@ -421,12 +422,38 @@ fn pins_must_live_on_a_bpffs_the_host_sees() {
     let (ok, text) = run(
         &mount_twice,
         &format!(
-            "{bin} mount-bpffs --path {scratch}/init && grep -q ' {scratch}/init .* - bpf ' /proc/self/mountinfo &&"
+            "{bin} mount-bpffs --path {scratch}/init && grep -q ' {scratch}/init [^-]*shared:[0-9]* - bpf ' /proc/self/mountinfo &&"
         ),
     );
     assert!(ok, "{text}");
     assert!(text.contains("mounted bpffs"), "{text}");
     assert!(text.contains("bpffs already mounted"), "{text}");
+    // A private bpffs left by someone else is made shared.
+    let (ok, text) = run(
+        &mount_twice,
+        &format!(
+            "mkdir -p {scratch}/init && mount -t bpf bpf {scratch}/init && mount --make-private {scratch}/init &&"
+        ),
+    );
+    assert!(ok && text.contains("made it shared"), "{text}");
+    // What it leaves is what an agent in a container sees through HostToContainer (a slave
+    // of the host's mount): accepted. Without the shared mount it would be a private copy.
+    // The "host" namespace must outlive the container's, or its peer group goes with it.
+    line[dir_at] = format!("{scratch}/init/kiam");
+    let mut in_container: Vec<String> = [
+        "sh",
+        "-c",
+        "timeout 4 unshare --mount --propagation slave \"$@\"; exit 0",
+        "sh",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    in_container.extend(line.iter().cloned());
+    let (_, text) = run(
+        &in_container,
+        &format!("{bin} mount-bpffs --path {scratch}/init >/dev/null &&"),
+    );
+    assert!(text.contains("kiam-agent ready"), "{text}");
 }
 
 #[test]
