@@ -58,6 +58,7 @@ fuzz_target!(|data: &[u8]| {
     let world = world();
     let caller = Caller::for_pod(PodCgroup {
         pod_uid: "0f6a8c2e-3b1d-4e5f-9a7b-1c2d3e4f5a6b".into(),
+        static_pod: false,
         qos: QosClass::Burstable,
         container_id: None,
         runtime: None,

@@ -1,8 +1,22 @@
 //! Who a cgroup belongs to: the kubelet's cgroup path → pod UID, QoS class and container.
 //!
-//! Pure parsing, no file system access. Both kubelet cgroup drivers are understood:
-//! - systemd: `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_with_underscores>.slice/cri-containerd-<id>.scope`
-//! - cgroupfs: `kubepods/burstable/pod<uid>/<id>`
+//! Pure parsing, no file system access. Every layout the kubelet and the runtimes make is
+//! understood (the table test below holds a real example of each, with where it comes from):
+//! - systemd driver: `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_with_underscores>.slice/cri-containerd-<id>.scope`
+//!   (Guaranteed pods directly under `kubepods.slice`); CRI-O's `crio-<id>.scope`, its
+//!   monitor's `crio-conmon-<id>.scope` (no container), crun's `container` sub-cgroup and any
+//!   other cgroup below a container's (exec sessions) keep that container;
+//! - cgroupfs driver: `kubepods/burstable/pod<uid>/<id>`;
+//! - kind and other nested slices: `kubelet.slice/kubelet-kubepods.slice/…`;
+//! - a runtime using the cgroupfs driver under a systemd kubelet (kubernetes#106514): the
+//!   literal directory `kubepods-burstable-pod<uid>.slice:cri-containerd:<id>`;
+//! - static pods: the UID is the kubelet's 32-hex config hash, without dashes
+//!   (`kubepods-burstable-pod36b6d6be73b1065af369b3985edafa09.slice`); the servers know the
+//!   pod by that hash through its mirror pod's `kubernetes.io/config.mirror` annotation.
+//!
+//! A kubelet with `cgroupsPerQOS: false` gives pods no cgroup of their own, so their
+//! containers cannot be told apart by pod: such paths are refused with a reason naming the
+//! setting.
 //!
 //! The first kubepods component on the path anchors the parse and the pod must sit exactly
 //! where the kubelet puts it. A container with a delegated cgroup tree can create any
@@ -34,8 +48,11 @@ pub enum Runtime {
 /// The pod (and container) a cgroup belongs to.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct PodCgroup {
-    /// Pod UID in its canonical dashed form.
+    /// Pod UID in its canonical dashed form, or a static pod's config hash (32 hex digits):
+    /// what the servers know the pod by.
     pub pod_uid: String,
+    /// A static pod (the kubelet made it from a file on the node; its UID is a config hash).
+    pub static_pod: bool,
     pub qos: QosClass,
     /// Container id, when the cgroup is (or is below) a container's cgroup.
     pub container_id: Option<String>,
@@ -51,6 +68,10 @@ pub enum ParseError {
     NotAPod,
     #[error("malformed pod cgroup name {0:?}")]
     MalformedPod(String),
+    #[error(
+        "a container cgroup outside any pod cgroup: the kubelet gives each pod a cgroup only with cgroupsPerQOS: true (its default), and without one kiam cannot tell pods apart"
+    )]
+    NoPodCgroup,
 }
 
 impl fmt::Display for QosClass {
@@ -66,17 +87,62 @@ impl fmt::Display for QosClass {
 /// Parses a cgroup path (relative to the cgroup2 mount, with or without a leading `/`).
 pub fn parse_cgroup_path(path: &str) -> Result<PodCgroup, ParseError> {
     let components: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
-    let anchor = components
-        .iter()
-        .position(|c| is_kubepods_root(c))
-        .ok_or(ParseError::NotUnderKubepods)?;
-    let root = components[anchor];
-    let rest = &components[anchor + 1..];
-    if root.ends_with(".slice") {
-        parse_systemd(root, rest)
-    } else {
-        parse_cgroupfs(rest)
+    // The first component that names the kubelet's pods decides; anything below it is
+    // either the pod's own or a container's business.
+    for (at, component) in components.iter().enumerate() {
+        if is_kubepods_root(component) {
+            let rest = &components[at + 1..];
+            return match component.ends_with(".slice") {
+                true => parse_systemd(component, rest),
+                false => parse_cgroupfs(rest),
+            };
+        }
+        if let Some(found) = parse_driver_mismatch(component) {
+            return found;
+        }
     }
+    match components.iter().any(|c| is_container_cgroup(c)) {
+        true => Err(ParseError::NoPodCgroup),
+        false => Err(ParseError::NotUnderKubepods),
+    }
+}
+
+/// A runtime with the cgroupfs driver under a systemd kubelet takes the kubelet's
+/// `slice:prefix:id` cgroup parent literally, as one directory (kubernetes#106514):
+/// `kubepods-burstable-pod<uid>.slice:cri-containerd:<id>`.
+fn parse_driver_mismatch(component: &str) -> Option<Result<PodCgroup, ParseError>> {
+    let mut parts = component.split(':');
+    let (slice, prefix, id) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || !slice.starts_with("kubepods") || !slice.ends_with(".slice") {
+        return None;
+    }
+    let (qos, uid) = [
+        (QosClass::Burstable, "kubepods-burstable-pod"),
+        (QosClass::BestEffort, "kubepods-besteffort-pod"),
+        (QosClass::Guaranteed, "kubepods-pod"),
+    ]
+    .into_iter()
+    .find_map(|(qos, head)| Some((qos, slice.strip_prefix(head)?.strip_suffix(".slice")?)))?;
+    let Some((pod_uid, static_pod)) = pod_id(&uid.replace('_', "-")) else {
+        return Some(Err(malformed(component)));
+    };
+    let runtime = match prefix {
+        "cri-containerd" => Runtime::Containerd,
+        "crio" => Runtime::CriO,
+        "docker" => Runtime::Docker,
+        _ => return Some(Err(malformed(component))),
+    };
+    let (container_id, runtime) = match is_container_id(id) {
+        true => (Some(id.to_owned()), Some(runtime)),
+        false => (None, None),
+    };
+    Some(Ok(PodCgroup {
+        pod_uid,
+        static_pod,
+        qos,
+        container_id,
+        runtime,
+    }))
 }
 
 fn is_kubepods_root(component: &str) -> bool {
@@ -84,6 +150,12 @@ fn is_kubepods_root(component: &str) -> bool {
     component == "kubepods"
         || component == "kubepods.slice"
         || component.ends_with("-kubepods.slice")
+}
+
+/// A cgroup a runtime made for a container (so a pod's, were the pod's cgroup above it).
+fn is_container_cgroup(component: &str) -> bool {
+    parse_systemd_container(component).0.is_some()
+        || (component.len() == 64 && is_container_id(component))
 }
 
 fn parse_systemd(root: &str, rest: &[&str]) -> Result<PodCgroup, ParseError> {
@@ -109,13 +181,14 @@ fn parse_systemd(root: &str, rest: &[&str]) -> Result<PodCgroup, ParseError> {
         .and_then(|s| s.strip_prefix("-pod"))
         .and_then(|s| s.strip_suffix(".slice"))
         .ok_or_else(|| malformed_or_not_pod(pod))?;
-    let pod_uid = canonical_uid(&uid.replace('_', "-")).ok_or_else(|| malformed(pod))?;
+    let (pod_uid, static_pod) = pod_id(&uid.replace('_', "-")).ok_or_else(|| malformed(pod))?;
     let (container_id, runtime) = match rest.get(1) {
         Some(container) => parse_systemd_container(container),
         None => (None, None),
     };
     Ok(PodCgroup {
         pod_uid,
+        static_pod,
         qos,
         container_id,
         runtime,
@@ -155,7 +228,7 @@ fn parse_cgroupfs(rest: &[&str]) -> Result<PodCgroup, ParseError> {
     let uid = pod
         .strip_prefix("pod")
         .ok_or_else(|| malformed_or_not_pod(pod))?;
-    let pod_uid = canonical_uid(uid).ok_or_else(|| malformed(pod))?;
+    let (pod_uid, static_pod) = pod_id(uid).ok_or_else(|| malformed(pod))?;
     let (container_id, runtime) = match rest.get(1) {
         Some(c) => match c.strip_prefix("crio-") {
             Some(id) if is_container_id(id) => (Some(id.to_owned()), Some(Runtime::CriO)),
@@ -167,6 +240,7 @@ fn parse_cgroupfs(rest: &[&str]) -> Result<PodCgroup, ParseError> {
     };
     Ok(PodCgroup {
         pod_uid,
+        static_pod,
         qos,
         container_id,
         runtime,
@@ -185,16 +259,22 @@ fn malformed_or_not_pod(component: &str) -> ParseError {
     }
 }
 
-/// A UID in `8-4-4-4-12` lowercase hex form, or `None`.
-fn canonical_uid(uid: &str) -> Option<String> {
+/// The id the servers know a pod by: its UID in `8-4-4-4-12` lowercase hex form, or a static
+/// pod's config hash (32 hex digits, no dashes; kubelet `pkg/kubelet/config/common.go`), with
+/// whether it is the latter.
+fn pod_id(uid: &str) -> Option<(String, bool)> {
+    let hex = |g: &str| g.bytes().all(|b| b.is_ascii_hexdigit());
+    if uid.len() == 32 && hex(uid) {
+        return Some((uid.to_ascii_lowercase(), true));
+    }
     let groups: Vec<&str> = uid.split('-').collect();
     let lengths = [8, 4, 4, 4, 12];
     let ok = groups.len() == lengths.len()
         && groups
             .iter()
             .zip(lengths)
-            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()));
-    ok.then(|| uid.to_ascii_lowercase())
+            .all(|(g, n)| g.len() == n && hex(g));
+    ok.then(|| (uid.to_ascii_lowercase(), false))
 }
 
 fn is_container_id(id: &str) -> bool {
@@ -208,10 +288,28 @@ mod tests {
     const UID: &str = "0f6a8c2e-3b1d-4e5f-9a7b-1c2d3e4f5a6b";
     const UID_: &str = "0f6a8c2e_3b1d_4e5f_9a7b_1c2d3e4f5a6b";
     const CID: &str = "5e1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9";
+    /// A static pod's UID: the config hash from the kubelet path in kubernetes#106514.
+    const HASH: &str = "36b6d6be73b1065af369b3985edafa09";
+    /// The container id from the same path.
+    const CID_106514: &str = "79fedb3bd23ca77c9d9ccb41909038316f713df22b54b7d942b71d3812e7c74e";
+
+    fn static_pod(
+        qos: QosClass,
+        container: Option<(&str, Runtime)>,
+    ) -> Result<PodCgroup, ParseError> {
+        Ok(PodCgroup {
+            pod_uid: HASH.to_owned(),
+            static_pod: true,
+            qos,
+            container_id: container.map(|(c, _)| c.to_owned()),
+            runtime: container.map(|(_, r)| r),
+        })
+    }
 
     fn pod(qos: QosClass, container: Option<(&str, Runtime)>) -> Result<PodCgroup, ParseError> {
         Ok(PodCgroup {
             pod_uid: UID.to_owned(),
+            static_pod: false,
             qos,
             container_id: container.map(|(c, _)| c.to_owned()),
             runtime: container.map(|(_, r)| r),
@@ -259,6 +357,7 @@ mod tests {
                 ),
                 Ok(PodCgroup {
                     pod_uid: UID.into(),
+                    static_pod: false,
                     qos: Burstable,
                     container_id: None,
                     runtime: Some(CriO),
@@ -323,6 +422,109 @@ mod tests {
                 ),
                 pod(Guaranteed, Some((CID, Containerd))),
             ),
+            // Static pods: the UID is the kubelet's config hash (kubernetes#106514,
+            // kubernetes#94104), under either driver.
+            (
+                format!(
+                    "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{HASH}.slice/cri-containerd-{CID}.scope"
+                ),
+                static_pod(Burstable, Some((CID, Containerd))),
+            ),
+            (
+                format!("/kubepods/burstable/pod{HASH}/{CID}"),
+                static_pod(Burstable, Some((CID, Unknown))),
+            ),
+            (
+                format!("/kubepods/pod{}/{CID}", HASH.to_ascii_uppercase()),
+                static_pod(Guaranteed, Some((CID, Unknown))),
+            ),
+            // A cgroupfs runtime under a systemd kubelet: the kubelet's `slice:prefix:id`
+            // taken literally, below containerd's own cgroup (kubernetes#106514, verbatim).
+            (
+                format!(
+                    "/system.slice/containerd.service/kubepods-burstable-pod{HASH}.slice:cri-containerd:{CID_106514}"
+                ),
+                Ok(PodCgroup {
+                    pod_uid: HASH.into(),
+                    static_pod: true,
+                    qos: Burstable,
+                    container_id: Some(CID_106514.into()),
+                    runtime: Some(Containerd),
+                }),
+            ),
+            (
+                format!(
+                    "/system.slice/containerd.service/kubepods-besteffort-pod{UID_}.slice:cri-containerd:{CID}"
+                ),
+                pod(BestEffort, Some((CID, Containerd))),
+            ),
+            (
+                format!("/system.slice/containerd.service/kubepods-pod{UID_}.slice:crio:{CID}"),
+                pod(Guaranteed, Some((CID, CriO))),
+            ),
+            (
+                format!(
+                    "/system.slice/containerd.service/kubepods-burstable-pod{UID_}.slice:other:{CID}"
+                ),
+                Err(ParseError::MalformedPod(format!(
+                    "kubepods-burstable-pod{UID_}.slice:other:{CID}"
+                ))),
+            ),
+            // Below a container's cgroup (crun's `container` sub-cgroup, exec sessions'
+            // cgroups, anything a delegated container makes): still that container.
+            (
+                format!(
+                    "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID_}.slice/crio-{CID}.scope/container/exec-1"
+                ),
+                pod(BestEffort, Some((CID, CriO))),
+            ),
+            (
+                format!("/kubepods/burstable/pod{UID}/{CID}/nested/deeper"),
+                pod(Burstable, Some((CID, Unknown))),
+            ),
+            // Docker's systemd scope and cgroupfs directory (cri-o/cri-o#842, verbatim).
+            (
+                "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod90d81341_92de_11e7_8cf2_507b9d4141fa.slice/docker-2227daf62df6694645fee5df53c1f91271546a9560e8600a525690ae252b7f63.scope".into(),
+                Ok(PodCgroup {
+                    pod_uid: "90d81341-92de-11e7-8cf2-507b9d4141fa".into(),
+                    static_pod: false,
+                    qos: Burstable,
+                    container_id: Some(
+                        "2227daf62df6694645fee5df53c1f91271546a9560e8600a525690ae252b7f63".into(),
+                    ),
+                    runtime: Some(Docker),
+                }),
+            ),
+            (
+                "/kubepods/burstable/pod941dc160-92df-11e7-b27e-507b9d4141fa/2b4d747eae5ed34775c069d913c81833b67a0148e731a36535c9f3b97ebfb87f".into(),
+                Ok(PodCgroup {
+                    pod_uid: "941dc160-92df-11e7-b27e-507b9d4141fa".into(),
+                    static_pod: false,
+                    qos: Burstable,
+                    container_id: Some(
+                        "2b4d747eae5ed34775c069d913c81833b67a0148e731a36535c9f3b97ebfb87f".into(),
+                    ),
+                    runtime: Some(Unknown),
+                }),
+            ),
+            // cgroupsPerQOS: false: containers without a pod cgroup (containerd's default
+            // `k8s.io` parent under cgroupfs, its systemd scope otherwise).
+            (
+                format!("/k8s.io/{CID}"),
+                Err(ParseError::NoPodCgroup),
+            ),
+            (
+                format!("/system.slice/cri-containerd-{CID}.scope"),
+                Err(ParseError::NoPodCgroup),
+            ),
+            // A nested copy of a kubepods name inside a mismatched pod's container is not
+            // another pod: the first pod component decides.
+            (
+                format!(
+                    "/system.slice/containerd.service/kubepods-pod{UID_}.slice:cri-containerd:{CID}/kubepods.slice/kubepods-pod11111111_2222_3333_4444_555555555555.slice"
+                ),
+                pod(Guaranteed, Some((CID, Containerd))),
+            ),
             // Not pods.
             ("/".into(), Err(ParseError::NotUnderKubepods)),
             (
@@ -355,11 +557,17 @@ mod tests {
                 Err(ParseError::MalformedPod(format!("pod{UID}x"))),
             ),
             (
-                format!("/kubepods/burstable/pod{}/{CID}", UID.replace('-', "")),
-                Err(ParseError::MalformedPod(format!(
-                    "pod{}",
-                    UID.replace('-', "")
-                ))),
+                format!("/kubepods/burstable/pod{}/{CID}", &UID[..35]),
+                Err(ParseError::MalformedPod(format!("pod{}", &UID[..35]))),
+            ),
+            // A config hash one digit short, or with a non-hex digit, is no static pod.
+            (
+                format!("/kubepods/burstable/pod{}/{CID}", &HASH[..31]),
+                Err(ParseError::MalformedPod(format!("pod{}", &HASH[..31]))),
+            ),
+            (
+                format!("/kubepods/burstable/pod{}g/{CID}", &HASH[..31]),
+                Err(ParseError::MalformedPod(format!("pod{}g", &HASH[..31]))),
             ),
             (
                 // Pod slice whose prefix does not match its parent slice.

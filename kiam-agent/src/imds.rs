@@ -322,6 +322,7 @@ mod tests {
     fn caller(uid: &str) -> Caller {
         Caller::for_pod(PodCgroup {
             pod_uid: uid.into(),
+            static_pod: false,
             qos: QosClass::BestEffort,
             container_id: None,
             runtime: None,

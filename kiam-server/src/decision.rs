@@ -7,7 +7,9 @@
 //! Order of the checks, each explained where it is decided:
 //! 1. the pod must be known and scheduled on the agent's node (an agent only ever gets the
 //!    pods of its own node);
-//! 2. completed pods get nothing, mirror (static) pods get nothing;
+//! 2. completed pods get nothing; static pods (known by their config hash through their
+//!    mirror pods) get the node's metadata if the operator's pass-through rules select them,
+//!    and nothing otherwise, never a role;
 //! 3. the operator's pass-through rules: the node's own metadata service;
 //! 4. the role annotation, resolved against the base ARN, or the operator's `--default-role`
 //!    for a pod without one;
@@ -115,8 +117,18 @@ pub enum Refusal {
     },
     #[error("pod {0} has completed")]
     Completed(String),
-    #[error("pod {0} is a mirror (static) pod: its node chose its annotations, so it gets no role")]
+    #[error(
+        "pod {0} is a static pod (the API holds its mirror pod): its node chose its annotations, so it never gets a role, and no --node-metadata-passthrough rule selects it"
+    )]
     Mirror(String),
+    #[error(
+        "static pod {hash} is claimed by {count} pods in the API ({pods}); refusing all of them"
+    )]
+    AmbiguousStaticPod {
+        hash: String,
+        count: usize,
+        pods: String,
+    },
     #[error("pod {pod} has no {annotation} annotation")]
     NoRole { pod: String, annotation: String },
     #[error(
@@ -175,7 +187,7 @@ impl Refusal {
             Self::UnknownPod(_) => Reason::PodNotKnown,
             Self::WrongNode { .. } => Reason::PodOnOtherNode,
             Self::Completed(_) => Reason::PodCompleted,
-            Self::Mirror(_) => Reason::MirrorPod,
+            Self::Mirror(_) | Self::AmbiguousStaticPod { .. } => Reason::MirrorPod,
             // The pod asked for nothing: to it, a default role its namespace does not permit
             // is the same as no role.
             Self::NoRole { .. } | Self::DefaultRoleNotPermitted { .. } => Reason::NoRoleAnnotation,
@@ -254,20 +266,22 @@ pub fn decide_pod(
     if pod.completed() {
         return Err(Refusal::Completed(pod_label(pod)));
     }
-    // The kubelet creates a mirror pod for each static pod, in any namespace and with any
-    // annotation the node's manifest says: trusting it would let a node pick roles.
-    if pod.mirror {
-        return Err(Refusal::Mirror(pod_label(pod)));
-    }
     // System pods the operator selected get the node's own metadata service. Only server
     // flags select them; a pod's annotations or labels play no part.
     let service_account = pod.service_account.as_deref().unwrap_or("default");
-    if settings
+    let passed_through = settings
         .passthrough
         .iter()
-        .any(|r| r.selects(&pod.namespace, service_account, pod.host_network))
-    {
+        .any(|r| r.selects(&pod.namespace, service_account, pod.host_network));
+    if passed_through {
+        // Static pods too (kube-proxy, etcd, a self-managed control plane): selected like
+        // any pod, by namespace, service account and host network.
         return Ok(Access::PassThrough);
+    }
+    // The kubelet creates a mirror pod for each static pod, in any namespace and with any
+    // annotation the node's manifest says: trusting it would let a node pick roles.
+    if pod.mirror.is_some() {
+        return Err(Refusal::Mirror(pod_label(pod)));
     }
     let (value, source) = match (
         pod.annotations.get(&settings.role_annotation),
@@ -351,9 +365,10 @@ pub fn decide(
     if !index.synced() {
         return Err(Refusal::IndexNotSynced);
     }
-    let pod = index
-        .pod(uid)
-        .ok_or_else(|| Refusal::UnknownPod(uid.to_owned()))?;
+    let pod = match index.pod(uid) {
+        Some(pod) => pod,
+        None => static_pod(index, uid)?,
+    };
     if pod.node.as_deref() != Some(node) {
         return Err(Refusal::WrongNode {
             pod: pod_label(&pod),
@@ -363,6 +378,26 @@ pub fn decide(
     }
     let access = decide_indexed(index, settings, &pod)?;
     Ok(Decision { pod, access })
+}
+
+/// The static pod an agent knows by `hash` (its cgroup's UID, the kubelet's config hash),
+/// through its mirror pod. Two pods claiming one hash (a second one made by hand in the API)
+/// is a conflict nobody may win.
+fn static_pod(index: &Index, hash: &str) -> Result<Arc<PodInfo>, Refusal> {
+    let mut found = index.static_pods(hash);
+    match found.len() {
+        0 => Err(Refusal::UnknownPod(hash.to_owned())),
+        1 => Ok(found.remove(0)),
+        count => Err(Refusal::AmbiguousStaticPod {
+            hash: hash.to_owned(),
+            count,
+            pods: found
+                .iter()
+                .map(|p| pod_label(p))
+                .collect::<Vec<_>>()
+                .join(", "),
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -394,7 +429,7 @@ mod tests {
             phase: Some("Running".into()),
             service_account: None,
             host_network: false,
-            mirror: false,
+            mirror: None,
             annotations: annotations
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -467,20 +502,70 @@ mod tests {
     }
 
     #[test]
-    fn mirror_pods_get_nothing_whatever_they_carry() {
+    fn static_pods_are_passed_through_when_selected_and_never_get_a_role() {
         let s = settings();
         let mut mirror = pod("m", "team", &[(ANNOTATION_ROLE, "app")]);
-        mirror.mirror = true;
-        let refusal = decide_pod(&s, &mirror, Some(&rules())).expect_err("mirror");
+        mirror.mirror = Some("36b6d6be73b1065af369b3985edafa09".into());
+        let refusal = decide_pod(&s, &mirror, Some(&rules())).expect_err("static");
         assert_eq!(refusal.reason(), Reason::MirrorPod);
         assert_eq!(refusal.code(), Code::PermissionDenied);
-        // Not even the node's metadata through the pass-through policy.
-        let mut system = pod("s", "kube-system", &[]);
+        assert!(refusal.to_string().contains("static pod"), "{refusal}");
+        // A kube-system host-network static pod (kube-proxy, etcd) gets the node's metadata
+        // through the operator's rule, whatever role it names.
+        let mut system = pod("s", "kube-system", &[(ANNOTATION_ROLE, "app")]);
         system.host_network = true;
-        system.mirror = true;
+        system.mirror = Some("0123456789abcdef0123456789abcdef".into());
+        assert_eq!(decide_pod(&s, &system, None), Ok(Access::PassThrough));
+        // Not selected without host networking: no role instead.
+        system.host_network = false;
         assert_eq!(
-            decide_pod(&s, &system, None).expect_err("mirror").reason(),
+            decide_pod(&s, &system, Some(&rules()))
+                .expect_err("static")
+                .reason(),
             Reason::MirrorPod
+        );
+    }
+
+    #[test]
+    fn static_pods_are_asked_about_by_their_config_hash() {
+        let index = Index::new(vec![ANNOTATION_ROLE.into()]);
+        let mirror = |uid: &str, namespace: &str| {
+            let mut p = pod(uid, namespace, &[]);
+            p.mirror = Some("36b6d6be73b1065af369b3985edafa09".into());
+            p.host_network = true;
+            p
+        };
+        index.replace_pods(vec![mirror("mirror-uid", "kube-system")]);
+        index.replace_namespaces(Vec::new());
+        let s = settings();
+        let hash = "36b6d6be73b1065af369b3985edafa09";
+        let decision = decide(&index, &s, hash, "node-1").expect("known by its hash");
+        assert_eq!(decision.access, Access::PassThrough);
+        assert_eq!(decision.pod.uid, "mirror-uid");
+        // Only on its own node.
+        assert_eq!(
+            decide(&index, &s, hash, "node-2")
+                .expect_err("other node")
+                .reason(),
+            Reason::PodOnOtherNode
+        );
+        // A second pod claiming the same hash makes neither the answer.
+        index.replace_pods(vec![
+            mirror("mirror-uid", "kube-system"),
+            mirror("forged", "team"),
+        ]);
+        let refusal = decide(&index, &s, hash, "node-1").expect_err("ambiguous");
+        assert_eq!(refusal.reason(), Reason::MirrorPod);
+        assert!(
+            refusal.to_string().contains("claimed by 2 pods"),
+            "{refusal}"
+        );
+        // An unknown hash is an unknown pod.
+        assert_eq!(
+            decide(&index, &s, &hash.replace('3', "4"), "node-1")
+                .expect_err("unknown")
+                .reason(),
+            Reason::PodNotKnown
         );
     }
 
@@ -570,7 +655,7 @@ mod tests {
         system.host_network = true;
         assert_eq!(decide_pod(&s, &system, None), Ok(Access::PassThrough));
         let mut mirror = pod("m", "team", &[]);
-        mirror.mirror = true;
+        mirror.mirror = Some("0123456789abcdef0123456789abcdef".into());
         assert_eq!(
             decide_pod(&s, &mirror, Some(&rules()))
                 .expect_err("mirror")

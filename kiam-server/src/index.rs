@@ -41,8 +41,10 @@ pub struct PodInfo {
     pub service_account: Option<String>,
     /// `spec.hostNetwork`.
     pub host_network: bool,
-    /// A mirror pod: the API's copy of a static pod, annotated `kubernetes.io/config.mirror`.
-    pub mirror: bool,
+    /// A mirror pod (the API's copy of a static pod): the static pod's UID, the kubelet's
+    /// config hash, from its `kubernetes.io/config.mirror` annotation. Agents know static pods
+    /// by that hash (their cgroups carry it), never by the mirror pod's own UID.
+    pub mirror: Option<String>,
     /// The annotations kiam reads (role, external id, session name), by key.
     pub annotations: BTreeMap<String, String>,
 }
@@ -63,7 +65,7 @@ pub type PodHook = Box<dyn Fn(&PodInfo) + Send + Sync>;
 pub struct Index {
     /// Annotation keys kept on pods.
     pod_annotations: Vec<String>,
-    pods: RwLock<HashMap<String, Arc<PodInfo>>>,
+    pods: RwLock<Pods>,
     namespaces: RwLock<HashMap<String, Arc<NamespaceRules>>>,
     pods_synced: AtomicBool,
     namespaces_synced: AtomicBool,
@@ -71,6 +73,49 @@ pub struct Index {
     failing: Mutex<[Option<Instant>; 2]>,
     grace: Duration,
     on_pod: RwLock<Option<PodHook>>,
+}
+
+/// Pods by UID, and mirror pods by the UID of their static pod.
+#[derive(Default)]
+struct Pods {
+    by_uid: HashMap<String, Arc<PodInfo>>,
+    /// Config hash → UIDs of the mirror pods claiming it (one, normally).
+    by_static_hash: HashMap<String, Vec<String>>,
+}
+
+impl Pods {
+    /// Adds or replaces a pod; returns what it replaced.
+    fn insert(&mut self, pod: Arc<PodInfo>) -> Option<Arc<PodInfo>> {
+        let previous = self.by_uid.insert(pod.uid.clone(), pod.clone());
+        if let Some(old) = &previous {
+            self.unlink_static(old);
+        }
+        if let Some(hash) = &pod.mirror {
+            self.by_static_hash
+                .entry(hash.clone())
+                .or_default()
+                .push(pod.uid.clone());
+        }
+        previous
+    }
+
+    fn remove(&mut self, uid: &str) {
+        if let Some(old) = self.by_uid.remove(uid) {
+            self.unlink_static(&old);
+        }
+    }
+
+    fn unlink_static(&mut self, pod: &PodInfo) {
+        let Some(hash) = &pod.mirror else {
+            return;
+        };
+        if let Some(uids) = self.by_static_hash.get_mut(hash) {
+            uids.retain(|u| *u != pod.uid);
+            if uids.is_empty() {
+                self.by_static_hash.remove(hash);
+            }
+        }
+    }
 }
 
 fn annotation(obj: &DynamicObject, key: &str) -> Option<String> {
@@ -94,7 +139,7 @@ impl Index {
     pub fn with_grace(grace: Duration, pod_annotations: Vec<String>) -> Self {
         Self {
             pod_annotations,
-            pods: RwLock::new(HashMap::new()),
+            pods: RwLock::new(Pods::default()),
             namespaces: RwLock::new(HashMap::new()),
             pods_synced: AtomicBool::new(false),
             namespaces_synced: AtomicBool::new(false),
@@ -143,8 +188,21 @@ impl Index {
         self.pods
             .read()
             .unwrap_or_else(|e| e.into_inner())
+            .by_uid
             .get(uid)
             .cloned()
+    }
+
+    /// The mirror pods of the static pod whose UID (config hash) is `hash`: one, unless
+    /// someone else made a pod claiming the same hash.
+    pub fn static_pods(&self, hash: &str) -> Vec<Arc<PodInfo>> {
+        let pods = self.pods.read().unwrap_or_else(|e| e.into_inner());
+        pods.by_static_hash
+            .get(hash)
+            .into_iter()
+            .flatten()
+            .filter_map(|uid| pods.by_uid.get(uid).cloned())
+            .collect()
     }
 
     pub fn namespace(&self, name: &str) -> Option<Arc<NamespaceRules>> {
@@ -156,7 +214,11 @@ impl Index {
     }
 
     pub fn pod_count(&self) -> usize {
-        self.pods.read().unwrap_or_else(|e| e.into_inner()).len()
+        self.pods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_uid
+            .len()
     }
 
     /// Every pod, for deciding which credentials are still in use.
@@ -164,6 +226,7 @@ impl Index {
         self.pods
             .read()
             .unwrap_or_else(|e| e.into_inner())
+            .by_uid
             .values()
             .cloned()
             .collect()
@@ -184,7 +247,7 @@ impl Index {
             phase: str_at(&obj.data, &["status", "phase"]),
             service_account: str_at(&obj.data, &["spec", "serviceAccountName"]),
             host_network: obj.data["spec"]["hostNetwork"].as_bool().unwrap_or(false),
-            mirror: annotation(obj, ANNOTATION_MIRROR).is_some(),
+            mirror: annotation(obj, ANNOTATION_MIRROR),
             annotations,
         })
     }
@@ -206,7 +269,7 @@ impl Index {
         };
         let changed = {
             let mut pods = self.pods.write().unwrap_or_else(|e| e.into_inner());
-            let previous = pods.insert(pod.uid.clone(), Arc::new(pod.clone()));
+            let previous = pods.insert(Arc::new(pod.clone()));
             previous.as_deref() != Some(&pod)
         };
         if changed {
@@ -225,15 +288,16 @@ impl Index {
 
     /// Replaces every pod with `pods` (projected as they arrived).
     pub fn replace_pods(&self, pods: Vec<PodInfo>) {
-        let fresh: HashMap<String, Arc<PodInfo>> = pods
-            .into_iter()
-            .map(|p| (p.uid.clone(), Arc::new(p)))
-            .collect();
+        let mut fresh = Pods::default();
+        for pod in pods {
+            fresh.insert(Arc::new(pod));
+        }
         let added: Vec<Arc<PodInfo>> = {
             let mut pods = self.pods.write().unwrap_or_else(|e| e.into_inner());
             let added = fresh
+                .by_uid
                 .values()
-                .filter(|p| pods.get(&p.uid) != Some(*p))
+                .filter(|p| pods.by_uid.get(&p.uid) != Some(*p))
                 .cloned()
                 .collect();
             *pods = fresh;
@@ -444,12 +508,46 @@ mod tests {
         }))
         .expect("object");
         let pod = index.pod_info(&obj).expect("pod");
-        assert!(pod.host_network && pod.mirror);
+        assert!(pod.host_network);
+        assert_eq!(pod.mirror.as_deref(), Some("abc"));
         assert_eq!(pod.service_account.as_deref(), Some("kube-proxy"));
         let plain = index
             .pod_info(&pod_object("u1", "a", "n1", None))
             .expect("pod");
-        assert!(!plain.host_network && !plain.mirror);
+        assert!(!plain.host_network && plain.mirror.is_none());
+    }
+
+    #[test]
+    fn static_pods_are_found_by_their_config_hash_through_their_mirror_pods() {
+        let index = index();
+        let mirror = |uid: &str, hash: &str| -> DynamicObject {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": format!("etcd-{uid}"), "namespace": "kube-system", "uid": uid,
+                             "annotations": {"kubernetes.io/config.mirror": hash,
+                                             "kubernetes.io/config.hash": hash}},
+                "spec": {"nodeName": "n1", "hostNetwork": true},
+            }))
+            .expect("object")
+        };
+        let project = |o: DynamicObject| index.pod_info(&o).expect("a pod");
+        index.replace_pods(vec![project(mirror("m1", "h1"))]);
+        let found = index.static_pods("h1");
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].uid, "m1");
+        assert!(index.static_pods("m1").is_empty(), "by hash, not by UID");
+        // A second pod claiming the same hash is found too (the decision refuses both).
+        index.apply_pod(&mirror("m2", "h1"));
+        assert_eq!(index.static_pods("h1").len(), 2);
+        // Deleting or changing a mirror pod unlinks it.
+        index.delete_pod(&mirror("m2", "h1"));
+        assert_eq!(index.static_pods("h1").len(), 1);
+        index.apply_pod(&mirror("m1", "h2"));
+        assert!(index.static_pods("h1").is_empty());
+        assert_eq!(index.static_pods("h2").len(), 1);
+        // A relist replaces the hash index with the pods.
+        index.replace_pods(Vec::new());
+        assert!(index.static_pods("h2").is_empty());
     }
 
     #[test]

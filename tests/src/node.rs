@@ -304,6 +304,10 @@ impl Node {
     fn add_pod_cgroup(&mut self, qos: &str, netns: String, ip: Ipv4Addr) -> Pod {
         self.pods += 1;
         let uid = uuid(&self.id, self.pods);
+        self.pod_cgroup(qos, netns, ip, uid)
+    }
+
+    fn pod_cgroup(&mut self, qos: &str, netns: String, ip: Ipv4Addr, uid: String) -> Pod {
         let container_id = container_id(&uid);
         let cgroup = self
             .kubepods
@@ -405,6 +409,16 @@ impl Node {
         if let Some(pod_dir) = pod.cgroup.parent() {
             remove_cgroup_tree(pod_dir);
         }
+    }
+
+    /// A static pod, as the kubelet runs one from a manifest on the node (kube-proxy, etcd):
+    /// its UID, and so its cgroup, is the kubelet's config hash (32 hex digits, no dashes);
+    /// host network.
+    pub fn add_static_host_network_pod(&mut self) -> Pod {
+        self.pods += 1;
+        let hash = uuid(&self.id, self.pods).replace('-', "");
+        let ns = self.netns.clone();
+        self.pod_cgroup("burstable", ns, AGENT_IP, hash)
     }
 
     /// A host-network pod: a pod cgroup in the node's namespace.

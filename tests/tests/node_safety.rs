@@ -5,7 +5,8 @@
 //! - credential and identity paths never reach the node's metadata service, whatever the
 //!   allow-list says;
 //! - pins must live on a bpffs the host sees;
-//! - mirror pods get nothing;
+//! - static pods are known by their config hash, passed through when selected, never given a
+//!   role;
 //! - a link-local agent address cannot be captured by a DNAT rule for the node's address.
 //!
 //! Run as root by `cargo xtask test`; without root each test prints a loud SKIP.
@@ -295,27 +296,63 @@ fn credential_and_identity_paths_never_reach_the_node_whatever_the_allow_list() 
     );
 }
 
+/// Static pods (kube-proxy, etcd, a self-managed control plane) run in cgroups named by the
+/// kubelet's config hash; the API knows them as mirror pods with other UIDs.
 #[test]
-fn mirror_pods_get_nothing_and_are_counted() {
-    if !privileged("mirror pods") {
+fn static_pods_are_known_by_their_config_hash_and_only_ever_passed_through() {
+    if !privileged("static pods") {
         return;
     }
     let mut c = cluster(&[]);
-    let pod = c.node.add_pod();
-    let mut object = PodObject::new("team", "static-web-node-1", NODE_NAME);
-    object.uid = Some(&pod.uid);
-    object.annotations = json!({
-        "iam.amazonaws.com/role": "app-static",
-        "kubernetes.io/config.mirror": "0123456789abcdef",
-    });
-    c.kube.put_pod(&object);
+    let mirror_of = |pod: &Pod, namespace: &'static str, name: &'static str| {
+        let mut object = PodObject::new(namespace, name, NODE_NAME);
+        object.host_network = true;
+        // The node wrote the manifest: it may name any role, and it never gets one.
+        object.annotations = json!({
+            "iam.amazonaws.com/role": "app-static",
+            "kubernetes.io/config.mirror": pod.uid,
+            "kubernetes.io/config.hash": pod.uid,
+            "kubernetes.io/config.source": "file",
+        });
+        object
+    };
+    // kube-proxy: host network in kube-system, selected by the default pass-through rule.
+    let proxy = c.node.add_static_host_network_pod();
+    assert_eq!(proxy.uid.len(), 32, "a config hash: {}", proxy.uid);
+    let mirror_uid = c
+        .kube
+        .put_pod(&mirror_of(&proxy, "kube-system", "kube-proxy-node-1"));
+    assert_ne!(mirror_uid, proxy.uid, "the mirror pod has a UID of its own");
+    let instance_id = format!("{META}/latest/meta-data/instance-id");
+    assert!(
+        poll(Duration::from_secs(10), || helper(
+            &c.node,
+            &proxy,
+            &["get", &instance_id]
+        ) == "200 real-imds"),
+        "the static system pod never reached the node's metadata:\n{}",
+        c.node.agent_log()
+    );
     let listing = format!("{META}/latest/meta-data/iam/security-credentials/");
+    assert_eq!(
+        helper(&c.node, &proxy, &["get", &listing]),
+        "200 node-role",
+        "the node's own metadata, not the role its manifest names"
+    );
+
+    // A static pod no rule selects: a clear 403 that says why, counted, and no STS call.
+    let web = c.node.add_static_host_network_pod();
+    c.kube
+        .put_pod(&mirror_of(&web, "team", "static-web-node-1"));
     let mut line = String::new();
-    assert!(poll(Duration::from_secs(10), || {
-        line = helper(&c.node, &pod, &["get", &listing]);
-        line.starts_with("403")
-    }));
-    assert!(line.contains("mirror"), "{line}");
+    assert!(
+        poll(Duration::from_secs(10), || {
+            line = helper(&c.node, &web, &["get", &listing]);
+            line.starts_with("403")
+        }),
+        "{line}"
+    );
+    assert!(line.contains("static pod"), "{line}");
     let refused: f64 = c
         .servers
         .iter()
@@ -327,7 +364,7 @@ fn mirror_pods_get_nothing_and_are_counted() {
             .unwrap_or(0.0)
         })
         .sum();
-    assert!(refused >= 1.0, "mirror refusals counted: {refused}");
+    assert!(refused >= 1.0, "static pod refusals counted: {refused}");
     assert_eq!(c.sts.calls(), 0);
 }
 
