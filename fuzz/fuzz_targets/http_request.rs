@@ -40,6 +40,7 @@ fn world() -> &'static World {
                 min_validity: Duration::from_secs(1800),
                 role_ttl: Duration::from_secs(10),
                 refusal_ttl: Duration::from_secs(1),
+                refresh_wait: Duration::from_millis(10),
             },
         );
         let imds = Arc::new(Imds {

@@ -14,7 +14,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc, RwLock,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -127,6 +127,18 @@ pub struct Servers {
     tls_files: std::sync::Mutex<Vec<Option<std::time::SystemTime>>>,
     backends: RwLock<Vec<Arc<Backend>>>,
     next: AtomicUsize,
+    /// Whether a server answered the last call or health check (see
+    /// [`crate::upstream::RoleServer::answering`]).
+    answering: Arc<AtomicBool>,
+}
+
+/// Whether `result` came from a server (an answer, or a refusal with its reason) rather than
+/// from the transport or a timeout.
+fn answered<T>(result: &Result<T, Status>) -> bool {
+    match result {
+        Ok(_) => true,
+        Err(status) => reason_of(status) != Reason::Unspecified,
+    }
 }
 
 fn read(path: &PathBuf) -> Result<Vec<u8>, ClientError> {
@@ -196,6 +208,7 @@ impl Servers {
             tls_files: std::sync::Mutex::new(files),
             backends: RwLock::new(Vec::new()),
             next: AtomicUsize::new(0),
+            answering: Arc::new(AtomicBool::new(true)),
         }))
     }
 
@@ -291,7 +304,10 @@ impl Servers {
                 .map(|r| r.into_inner().ready);
             (backend.addr, answer)
         });
-        futures::future::join_all(checks).await
+        let answers = futures::future::join_all(checks).await;
+        let any = answers.iter().any(|(_, a)| matches!(a, Ok(true)));
+        self.answering.store(any, Ordering::Relaxed);
+        answers
     }
 
     fn snapshot(&self) -> Vec<Arc<Backend>> {
@@ -302,18 +318,22 @@ impl Servers {
     }
 
     /// Calls `op` on the servers until one answers, within `deadline` (see
-    /// [`call_backends`]).
-    pub async fn call<T: Send + 'static>(
+    /// [`call_backends`]), and remembers whether one did.
+    fn call<T: Send + 'static>(
         &self,
         deadline: Instant,
-        op: impl Fn(Client) -> BoxFuture<'static, Result<T, Status>>,
-    ) -> Result<T, Status> {
+        op: impl Fn(Client) -> BoxFuture<'static, Result<T, Status>> + Send + Sync + 'static,
+    ) -> BoxFuture<'static, Result<T, Status>> {
         let backends = self.snapshot();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        call_backends(&backends, start, self.options.hedge_after, deadline, |b| {
-            op(b.client.clone())
-        })
-        .await
+        let (hedge, answering) = (self.options.hedge_after, self.answering.clone());
+        async move {
+            let result =
+                call_backends(&backends, start, hedge, deadline, |b| op(b.client.clone())).await;
+            answering.store(answered(&result), Ordering::Relaxed);
+            result
+        }
+        .boxed()
     }
 }
 
@@ -323,17 +343,10 @@ impl crate::upstream::RoleServer for Servers {
         request: GetPodRoleRequest,
         deadline: Instant,
     ) -> BoxFuture<'static, Result<GetPodRoleResponse, Status>> {
-        let backends = self.snapshot();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let hedge = self.options.hedge_after;
-        async move {
-            call_backends(&backends, start, hedge, deadline, |b| {
-                let (mut client, request) = (b.client.clone(), with_deadline(&request, deadline));
-                async move { client.get_pod_role(request).await.map(|r| r.into_inner()) }.boxed()
-            })
-            .await
-        }
-        .boxed()
+        self.call(deadline, move |mut client| {
+            let request = with_deadline(&request, deadline);
+            async move { client.get_pod_role(request).await.map(|r| r.into_inner()) }.boxed()
+        })
     }
 
     fn credentials(
@@ -341,23 +354,20 @@ impl crate::upstream::RoleServer for Servers {
         request: GetCredentialsRequest,
         deadline: Instant,
     ) -> BoxFuture<'static, Result<ProtoCredentials, Status>> {
-        let backends = self.snapshot();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let hedge = self.options.hedge_after;
-        async move {
-            call_backends(&backends, start, hedge, deadline, |b| {
-                let (mut client, request) = (b.client.clone(), with_deadline(&request, deadline));
-                async move {
-                    client
-                        .get_credentials(request)
-                        .await
-                        .map(|r| r.into_inner())
-                }
-                .boxed()
-            })
-            .await
-        }
-        .boxed()
+        self.call(deadline, move |mut client| {
+            let request = with_deadline(&request, deadline);
+            async move {
+                client
+                    .get_credentials(request)
+                    .await
+                    .map(|r| r.into_inner())
+            }
+            .boxed()
+        })
+    }
+
+    fn answering(&self) -> bool {
+        self.answering.load(Ordering::Relaxed)
     }
 }
 

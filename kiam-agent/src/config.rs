@@ -206,6 +206,11 @@ pub struct ApiArgs {
     /// How long a pod's role is trusted before the servers are asked again.
     #[arg(long, env = "KIAM_ROLE_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub role_ttl: Duration,
+    /// How long a request whose pod's answer is older than `--role-ttl` waits for the
+    /// servers' fresh one before the held answer is served (the fresh one replaces it when it
+    /// comes). While the servers are known to be unreachable, held answers are served at once.
+    #[arg(long, env = "KIAM_REFRESH_WAIT", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub refresh_wait: Duration,
     /// How long a refusal (no role annotation, role not permitted, …) is remembered before
     /// the servers are asked again, so a pod without a role costs them little.
     #[arg(long, env = "KIAM_REFUSAL_TTL", default_value = "2s", value_parser = humantime::parse_duration)]
@@ -290,6 +295,8 @@ pub enum ConfigError {
     AllowRoute(String),
     #[error("--request-deadline must be between 100ms and 5s")]
     Deadline,
+    #[error("--refresh-wait must not be longer than --request-deadline")]
+    RefreshWait,
     #[error(
         "--min-validity must be more than 15m: SDKs refresh credentials expiring sooner on every call"
     )]
@@ -314,6 +321,9 @@ pub fn api(args: &ApiArgs) -> Result<regex::Regex, ConfigError> {
     }
     if !(Duration::from_millis(100)..=Duration::from_secs(5)).contains(&args.request_deadline) {
         return Err(ConfigError::Deadline);
+    }
+    if args.refresh_wait > args.request_deadline {
+        return Err(ConfigError::RefreshWait);
     }
     if args.min_validity <= Duration::from_secs(900) {
         return Err(ConfigError::MinValidity);

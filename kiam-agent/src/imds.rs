@@ -302,6 +302,7 @@ impl Imds {
                     min_validity: Duration::from_secs(1800),
                     role_ttl: Duration::from_secs(10),
                     refusal_ttl: Duration::from_secs(1),
+                    refresh_wait: Duration::from_millis(10),
                 },
             ),
             allow: Regex::new(allow).expect("regex"),

@@ -154,6 +154,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 min_validity: args.api.min_validity,
                 role_ttl: args.api.role_ttl,
                 refusal_ttl: args.api.refusal_ttl,
+                refresh_wait: args.api.refresh_wait,
             },
         );
         {

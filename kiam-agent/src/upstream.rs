@@ -5,11 +5,19 @@
 //! - Entries are keyed by pod UID (never shared between pods) and credentials are only served
 //!   with at least the minimum validity left.
 //! - A pod's answer (its role, or the node's metadata service) is trusted for `--role-ttl`,
-//!   then asked again; while no server answers, the last answer stands for as long as the pod
-//!   exists (its cgroup), so held credentials keep being served through an outage.
+//!   then asked again. A request that finds its pod's answer past that waits at most
+//!   `--refresh-wait` for the servers' fresh one, and not at all while the servers are known
+//!   to be unreachable: the held answer is served and the servers' answer replaces it when it
+//!   comes. While no server answers, the last answer stands for as long as the pod exists
+//!   (its cgroup), so held answers and credentials keep being served through an outage at
+//!   once, never after a deadline.
+//! - Only what a server says about the pod replaces a held answer (a refusal carrying one of
+//!   the pod's reasons); a transport error, a timeout or a server that cannot answer never
+//!   does.
 //! - Definite refusals (no annotation, forbidden, …) are remembered for `--refusal-ttl`, so a
 //!   pod without a role cannot make every one of its requests cost the servers a call. "Not
 //!   known yet" is never remembered: the pod is about to be.
+//! - One call to the servers per pod at a time: concurrent requests of one pod share it.
 //! - Credentials are refreshed in the background once they have less than the minimum
 //!   validity plus 10 minutes left, at most once every 30 s per pod.
 //!
@@ -18,18 +26,21 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, OnceLock, RwLock},
+    sync::{Arc, Mutex, OnceLock, RwLock},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use futures::future::BoxFuture;
+use futures::{
+    FutureExt as _,
+    future::{BoxFuture, Shared},
+};
 use hyper::body::Bytes;
 use kiam_proto::{
     Credentials as ProtoCredentials, GetCredentialsRequest, GetPodRoleRequest, GetPodRoleResponse,
     Reason, reason_of,
 };
 use tokio::time::Instant;
-use tonic::{Code, Status};
+use tonic::Status;
 
 /// The kiam servers, as the cache sees them.
 pub trait RoleServer: Send + Sync + 'static {
@@ -43,6 +54,11 @@ pub trait RoleServer: Send + Sync + 'static {
         request: GetCredentialsRequest,
         deadline: Instant,
     ) -> BoxFuture<'static, Result<ProtoCredentials, Status>>;
+    /// Whether any server is believed to answer now (the last call or health check got an
+    /// answer). While not, requests with held answers do not wait for them.
+    fn answering(&self) -> bool {
+        true
+    }
 }
 
 /// Wall-clock time, in Unix seconds (credential expiry is absolute).
@@ -103,10 +119,13 @@ pub struct Settings {
     pub deadline: Duration,
     pub min_validity: Duration,
     /// How long a pod's answer is trusted before asking again (annotation changes apply
-    /// after at most this long).
+    /// after at most this long, while the servers answer).
     pub role_ttl: Duration,
     /// How long a definite refusal is remembered.
     pub refusal_ttl: Duration,
+    /// How long a request whose pod has a held answer past `role_ttl` waits for the
+    /// servers' fresh one before the held one is served.
+    pub refresh_wait: Duration,
 }
 
 enum Outcome {
@@ -120,6 +139,8 @@ struct Entry {
 }
 
 type CredsKey = (String, String);
+/// One call to the servers, shared by every request waiting for it.
+type Flight<T> = Shared<BoxFuture<'static, Result<T, Status>>>;
 
 pub struct Upstream {
     servers: Option<Arc<dyn RoleServer>>,
@@ -130,7 +151,10 @@ pub struct Upstream {
     /// the credentials. A pod has one role at a time.
     creds: RwLock<HashMap<String, (String, Arc<Creds>)>>,
     /// Background refreshes started, by key: at most one every `REFRESH_SPACING`.
-    refreshing: std::sync::Mutex<HashMap<CredsKey, Instant>>,
+    refreshing: Mutex<HashMap<CredsKey, Instant>>,
+    /// Calls to the servers in flight, by pod (roles) and by pod and role (credentials).
+    role_flights: Mutex<HashMap<String, Flight<Access>>>,
+    creds_flights: Mutex<HashMap<CredsKey, Flight<Arc<Creds>>>>,
 }
 
 /// Minimum time between two background refreshes of one pod's credentials.
@@ -138,14 +162,52 @@ const REFRESH_SPACING: Duration = Duration::from_secs(30);
 /// Credentials are refreshed once they have less than the minimum validity plus this left.
 const REFRESH_MARGIN: Duration = Duration::from_secs(600);
 
-/// No server answered: held answers stand.
-fn unavailable_or_late(status: &Status) -> bool {
-    matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded)
+/// Whether a server's error is an answer about the pod (it looked at the pod and said no, or
+/// does not know it): only those replace what is held. Everything else (transport errors,
+/// timeouts, a server not synced, STS trouble, the agent's own identity refused) says nothing
+/// about the pod, and held answers stand.
+fn about_the_pod(status: &Status) -> bool {
+    match reason_of(status) {
+        Reason::BadRequest
+        | Reason::PodNotKnown
+        | Reason::PodOnOtherNode
+        | Reason::PodCompleted
+        | Reason::MirrorPod
+        | Reason::NoRoleAnnotation
+        | Reason::RoleInvalid
+        | Reason::RoleNotPermitted
+        | Reason::NamespaceRuleInvalid
+        | Reason::OtherRole
+        | Reason::NodeMetadataPassthrough
+        | Reason::TooManySessions => true,
+        Reason::Unspecified
+        | Reason::IndexNotSynced
+        | Reason::AgentIdentityMissing
+        | Reason::AgentNodeMismatch
+        | Reason::AgentTokenInvalid
+        | Reason::AgentTokenExpired
+        | Reason::AgentTokenWrongAudience
+        | Reason::AgentTokenWrongServiceAccount
+        | Reason::AgentTokenReviewUnavailable
+        | Reason::AgentTokenNoNode
+        | Reason::StsDenied
+        | Reason::StsUnavailable
+        | Reason::StsInvalid => false,
+    }
 }
 
 /// A refusal worth remembering: the servers looked at the pod and said no.
 fn definite(status: &Status) -> bool {
-    !unavailable_or_late(status) && reason_of(status) != Reason::PodNotKnown
+    about_the_pod(status) && reason_of(status) != Reason::PodNotKnown
+}
+
+/// Waits for `flight` until `until`; the call itself goes on in the background.
+async fn wait<T: Clone>(flight: Flight<T>, until: Instant) -> Option<Result<T, Status>> {
+    tokio::time::timeout_at(until, flight).await.ok()
+}
+
+fn late() -> Status {
+    Status::deadline_exceeded("no kiam server answered in time")
 }
 
 impl Upstream {
@@ -160,7 +222,9 @@ impl Upstream {
             settings,
             roles: RwLock::new(HashMap::new()),
             creds: RwLock::new(HashMap::new()),
-            refreshing: std::sync::Mutex::new(HashMap::new()),
+            refreshing: Mutex::new(HashMap::new()),
+            role_flights: Mutex::new(HashMap::new()),
+            creds_flights: Mutex::new(HashMap::new()),
         })
     }
 
@@ -183,7 +247,11 @@ impl Upstream {
     }
 
     /// What the pod may have; a cached answer while fresh, or while no server answers.
-    pub async fn access(&self, pod_uid: &str, deadline: Instant) -> Result<Access, Status> {
+    pub async fn access(
+        self: &Arc<Self>,
+        pod_uid: &str,
+        deadline: Instant,
+    ) -> Result<Access, Status> {
         let cached = {
             let roles = self.roles.read().unwrap_or_else(|e| e.into_inner());
             roles.get(pod_uid).map(|e| match &e.outcome {
@@ -197,17 +265,64 @@ impl Upstream {
                 ),
             })
         };
-        if let Some((answer, true)) = &cached {
-            return answer.clone();
+        let held = match cached {
+            Some((answer, true)) => return answer,
+            Some((Ok(held), false)) => Some(held),
+            _ => None,
+        };
+        let servers = self.servers()?.clone();
+        let (flight, new) = self.role_flight(pod_uid);
+        let Some(held) = held else {
+            return wait(flight, deadline).await.unwrap_or_else(|| Err(late()));
+        };
+        // Only the request that started the call waits for it, and only while the servers
+        // are believed to answer.
+        if !new || !servers.answering() {
+            return Ok(held);
         }
+        let until = (Instant::now() + self.settings.refresh_wait).min(deadline);
+        match wait(flight, until).await {
+            Some(answer) => answer,
+            None => Ok(held),
+        }
+    }
+
+    /// The call asking the servers about `pod_uid`: the one in flight, or a new one (then
+    /// `true`). It runs to its end in the background whoever waits for it, and records its
+    /// answer.
+    fn role_flight(self: &Arc<Self>, pod_uid: &str) -> (Flight<Access>, bool) {
+        let mut flights = self.role_flights.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(flight) = flights.get(pod_uid) {
+            return (flight.clone(), false);
+        }
+        let (this, uid) = (self.clone(), pod_uid.to_owned());
+        let flight = async move {
+            let answer = this.ask_role(&uid).await;
+            this.role_flights
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&uid);
+            answer
+        }
+        .boxed()
+        .shared();
+        flights.insert(pod_uid.to_owned(), flight.clone());
+        tokio::spawn(flight.clone());
+        (flight, true)
+    }
+
+    async fn ask_role(&self, pod_uid: &str) -> Result<Access, Status> {
         let request = GetPodRoleRequest {
             pod_uid: pod_uid.to_owned(),
             node_name: self.settings.node.clone(),
         };
-        let answer = self.servers()?.pod_role(request, deadline).await;
-        let previous = match cached {
-            Some((Ok(access), _)) => Some(access),
-            _ => None,
+        let answer = self.servers()?.pod_role(request, self.deadline()).await;
+        let previous = {
+            let roles = self.roles.read().unwrap_or_else(|e| e.into_inner());
+            match roles.get(pod_uid).map(|e| &e.outcome) {
+                Some(Outcome::Access(access)) => Some(access.clone()),
+                _ => None,
+            }
         };
         match answer {
             Ok(answer) => {
@@ -225,7 +340,7 @@ impl Upstream {
                 self.remember(pod_uid, Outcome::Access(access.clone()));
                 Ok(access)
             }
-            Err(status) if unavailable_or_late(&status) => previous.ok_or(status),
+            Err(status) if !about_the_pod(&status) => previous.ok_or(status),
             Err(status) => {
                 // The servers said no (deleted, forbidden, no annotation): nothing held for
                 // this pod may be served any more.
@@ -272,18 +387,44 @@ impl Upstream {
         }
     }
 
-    async fn fetch(
-        &self,
-        pod_uid: &str,
-        role: &Role,
-        deadline: Instant,
-    ) -> Result<Arc<Creds>, Status> {
+    /// The call fetching credentials for `role` of `pod_uid`: the one in flight, or a new
+    /// one, run to its end in the background.
+    fn creds_flight(self: &Arc<Self>, pod_uid: &str, role: &Role) -> Flight<Arc<Creds>> {
+        let key = (pod_uid.to_owned(), role.arn.clone());
+        let mut flights = self.creds_flights.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(flight) = flights.get(&key) {
+            return flight.clone();
+        }
+        let (this, role, done) = (self.clone(), role.clone(), key.clone());
+        let flight = async move {
+            let answer = this.fetch(&done.0, &role).await;
+            this.creds_flights
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&done);
+            answer
+        }
+        .boxed()
+        .shared();
+        flights.insert(key, flight.clone());
+        tokio::spawn(flight.clone());
+        flight
+    }
+
+    async fn fetch(&self, pod_uid: &str, role: &Role) -> Result<Arc<Creds>, Status> {
         let request = GetCredentialsRequest {
             pod_uid: pod_uid.to_owned(),
             node_name: self.settings.node.clone(),
             role_name: role.name.clone(),
         };
-        let answer = self.servers()?.credentials(request, deadline).await?;
+        let answer = self.servers()?.credentials(request, self.deadline()).await;
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(status) => {
+                tracing::warn!(pod_uid, role = %role.arn, error = %status.message(), "fetching credentials failed");
+                return Err(status);
+            }
+        };
         if answer.role_arn != role.arn {
             // The pod's role changed between the two calls: the next request starts over.
             self.forget_creds(pod_uid);
@@ -337,18 +478,16 @@ impl Upstream {
             }
             if left >= self.settings.min_validity {
                 if self.claim_refresh(&(pod_uid.to_owned(), current.arn.clone())) {
-                    let (this, uid, role) = (self.clone(), pod_uid.to_owned(), current.clone());
-                    tokio::spawn(async move {
-                        let deadline = this.deadline();
-                        if let Err(status) = this.fetch(&uid, &role, deadline).await {
-                            tracing::warn!(pod_uid = %uid, role = %role.arn, error = %status.message(), "background refresh failed");
-                        }
-                    });
+                    // Runs to its end in the background; the held credentials are served.
+                    drop(self.creds_flight(pod_uid, current));
                 }
                 return Ok(creds);
             }
         }
-        let creds = self.fetch(pod_uid, current, deadline).await?;
+        self.servers()?;
+        let creds = wait(self.creds_flight(pod_uid, current), deadline)
+            .await
+            .unwrap_or_else(|| Err(late()))?;
         match self.remaining(&creds) {
             left if left >= self.settings.min_validity => Ok(creds),
             left => Err(Status::unavailable(format!(
@@ -386,13 +525,10 @@ impl Upstream {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{
-        Mutex,
-        atomic::{AtomicI64, AtomicUsize, Ordering},
-    };
+    use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 
-    use futures::FutureExt as _;
     use kiam_proto::Refusal;
+    use tonic::Code;
 
     use super::*;
 
@@ -406,14 +542,19 @@ mod tests {
     }
 
     const START: i64 = 1_700_000_000;
+    const REFRESH_WAIT: Duration = Duration::from_millis(100);
 
-    /// Servers whose answers the test sets; counts calls.
+    /// Servers whose answers the test sets; counts calls. Frozen, they answer nothing until
+    /// the caller's deadline, then fail as tonic does when its timeout fires.
     #[derive(Default)]
     struct FakeServers {
         role: Mutex<Option<Result<GetPodRoleResponse, Status>>>,
         creds: Mutex<Option<Result<ProtoCredentials, Status>>>,
         role_calls: AtomicUsize,
         creds_calls: AtomicUsize,
+        frozen: AtomicBool,
+        /// What the client believes (`RoleServer::answering`).
+        unreachable: AtomicBool,
     }
 
     impl FakeServers {
@@ -433,24 +574,43 @@ mod tests {
 
     struct Shared(Arc<FakeServers>);
 
+    /// The answer a fake server gives at `deadline`, or at once.
+    fn answer<T: Send + 'static>(
+        frozen: bool,
+        answer: Option<Result<T, Status>>,
+        deadline: Instant,
+    ) -> BoxFuture<'static, Result<T, Status>> {
+        async move {
+            if frozen {
+                tokio::time::sleep_until(deadline).await;
+                return Err(Status::cancelled("Timeout expired"));
+            }
+            answer.unwrap_or_else(|| Err(Status::unavailable("down")))
+        }
+        .boxed()
+    }
+
     impl RoleServer for Shared {
         fn pod_role(
             &self,
             _: GetPodRoleRequest,
-            _: Instant,
+            deadline: Instant,
         ) -> BoxFuture<'static, Result<GetPodRoleResponse, Status>> {
             self.0.role_calls.fetch_add(1, Ordering::SeqCst);
-            let answer = self.0.role.lock().expect("lock").clone();
-            async move { answer.unwrap_or_else(|| Err(Status::unavailable("down"))) }.boxed()
+            let frozen = self.0.frozen.load(Ordering::SeqCst);
+            answer(frozen, self.0.role.lock().expect("lock").clone(), deadline)
         }
         fn credentials(
             &self,
             _: GetCredentialsRequest,
-            _: Instant,
+            deadline: Instant,
         ) -> BoxFuture<'static, Result<ProtoCredentials, Status>> {
             self.0.creds_calls.fetch_add(1, Ordering::SeqCst);
-            let answer = self.0.creds.lock().expect("lock").clone();
-            async move { answer.unwrap_or_else(|| Err(Status::unavailable("down"))) }.boxed()
+            let frozen = self.0.frozen.load(Ordering::SeqCst);
+            answer(frozen, self.0.creds.lock().expect("lock").clone(), deadline)
+        }
+        fn answering(&self) -> bool {
+            !self.0.unreachable.load(Ordering::SeqCst)
         }
     }
 
@@ -499,6 +659,7 @@ mod tests {
                 min_validity: Duration::from_secs(1800),
                 role_ttl: Duration::from_secs(10),
                 refusal_ttl: Duration::from_secs(2),
+                refresh_wait: REFRESH_WAIT,
             },
         );
         Fixture {
@@ -672,5 +833,113 @@ mod tests {
         tokio::time::advance(Duration::from_secs(11)).await;
         assert!(f.role().await.is_err());
         assert!(f.upstream.creds.read().expect("lock").is_empty());
+    }
+
+    /// Times `f` on the paused clock.
+    async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, Duration) {
+        let started = Instant::now();
+        let out = f.await;
+        (out, started.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn frozen_servers_never_hold_up_or_replace_a_held_answer() {
+        let f = fixture();
+        f.servers.answer_role(Ok(role_answer("app")));
+        f.servers
+            .answer_creds(Ok(creds_answer("app", 3600, f.now())));
+        assert!(f.role().await.is_ok());
+        let held = f.creds("app").await.expect("fetched");
+        // Every server frozen (SIGSTOP): connections open, nothing answers.
+        f.servers.frozen.store(true, Ordering::SeqCst);
+        tokio::time::advance(Duration::from_secs(11)).await;
+        // The first request past the role TTL waits the short budget, not the deadline.
+        let (role, took) = timed(f.role()).await;
+        assert!(matches!(role, Ok(Access::Role(r)) if r.name == "app"));
+        assert_eq!(took, REFRESH_WAIT);
+        // The next requests of the pod, while that call is still in flight, do not wait.
+        let (role, took) = timed(f.role()).await;
+        assert!(role.is_ok());
+        assert_eq!(took, Duration::ZERO);
+        assert_eq!(f.servers.calls().0, 2, "one call since the freeze");
+        // Its call times out in the background ("Timeout expired", no reason): that says
+        // nothing about the pod, so the held role and credentials stay.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        tokio::task::yield_now().await;
+        let (role, _) = timed(f.role()).await;
+        assert!(
+            matches!(&role, Ok(Access::Role(r)) if r.name == "app"),
+            "{role:?}"
+        );
+        let (creds, took) = timed(f.creds("app")).await;
+        assert_eq!(creds.expect("held").access_key_id, held.access_key_id);
+        assert_eq!(took, Duration::ZERO);
+        // Once the client knows no server answers, nothing waits at all.
+        f.servers.unreachable.store(true, Ordering::SeqCst);
+        tokio::time::advance(Duration::from_secs(11)).await;
+        for _ in 0..3 {
+            let (role, took) = timed(f.role()).await;
+            assert!(role.is_ok());
+            assert_eq!(took, Duration::ZERO);
+        }
+        // A pod with nothing held waits up to the deadline, and is told why.
+        let (none, took) = timed(f.upstream.access("other", f.upstream.deadline())).await;
+        assert_eq!(took, Duration::from_millis(900));
+        let why = none.expect_err("no answer");
+        assert!(
+            matches!(why.code(), Code::DeadlineExceeded | Code::Cancelled),
+            "{why:?}"
+        );
+        // The servers come back: the next stale request gets their fresh answer.
+        f.servers.frozen.store(false, Ordering::SeqCst);
+        f.servers.unreachable.store(false, Ordering::SeqCst);
+        f.servers.answer_role(Ok(role_answer("other")));
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(matches!(f.role().await, Ok(Access::Role(r)) if r.name == "other"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_requests_of_one_pod_share_one_call() {
+        let f = fixture();
+        f.servers.frozen.store(true, Ordering::SeqCst);
+        let asks = (0..10).map(|_| f.role());
+        let answers = futures::future::join_all(asks).await;
+        assert!(answers.iter().all(Result::is_err));
+        assert_eq!(f.servers.calls().0, 1, "one call for ten requests");
+        f.servers.frozen.store(false, Ordering::SeqCst);
+        f.servers.answer_role(Ok(role_answer("app")));
+        f.servers
+            .answer_creds(Ok(creds_answer("app", 3600, f.now())));
+        let fetches = (0..10).map(|_| f.creds("app"));
+        let fetched = futures::future::join_all(fetches).await;
+        assert!(fetched.iter().all(Result::is_ok));
+        assert_eq!(
+            f.servers.calls().1,
+            1,
+            "one credentials call for ten requests"
+        );
+    }
+
+    #[test]
+    fn only_answers_about_the_pod_replace_what_is_held() {
+        for (status, about) in [
+            (Status::cancelled("Timeout expired"), false),
+            (Status::unknown("tcp connect error"), false),
+            (Status::unavailable("connection refused"), false),
+            (Status::internal("h2 protocol error"), false),
+            (refusal(Code::Unavailable, Reason::IndexNotSynced), false),
+            (
+                refusal(Code::Unauthenticated, Reason::AgentTokenExpired),
+                false,
+            ),
+            (refusal(Code::NotFound, Reason::PodNotKnown), true),
+            (
+                refusal(Code::PermissionDenied, Reason::RoleNotPermitted),
+                true,
+            ),
+            (refusal(Code::NotFound, Reason::NoRoleAnnotation), true),
+        ] {
+            assert_eq!(about_the_pod(&status), about, "{status:?}");
+        }
     }
 }

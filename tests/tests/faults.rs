@@ -15,6 +15,7 @@ use kiam_e2e::{
     cluster::{Cluster, NODE_NAME},
     metric,
     node::{HELPER, IMDS, Node, Pod, privileged},
+    poll,
     stack::{Certs, Kube, PodObject, Server, Sts, eventually},
 };
 use kiam_server::proto::{GetCredentialsRequest, Reason, reason_of};
@@ -106,6 +107,110 @@ fn a_frozen_or_killed_server_is_invisible_to_pods() {
         assert!(stats.max_us < 1_000_000.0, "{stats:?}");
         if fault == "STOP" {
             signal(c.servers[victim].pid(), "CONT");
+        }
+    }
+    assert_eq!(c.node.fake_imds_connections(), 0);
+}
+
+/// One credential fetch as the SDKs make it, timed inside the pod: the three calls'
+/// microseconds, and the access key it ended with.
+fn fetch_credentials(node: &Node, pod: &Pod) -> (Vec<(String, String, u64)>, String) {
+    let out = node.run_in(
+        &pod.cgroup,
+        &pod.netns,
+        &[
+            HELPER.as_str(),
+            "fetch-credentials",
+            "http://169.254.169.254",
+        ],
+    );
+    let mut calls = Vec::new();
+    let mut key = String::new();
+    for line in out.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["key", k] => key = (*k).to_owned(),
+            [step, status, micros] => calls.push((
+                (*step).to_owned(),
+                (*status).to_owned(),
+                micros.parse().expect("microseconds"),
+            )),
+            _ => panic!("unexpected helper output: {out}"),
+        }
+    }
+    (calls, key)
+}
+
+/// The median of `rounds` fetches, each once the pod's role is older than `--role-ttl` (so
+/// every fetch asks the servers, or would): microseconds, and every key served.
+fn median_fetch(node: &Node, pod: &Pod, rounds: usize) -> (u64, Vec<String>) {
+    let mut totals = Vec::new();
+    let mut keys = Vec::new();
+    for _ in 0..rounds {
+        std::thread::sleep(Duration::from_millis(1100));
+        let (calls, key) = fetch_credentials(node, pod);
+        assert!(
+            calls.iter().all(|(_, status, _)| status == "200"),
+            "{calls:?}"
+        );
+        totals.push(calls.iter().map(|(_, _, us)| us).sum::<u64>());
+        keys.push(key);
+    }
+    totals.sort_unstable();
+    (totals[totals.len() / 2], keys)
+}
+
+/// What an SDK sees when every server is frozen (SIGSTOP), then killed: held answers come
+/// back at once. A fetch's three calls (token PUT, role listing, credentials GET), timed
+/// inside the pod once the role is older than `--role-ttl`, take at most twice what they
+/// took before the fault, and serve the credentials held before it.
+#[test]
+fn with_every_server_frozen_or_killed_a_credential_fetch_takes_at_most_twice_its_healthy_time() {
+    if !privileged("server outage as an SDK sees it") {
+        return;
+    }
+    let mut c = Cluster::team(&["--role-ttl", "1s"]);
+    let pod = c.pod("a", json!({"iam.amazonaws.com/role": "app-a"}));
+    assert!(c.node.served(&pod, "app-a"));
+    let (healthy, keys) = median_fetch(&c.node, &pod, 7);
+    let held = keys.last().cloned().expect("a key");
+    let reachable =
+        |node: &Node| metric(&node.agent_metrics(), "kiam_agent_servers_reachable").unwrap_or(-1.0);
+    for fault in ["STOP", "KILL"] {
+        for server in &c.servers {
+            signal(server.pid(), fault);
+        }
+        // The first fetch after the fault, before the agent has noticed it: one call waits
+        // the short --refresh-wait (100 ms), never the request deadline (915 ms a call
+        // before), and the others not at all.
+        std::thread::sleep(Duration::from_millis(1100));
+        let (calls, key) = fetch_credentials(&c.node, &pod);
+        eprintln!("SIG{fault}, first fetch: {calls:?}");
+        assert_eq!(key, held, "{calls:?}");
+        let first: u64 = calls.iter().map(|(_, _, us)| us).sum();
+        assert!(first < 2 * healthy + 120_000, "{calls:?}");
+        // Once the agent knows no server answers (its last call or health check said so).
+        assert!(
+            poll(Duration::from_secs(15), || reachable(&c.node) == 0.0),
+            "the agent never noticed: {}",
+            c.node.agent_metrics()
+        );
+        let (outage, keys) = median_fetch(&c.node, &pod, 7);
+        eprintln!("SIG{fault}: median fetch {outage} µs, healthy {healthy} µs");
+        assert!(keys.iter().all(|k| *k == held), "{keys:?}");
+        // Twice the healthy time, with 2 ms for the noise of a shared 2-core machine.
+        assert!(
+            outage <= 2 * healthy + 2_000,
+            "SIG{fault}: {outage} µs against {healthy} µs healthy"
+        );
+        if fault == "STOP" {
+            for server in &c.servers {
+                signal(server.pid(), "CONT");
+            }
+            assert!(
+                poll(Duration::from_secs(15), || reachable(&c.node) >= 1.0),
+                "the servers never came back"
+            );
         }
     }
     assert_eq!(c.node.fake_imds_connections(), 0);

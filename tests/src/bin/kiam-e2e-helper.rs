@@ -57,6 +57,13 @@ enum Cmd {
         #[arg(long = "header")]
         headers: Vec<String>,
     },
+    /// Fetch credentials the way the AWS SDKs do (token PUT, role listing, credentials GET,
+    /// each on a new connection) and time each call from inside the pod: prints
+    /// `<step> <status> <microseconds>` per call, then the credentials' `AccessKeyId`.
+    FetchCredentials {
+        /// The metadata service, e.g. `http://169.254.169.254`.
+        base: String,
+    },
     /// Connect, send a request and close at once without reading; print own pid first.
     SendAndClose { url: String },
     /// Open `count` connections to `url` and hold them: every other one sends half a
@@ -167,6 +174,13 @@ fn request_with(url: &Url, method: &str, headers: &[String]) -> String {
 }
 
 fn one_request(url: &str, method: &str, headers: &[String]) -> anyhow::Result<()> {
+    let (status, body) = exchange(url, method, headers)?;
+    println!("{status} {}", body.replace('\n', " "));
+    Ok(())
+}
+
+/// One request on a new connection: the status and the body.
+fn exchange(url: &str, method: &str, headers: &[String]) -> anyhow::Result<(String, String)> {
     let url = parse_url(url)?;
     let mut stream = TcpStream::connect_timeout(&url.addr, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -174,9 +188,35 @@ fn one_request(url: &str, method: &str, headers: &[String]) -> anyhow::Result<()
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw);
-    let status = text.split_whitespace().nth(1).unwrap_or("?");
+    let status = text.split_whitespace().nth(1).unwrap_or("?").to_owned();
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    println!("{status} {}", body.trim().replace('\n', " "));
+    Ok((status, body.trim().to_owned()))
+}
+
+fn fetch_credentials(base: &str) -> anyhow::Result<()> {
+    let timed = |step: &str, url: String, method: &str, headers: &[String]| {
+        let started = Instant::now();
+        let answer = exchange(&url, method, headers);
+        let took = started.elapsed().as_micros();
+        let (status, body) = answer.unwrap_or_else(|e| ("ERROR".into(), e.to_string()));
+        println!("{step} {status} {took}");
+        body
+    };
+    let token = timed(
+        "token",
+        format!("{base}/latest/api/token"),
+        "PUT",
+        &["X-aws-ec2-metadata-token-ttl-seconds: 21600".into()],
+    );
+    let header = [format!("X-aws-ec2-metadata-token: {token}")];
+    let listing = format!("{base}/latest/meta-data/iam/security-credentials/");
+    let role = timed("role", listing.clone(), "GET", &header);
+    let document = timed("credentials", format!("{listing}{role}"), "GET", &header);
+    let key = serde_json::from_str::<serde_json::Value>(&document)
+        .ok()
+        .and_then(|d| d["AccessKeyId"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("none: {document}"));
+    println!("key {key}");
     Ok(())
 }
 
@@ -531,6 +571,7 @@ fn main() -> anyhow::Result<()> {
         } => one_request(&url, &method, &headers),
         Cmd::Spoof { from, url, hold_ms } => spoof(from, &url, Duration::from_millis(hold_ms)),
         Cmd::SendAndClose { url } => send_and_close(&url),
+        Cmd::FetchCredentials { base } => fetch_credentials(&base),
         Cmd::Flood {
             url,
             count,
