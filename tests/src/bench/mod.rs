@@ -10,7 +10,8 @@
 //! 2. [`ordinary`]: what the programs cost pods' ordinary traffic: the same client in a pod's
 //!    cgroup (programs attached) and in a cgroup beside the attach point (none), alternating.
 //! 3. [`scale`]: the server with 10,000 and 100,000 realistic pods: memory, time to ready,
-//!    GetCredentials latency from 200 agents, AssumeRole calls counted at moto.
+//!    GetCredentials latency from 200 agents, AssumeRole calls counted at moto; and 10,000
+//!    pods every one of which is refused, against the same pods permitted.
 
 pub mod hot;
 pub mod load;
@@ -41,7 +42,7 @@ pub struct Options {
     pub run: Duration,
     /// Pod counts for the server scale runs.
     pub scale: Vec<usize>,
-    /// Sections to run (`hot`, `ordinary`, `new-pod`, `agent-memory`, `scale`).
+    /// Sections to run (`hot`, `ordinary`, `new-pod`, `agent-memory`, `scale`, `refused`).
     pub only: Vec<String>,
 }
 
@@ -60,6 +61,7 @@ pub struct Report {
     pub new_pod: Option<hot::NewPod>,
     pub agent_memory: Option<hot::AgentMemory>,
     pub server_scale: Vec<scale::Scale>,
+    pub refused_pods: Option<scale::Refused>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -120,8 +122,11 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     }
     if options.wants("scale") {
         for &pods in &options.scale {
-            report.server_scale.push(scale::run(options, pods)?);
+            report.server_scale.push(scale::run(options, pods, false)?);
         }
+    }
+    if options.wants("refused") {
+        report.refused_pods = Some(scale::Refused::run(options, REFUSED_PODS)?);
     }
     let path = options.out.join("report.json");
     fs::write(&path, serde_json::to_string_pretty(&report)?)
@@ -130,6 +135,9 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     println!("\nwritten to {}", path.display());
     Ok(report)
 }
+
+/// Pods of the refused-pods case (and of its permitted baseline).
+const REFUSED_PODS: usize = 10_000;
 
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
@@ -160,6 +168,9 @@ pub fn table(report: &Report) -> String {
     }
     if !report.server_scale.is_empty() {
         out.push_str(&scale::table(&report.server_scale));
+    }
+    if let Some(refused) = &report.refused_pods {
+        out.push_str(&refused.table());
     }
     out
 }

@@ -22,6 +22,10 @@ pub struct ClusterShape {
     pub namespaces: usize,
     pub roles: usize,
     pub nodes: usize,
+    /// No namespace permits any role: every pod is refused (an unpermitted annotation, or a
+    /// migration where pods are annotated before their namespaces).
+    #[serde(default)]
+    pub refused: bool,
 }
 
 impl ClusterShape {
@@ -136,6 +140,53 @@ pub struct Scale {
     pub assume_role_calls: usize,
     pub roles_times_servers: usize,
     pub token_reviews: u64,
+    /// Events the emulator received, and those the servers did not publish (rate limit,
+    /// full queue), by the servers' own count.
+    pub events_published: usize,
+    pub events_not_published: f64,
+}
+
+/// Every pod refused against every pod permitted, in the same run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Refused {
+    pub permitted: Scale,
+    pub refused: Scale,
+    /// The refused case's server RSS over the permitted case's (the worst server of each).
+    pub rss_ratio: f64,
+}
+
+impl Refused {
+    pub fn run(options: &Options, pods: usize) -> anyhow::Result<Self> {
+        let permitted = run(options, pods, false)?;
+        let refused = run(options, pods, true)?;
+        let rss = |s: &Scale| {
+            s.servers
+                .iter()
+                .map(|f| f.rss_mib_after_load)
+                .fold(0.0, f64::max)
+        };
+        Ok(Self {
+            rss_ratio: rss(&refused) / rss(&permitted).max(1.0),
+            permitted,
+            refused,
+        })
+    }
+
+    pub fn table(&self) -> String {
+        let worst =
+            |s: &Scale, f: fn(&ServerFigures) -> f64| s.servers.iter().map(f).fold(0.0, f64::max);
+        format!(
+            "\n6. refused pods ({} pods, 2 servers): RSS {:.0} MiB (peak {:.0}) with every pod refused, {:.0} MiB (peak {:.0}) with every pod permitted: ratio {:.2}x; Events published {}, not published (rate limit) {:.0}\n",
+            self.refused.shape.pods,
+            worst(&self.refused, |f| f.rss_mib_after_load),
+            worst(&self.refused, |f| f.peak_mib),
+            worst(&self.permitted, |f| f.rss_mib_after_load),
+            worst(&self.permitted, |f| f.peak_mib),
+            self.rss_ratio,
+            self.refused.events_published,
+            self.refused.events_not_published,
+        )
+    }
 }
 
 pub fn table(runs: &[Scale]) -> String {
@@ -162,13 +213,17 @@ pub fn table(runs: &[Scale]) -> String {
     out
 }
 
-pub fn run(options: &Options, pods: usize) -> anyhow::Result<Scale> {
-    eprintln!("bench: server scale, {pods} pods");
+pub fn run(options: &Options, pods: usize, refused: bool) -> anyhow::Result<Scale> {
+    eprintln!(
+        "bench: server scale, {pods} pods{}",
+        if refused { ", every one refused" } else { "" }
+    );
     let shape = ClusterShape {
         pods,
         namespaces: 100,
         roles: 500,
         nodes: 200,
+        refused,
     };
     let dir = tempfile::tempdir()?;
     let sts = Sts::start();
@@ -217,6 +272,10 @@ pub fn run(options: &Options, pods: usize) -> anyhow::Result<Scale> {
             break;
         }
     }
+    if refused {
+        // What refusals leave behind must not grow with time either.
+        std::thread::sleep(Duration::from_secs(15));
+    }
     let ready_memory: Vec<(f64, f64)> = servers.iter().map(|s| memory_mib(s.pid())).collect();
     let reviews_before = kube.token_reviews();
     let stats = agents_load(
@@ -240,7 +299,19 @@ pub fn run(options: &Options, pods: usize) -> anyhow::Result<Scale> {
             }
         })
         .collect();
+    let events_not_published = servers
+        .iter()
+        .map(|s| {
+            crate::metric(
+                &s.metrics(),
+                "kiam_server_kubernetes_events_total{result=\"not_published\"}",
+            )
+            .unwrap_or(0.0)
+        })
+        .sum();
     Ok(Scale {
+        events_published: kube.events().len(),
+        events_not_published,
         shape,
         pod_json_bytes: synthetic_pod(&shape, 1).to_string().len(),
         servers: servers_figures,

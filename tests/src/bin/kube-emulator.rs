@@ -209,9 +209,13 @@ impl Emulator {
         let rv = json!(state.rv.to_string());
         for n in 0..shape.namespaces {
             let name = format!("ns-{n}");
+            let permitted = match shape.refused {
+                true => "not-a-role-any-pod-has",
+                false => "role-.*",
+            };
             let object = json!({"apiVersion": "v1", "kind": "Namespace",
                 "metadata": {"name": name, "uid": format!("ns-uid-{n}"), "resourceVersion": rv,
-                    "annotations": {"iam.amazonaws.com/permitted": "role-.*"}}});
+                    "annotations": {"iam.amazonaws.com/permitted": permitted}}});
             state
                 .objects
                 .insert((Kind::Namespace, String::new(), name), object);
