@@ -55,6 +55,7 @@ NON_DEFAULT = {
         # A regular expression with ` #` in it: YAML cuts an unquoted argument there.
         "allowRouteRegexp": "^/latest/meta-data/(placement/region|tags/instance/team #1)$",
         "extraArgs": ["--hedge-after=100ms"],
+        "startupTaint": True,
     },
     "tls": {"certManager": False},
     "monitoring": {
@@ -85,7 +86,7 @@ def render_chart(values, release="kiam", namespace="kiam"):
 
 def rendered_sets():
     sets = {}
-    for overlay in ["base", "with-cert-manager", "with-monitoring"]:
+    for overlay in ["base", "with-cert-manager", "with-monitoring", "with-startup-taint"]:
         out = subprocess.run(
             ["kubectl", "kustomize", str(DEPLOY / "kustomize" / overlay)],
             capture_output=True, text=True,
@@ -144,7 +145,13 @@ def check_chart_docs():
         fail("values.schema.json accepted an unknown key (server.replica)")
 
 
-CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding", "Namespace"}
+CLUSTER_SCOPED = {
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "Namespace",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+}
 
 
 def check_two_releases():
@@ -335,6 +342,40 @@ def check_identity_on(name, docs):
         fail(f"{name}: the servers may not create TokenReviews")
 
 
+def check_startup_taint(name, docs):
+    """Where the agent removes the start-up taint, it may patch nodes, and the admission
+    policy that holds it to its own node names the agent's own service account (a renamed
+    account or namespace would leave the policy matching nobody)."""
+    agent = next((d for d in docs if d.get("kind") == "DaemonSet"), None)
+    if agent is None:
+        return
+    spec = agent["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for c in spec["containers"] for e in c.get("env") or []}
+    on = env.get("KIAM_REMOVE_STARTUP_TAINT") == "true"
+    policies = [d for d in docs if d.get("kind") == "ValidatingAdmissionPolicy"]
+    if not on:
+        if policies or spec.get("automountServiceAccountToken") is not False:
+            fail(f"{name}: the agent has Kubernetes API access without the start-up taint")
+        return
+    account = f"system:serviceaccount:{agent['metadata'].get('namespace', 'kiam')}:{spec['serviceAccountName']}"
+    if spec.get("automountServiceAccountToken") is not True:
+        fail(f"{name}: the start-up taint needs the agent's API token")
+    if len(policies) != 1:
+        fail(f"{name}: the start-up taint ships without its ValidatingAdmissionPolicy")
+    policy = policies[0]
+    conditions = [c["expression"] for c in policy["spec"].get("matchConditions") or []]
+    if conditions != [f"request.userInfo.username == '{account}'"]:
+        fail(f"{name}: the policy matches {conditions}, not the agent's account {account}")
+    bindings = [d for d in docs if d.get("kind") == "ValidatingAdmissionPolicyBinding"]
+    if [b["spec"]["policyName"] for b in bindings] != [policy["metadata"]["name"]] or \
+            bindings[0]["spec"].get("validationActions") != ["Deny"]:
+        fail(f"{name}: the policy is not bound to deny")
+    role_bindings = [d for d in docs if d.get("kind") == "ClusterRoleBinding"
+                     and any(s.get("name") == spec["serviceAccountName"] for s in d.get("subjects") or [])]
+    if not role_bindings:
+        fail(f"{name}: nothing lets the agent patch its node")
+
+
 def main():
     if len(sys.argv) != 3:
         fail(__doc__.strip().splitlines()[-1])
@@ -353,6 +394,7 @@ def main():
     for name, text in rendered_sets().items():
         docs = [d for d in yaml.safe_load_all(text) if d]
         check_identity_on(name, docs)
+        check_startup_taint(name, docs)
         check_pod_security(name, docs)
         check_no_admin_service(name, docs)
         if not docs:

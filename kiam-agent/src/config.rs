@@ -169,6 +169,12 @@ pub struct ApiArgs {
     /// nodes.
     #[arg(long, env = "KIAM_NODE_NAME")]
     pub node_name: Option<String>,
+    /// Once ready (programs attached, a server answering), remove the taint
+    /// `kiam.rs/agent-not-ready` from this node (--node-name), so pods land on it only once
+    /// their metadata service works. Needs `patch` on nodes, limited to the agent's own node
+    /// by the shipped ValidatingAdmissionPolicy.
+    #[arg(long, env = "KIAM_REMOVE_STARTUP_TAINT")]
+    pub remove_startup_taint: bool,
     /// kiam servers, `host:port`, comma-separated; names (a headless Service) are resolved to
     /// all their addresses and re-resolved every `--resolve-interval`.
     #[arg(long = "server", env = "KIAM_SERVERS", value_delimiter = ',')]
@@ -291,6 +297,8 @@ pub enum ConfigError {
     BindFamily { bind: IpAddr },
     #[error("--server needs --node-name, --tls-cert, --tls-key and --tls-ca")]
     ServerWithoutIdentity,
+    #[error("--remove-startup-taint needs --node-name: the node to remove it from")]
+    TaintWithoutNode,
     #[error("--allow-route-regexp is not a valid regular expression: {0}")]
     AllowRoute(String),
     #[error("--request-deadline must be between 100ms and 5s")]
@@ -318,6 +326,9 @@ pub fn api(args: &ApiArgs) -> Result<regex::Regex, ConfigError> {
             || args.tls_ca.is_none())
     {
         return Err(ConfigError::ServerWithoutIdentity);
+    }
+    if args.remove_startup_taint && args.node_name.is_none() {
+        return Err(ConfigError::TaintWithoutNode);
     }
     if !(Duration::from_millis(100)..=Duration::from_secs(5)).contains(&args.request_deadline) {
         return Err(ConfigError::Deadline);

@@ -1,7 +1,7 @@
 //! The kiam node agent's parts: the eBPF [`loader`], its [`pins`] on [`bpffs`], caller resolution
 //! ([`resolver`], [`cgroup`], [`identity`]), the instance-metadata API ([`api`], [`imds`],
 //! [`route`], [`token`], [`forward`]), what is asked of the servers ([`upstream`],
-//! [`client`]), and operations ([`config`], [`metrics`], [`status`], [`health`], [`address`]). The
+//! [`client`]), and operations ([`config`], [`metrics`], [`status`], [`health`], [`address`], [`taint`]). The
 //! `kiam-agent` binary wires them together; the fuzz targets drive them directly.
 #![forbid(unsafe_code)]
 
@@ -22,5 +22,6 @@ pub mod pins;
 pub mod resolver;
 pub mod route;
 pub mod status;
+pub mod taint;
 pub mod token;
 pub mod upstream;

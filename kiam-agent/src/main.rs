@@ -5,7 +5,7 @@ use std::{net::IpAddr, path::Path, sync::Arc, time::Duration};
 
 use kiam_agent::{
     address, api, bpffs, caps, cgroup, client, config, forward, health, imds, loader, metrics,
-    pins, resolver, status, token, upstream,
+    pins, resolver, status, taint, token, upstream,
 };
 
 use anyhow::Context as _;
@@ -45,6 +45,9 @@ fn main() -> std::process::ExitCode {
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     caps::check()?;
+    // rustls needs one process-wide crypto provider for the Kubernetes client (the start-up
+    // taint) when more than one is compiled in.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let mut net = config::network(&args)?;
     net.kernel.agent_netns_cookie = own_netns_cookie();
     let allow = config::api(&args.api)?;
@@ -200,6 +203,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                     flag.store(reachable > 0, std::sync::atomic::Ordering::Relaxed);
                 }
             });
+        }
+        if args.api.remove_startup_taint
+            && let Some(node) = args.api.node_name.clone()
+        {
+            tokio::spawn(taint::remove_when_ready(node, server_ok.clone()));
         }
         tokio::spawn(
             metrics

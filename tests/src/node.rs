@@ -171,6 +171,8 @@ pub struct Node {
     pub agent: Option<Agent>,
     /// More flags for `kiam-agent run`.
     pub agent_args: Vec<String>,
+    /// Environment variables for the agent (e.g. `KUBECONFIG`).
+    pub agent_env: Vec<(String, String)>,
     /// `--agent-ip` of the agent: the node's address, or a link-local one.
     pub agent_ip: Ipv4Addr,
     /// `--log-level` of the agent (debug for the tests; benchmarks log less).
@@ -217,6 +219,7 @@ impl Node {
             dir,
             agent: None,
             agent_args: Vec::new(),
+            agent_env: Vec::new(),
             agent_ip: AGENT_IP,
             agent_log_level: "info,kiam_agent=debug".into(),
             fake_imds: Vec::new(),
@@ -529,6 +532,7 @@ impl Node {
         let line: Vec<&str> = line.iter().map(String::as_str).collect();
         let child = self
             .command_in(&self.agent_pod.cgroup, &self.netns, &line)
+            .envs(self.agent_env.iter().map(|(k, v)| (k, v)))
             .stdout(file.try_clone().expect("dup"))
             .stderr(file)
             .spawn()

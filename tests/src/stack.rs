@@ -516,6 +516,59 @@ impl Kube {
         })
     }
 
+    /// A kubeconfig for this API server that authenticates with `token` (as a pod's mounted
+    /// service-account token does), written to `path`.
+    pub fn kubeconfig_with_token(&self, path: &Path, token: &str) -> PathBuf {
+        let port = self.port;
+        fs::write(
+            path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: emu\n  cluster:\n    server: http://127.0.0.1:{port}\ncontexts:\n- name: emu\n  context:\n    cluster: emu\n    user: sa\nusers:\n- name: sa\n  user:\n    token: {token}\ncurrent-context: emu\n"
+            ),
+        )
+        .expect("kubeconfig");
+        path.to_owned()
+    }
+
+    /// Creates or replaces node `name` with `taints`.
+    pub fn node(&self, name: &str, taints: Value) {
+        self.put(json!({"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+            "spec": {"taints": taints}}));
+    }
+
+    /// Node `name` as stored.
+    pub fn get_node(&self, name: &str) -> Value {
+        let (status, body) = self.http("GET", &format!("/_emulator/objects/nodes/-/{name}"), None);
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).expect("json")
+    }
+
+    /// A JSON patch of node `name` sent with `token`: the status and the answer.
+    pub fn patch_node(&self, name: &str, token: &str, patch: &Value) -> (u16, Value) {
+        let body = patch.to_string();
+        let request = format!(
+            "PATCH /api/v1/nodes/{name} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json-patch+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let port = self.port;
+        let raw = in_netns(self.netns.as_deref(), || {
+            use std::io::{Read as _, Write as _};
+            let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            stream.write_all(request.as_bytes()).expect("send");
+            let mut raw = String::new();
+            stream.read_to_string(&mut raw).expect("read");
+            raw
+        });
+        let status = raw
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = raw.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    }
+
     /// Stops the API server (the emulator process).
     pub fn stop(&mut self) {
         let _ = self.child.kill();

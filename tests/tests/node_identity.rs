@@ -329,3 +329,72 @@ fn a_rotated_token_is_picked_up_without_a_restart() {
     c.write_agent_token(&c.kube.agent_token(NODE_NAME));
     assert!(poll(&c, &|l| l == "200 app-a"), "{}", get(&c));
 }
+
+/// The opt-in start-up taint: the real agent, once ready, removes `kiam.rs/agent-not-ready`
+/// from its own node (and nothing else), with a token of its service account bound to its
+/// pod on that node; the same token may not touch another node.
+#[test]
+fn the_agent_removes_the_startup_taint_from_its_own_node_only() {
+    if !privileged("start-up taint") {
+        return;
+    }
+    let mut c = Cluster::team(&[]);
+    let dedicated = json!({"key": "dedicated", "value": "kiam", "effect": "NoSchedule"});
+    let startup = json!({"key": "kiam.rs/agent-not-ready", "effect": "NoSchedule"});
+    for node in [NODE_NAME, "node-2"] {
+        c.kube.node(node, json!([dedicated, startup]));
+    }
+    // The agent pod's API token (the API server's audience), bound to its pod on node-1.
+    let (pod, uid) = c.kube.agent_pod(NODE_NAME);
+    let token = c.kube.mint_token(&TokenSpec {
+        pod: Some((&pod, &uid)),
+        node: Some(NODE_NAME),
+        audiences: vec!["https://kubernetes.default.svc.cluster.local"],
+        ..TokenSpec::agent()
+    });
+    let kubeconfig = c
+        .kube
+        .kubeconfig_with_token(&c.node.dir.join("agent-kubeconfig"), &token);
+    c.node.kill_agent();
+    c.node.agent_args.push("--remove-startup-taint".into());
+    c.node.agent_env.push((
+        "KUBECONFIG".into(),
+        kubeconfig.to_str().expect("utf-8").into(),
+    ));
+    c.node.start_agent();
+    let taints = |node: &str| c.kube.get_node(node)["spec"]["taints"].clone();
+    assert!(
+        kiam_e2e::poll(WAIT, || taints(NODE_NAME) == json!([dedicated])),
+        "the start-up taint was not removed: {}\n{}",
+        taints(NODE_NAME),
+        c.node.agent_log()
+    );
+    assert!(c.node.agent_log().contains("removed the start-up taint"));
+    // Another node, with the same token: refused by the admission rule, untouched.
+    let patch = json!([{"op": "replace", "path": "/spec/taints", "value": [dedicated]}]);
+    let (status, answer) = c.kube.patch_node("node-2", &token, &patch);
+    assert_eq!(status, 403, "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("only change the node it runs on")),
+        "{answer}"
+    );
+    assert_eq!(taints("node-2"), json!([dedicated, startup]));
+    // Its own node, but anything beyond removing the start-up taint: refused too.
+    let (status, answer) = c.kube.patch_node(
+        NODE_NAME,
+        &token,
+        &json!([{"op": "add", "path": "/metadata/labels/extra", "value": "x"}]),
+    );
+    assert_eq!(status, 403, "{answer}");
+    let (status, _) = c.kube.patch_node(
+        NODE_NAME,
+        &token,
+        &json!([{"op": "replace", "path": "/spec/taints", "value": []}]),
+    );
+    assert_eq!(status, 403, "removing another taint");
+    // Without a token: not even read.
+    let (status, _) = c.kube.patch_node(NODE_NAME, "not-a-token", &patch);
+    assert_eq!(status, 401);
+}

@@ -16,8 +16,13 @@
 //!   kubernetes.io/{pod-name,pod-uid,node-name,node-uid,credential-id}` extras,
 //!   `status.audiences` the intersection; `authenticated: false` with an `error` otherwise.
 //!
-//! Control API for tests (not Kubernetes): `PUT /_emulator/objects` (a Pod or Namespace, created
-//! or replaced), `DELETE /_emulator/objects/{pods|namespaces}/{namespace or -}/{name}`,
+//! - `GET`, `PATCH` (JSON patch) `/api/v1/nodes/{name}`: authenticated by the bearer token
+//!   (minted here), and patches by the kiam agent's service account held to the rule of the
+//!   shipped ValidatingAdmissionPolicy `kiam-agent-own-node` (its own node, only the start-up
+//!   taint removed).
+//!
+//! Control API for tests (not Kubernetes): `PUT /_emulator/objects` (a Pod, Namespace or Node, created
+//! or replaced), `GET` and `DELETE /_emulator/objects/{pods|namespaces|nodes}/{namespace or -}/{name}`,
 //! `POST /_emulator/compact` (every older resourceVersion becomes 410),
 //! `POST /_emulator/drop-watches`, `POST /_emulator/bookmark`, `GET /_emulator/events`,
 //! `GET /_emulator/requests` (counts of list, watch and create requests by resource),
@@ -63,6 +68,7 @@ struct Cli {
 enum Kind {
     Pod,
     Namespace,
+    Node,
 }
 
 impl Kind {
@@ -70,6 +76,7 @@ impl Kind {
         match resource {
             "pods" => Some(Self::Pod),
             "namespaces" => Some(Self::Namespace),
+            "nodes" => Some(Self::Node),
             _ => None,
         }
     }
@@ -78,6 +85,7 @@ impl Kind {
         match self {
             Self::Pod => "Pod",
             Self::Namespace => "Namespace",
+            Self::Node => "Node",
         }
     }
 }
@@ -129,7 +137,7 @@ fn key_of(kind: Kind, object: &Value) -> Key {
     let meta = &object["metadata"];
     let ns = match kind {
         Kind::Pod => meta["namespace"].as_str().unwrap_or("default"),
-        Kind::Namespace => "",
+        Kind::Namespace | Kind::Node => "",
     };
     (
         kind,
@@ -158,6 +166,7 @@ impl Emulator {
         let kind = match object["kind"].as_str() {
             Some("Pod") => Kind::Pod,
             Some("Namespace") => Kind::Namespace,
+            Some("Node") => Kind::Node,
             other => return Err(format!("unsupported kind {other:?}")),
         };
         if object["metadata"]["name"].as_str().unwrap_or("").is_empty() {
@@ -397,6 +406,107 @@ impl Emulator {
     }
 }
 
+/// The service account the kiam agent runs as, in the shipped manifests.
+const AGENT_USER: &str = "system:serviceaccount:kiam:kiam-agent";
+/// The taint `kiam-agent --remove-startup-taint` removes.
+const STARTUP_TAINT: &str = "kiam.rs/agent-not-ready";
+
+impl Emulator {
+    /// Who sent `req`: its bearer token, reviewed as the API server's own audience
+    /// (`TokenReview.status.user`). Anonymous requests are refused.
+    fn caller(&self, req: &Request<Incoming>) -> Result<Value, String> {
+        let token = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or("no bearer token: anonymous requests are refused")?;
+        let review = self.review(&json!({"token": token}));
+        match review["authenticated"].as_bool() {
+            Some(true) => Ok(review["user"].clone()),
+            _ => Err(review["error"]
+                .as_str()
+                .unwrap_or("unauthenticated")
+                .to_owned()),
+        }
+    }
+
+    /// A JSON patch (RFC 6902) of a node, through the admission rule the manifests ship as
+    /// the ValidatingAdmissionPolicy `kiam-agent-own-node`: the kiam agent may only change
+    /// the node named in its token, and only by removing the start-up taint. (The rule is
+    /// the policy's, written here in Rust: the emulator cannot evaluate CEL.)
+    fn patch_node(
+        &self,
+        user: &Value,
+        name: &str,
+        patch: Value,
+    ) -> Response<BoxBody<Bytes, Infallible>> {
+        let patch: json_patch::Patch = match serde_json::from_value(patch) {
+            Ok(patch) => patch,
+            Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
+        };
+        let mut state = self.lock();
+        let key = (Kind::Node, String::new(), name.to_owned());
+        let Some(old) = state.objects.get(&key).cloned() else {
+            return status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                &format!("nodes \"{name}\" not found"),
+            );
+        };
+        let mut new = old.clone();
+        if let Err(e) = json_patch::patch(&mut new, &patch) {
+            // A failed `test` is the API server's 422.
+            return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &e.to_string());
+        }
+        if user["username"] == AGENT_USER
+            && let Err(why) = agent_may_change(user, &old, &new)
+        {
+            return status(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                &format!(
+                    "nodes \"{name}\" is forbidden: ValidatingAdmissionPolicy 'kiam-agent-own-node' with binding 'kiam-agent-own-node' denied request: {why}"
+                ),
+            );
+        }
+        state.rv += 1;
+        new["metadata"]["resourceVersion"] = json!(state.rv.to_string());
+        state.objects.insert(key, new.clone());
+        self.record(&mut state, Kind::Node, "MODIFIED", new.clone());
+        full(StatusCode::OK, new)
+    }
+}
+
+/// The shipped policy's validations, for a change of `old` into `new` by the kiam agent.
+fn agent_may_change(user: &Value, old: &Value, new: &Value) -> Result<(), &'static str> {
+    let own = user["extra"]["authentication.kubernetes.io/node-name"][0].as_str();
+    if own != new["metadata"]["name"].as_str() {
+        return Err("the kiam agent may only change the node it runs on");
+    }
+    let taints = |node: &Value| -> Vec<Value> {
+        node["spec"]["taints"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let kept: Vec<Value> = taints(old)
+        .into_iter()
+        .filter(|t| t["key"] != STARTUP_TAINT)
+        .collect();
+    let meta = |node: &Value, field: &str| match &node["metadata"][field] {
+        Value::Null => json!({}),
+        value => value.clone(),
+    };
+    let same_meta = ["labels", "annotations"]
+        .iter()
+        .all(|field| meta(old, field) == meta(new, field));
+    if taints(new) != kept || !same_meta {
+        return Err("the kiam agent may only remove the kiam.rs/agent-not-ready taint");
+    }
+    Ok(())
+}
+
 fn full(status: StatusCode, body: Value) -> Response<BoxBody<Bytes, Infallible>> {
     let mut response = Response::new(
         Full::new(Bytes::from(body.to_string()))
@@ -617,6 +727,40 @@ async fn handle(
                 list(&emu, kind, ns.as_deref(), &q)
             }
         }
+        (&Method::GET, ["api", "v1", "nodes", name]) => match emu.caller(&req) {
+            Err(why) => status(StatusCode::UNAUTHORIZED, "Unauthorized", &why),
+            Ok(_) => match emu
+                .lock()
+                .objects
+                .get(&(Kind::Node, String::new(), (*name).to_owned()))
+            {
+                Some(node) => full(StatusCode::OK, node.clone()),
+                None => status(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    &format!("nodes \"{name}\" not found"),
+                ),
+            },
+        },
+        (&Method::PATCH, ["api", "v1", "nodes", name]) => {
+            let name = (*name).to_owned();
+            let json_patch = req
+                .headers()
+                .get(hyper::header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes() == b"application/json-patch+json");
+            match (emu.caller(&req), json_patch) {
+                (Err(why), _) => status(StatusCode::UNAUTHORIZED, "Unauthorized", &why),
+                (Ok(_), false) => status(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "UnsupportedMediaType",
+                    "the emulator patches nodes with application/json-patch+json only",
+                ),
+                (Ok(user), true) => match body_json(req).await {
+                    Ok(patch) => emu.patch_node(&user, &name, patch),
+                    Err(e) => status(StatusCode::BAD_REQUEST, "BadRequest", &e),
+                },
+            }
+        }
         (&Method::GET, ["api", "v1", "namespaces", name]) => {
             let state = emu.lock();
             match state
@@ -737,6 +881,19 @@ async fn handle(
             },
             Err(e) => status(StatusCode::BAD_REQUEST, "BadRequest", &e),
         },
+        (&Method::GET, ["_emulator", "objects", resource, ns, name]) => {
+            let ns = if *ns == "-" { "" } else { ns };
+            let found = Kind::of(resource).and_then(|k| {
+                emu.lock()
+                    .objects
+                    .get(&(k, ns.to_owned(), (*name).to_owned()))
+                    .cloned()
+            });
+            match found {
+                Some(object) => full(StatusCode::OK, object),
+                None => status(StatusCode::NOT_FOUND, "NotFound", "no such object"),
+            }
+        }
         (&Method::DELETE, ["_emulator", "objects", resource, ns, name]) => {
             let ns = if *ns == "-" { "" } else { ns };
             match Kind::of(resource).and_then(|k| emu.delete(k, ns, name)) {
