@@ -23,7 +23,6 @@ use crate::{
         GetPodRoleResponse, HealthRequest, HealthResponse, kiam_server::Kiam,
     },
     sessions::SessionBudget,
-    tls,
 };
 
 pub struct KiamService {
@@ -85,7 +84,11 @@ impl KiamService {
             }
             let certificate_nodes: Vec<String> = request
                 .peer_certs()
-                .and_then(|certs| certs.first().map(tls::node_identities))
+                .and_then(|certs| {
+                    certs
+                        .first()
+                        .map(|c| crate::proto::certificate::node_identities(c.as_ref()))
+                })
                 .unwrap_or_default();
             let proven = self
                 .auth

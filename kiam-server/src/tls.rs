@@ -24,9 +24,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
 
-/// The URI SAN prefix that names an agent's node.
-pub const NODE_URI_PREFIX: &str = "spiffe://kiam/node/";
-
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("reading {}", path.display())]
@@ -209,24 +206,4 @@ pub fn incoming(
         }
     });
     ReceiverStream::new(rx)
-}
-
-/// Nodes named by `spiffe://kiam/node/<name>` URI SANs of the leaf certificate.
-pub fn node_identities(leaf: &CertificateDer<'_>) -> Vec<String> {
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf.as_ref()) else {
-        return Vec::new();
-    };
-    let Ok(Some(san)) = cert.subject_alternative_name() else {
-        return Vec::new();
-    };
-    san.value
-        .general_names
-        .iter()
-        .filter_map(|name| match name {
-            x509_parser::extensions::GeneralName::URI(uri) => {
-                uri.strip_prefix(NODE_URI_PREFIX).map(str::to_owned)
-            }
-            _ => None,
-        })
-        .collect()
 }

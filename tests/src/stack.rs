@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kiam_server::proto::kiam_client::KiamClient;
+use kiam_proto::kiam_client::KiamClient;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
@@ -798,7 +798,7 @@ pub fn write_dev_pki(dir: &Path, server_names: &[&str], nodes: &[&str]) -> std::
     );
     write("server", &server)?;
     for node in nodes {
-        let uri = format!("{}{node}", kiam_server::tls::NODE_URI_PREFIX);
+        let uri = format!("{}{node}", kiam_proto::certificate::NODE_URI_PREFIX);
         let agent = leaf(
             &issuer,
             "kiam-agent",

@@ -216,7 +216,7 @@ fn certs_writes_a_usable_development_pki() {
     let agent = std::fs::read(dir.path().join("agent-node-a.pem")).expect("cert");
     let der = rustls_pemfile_cert(&agent);
     assert_eq!(
-        kiam_server::tls::node_identities(&der),
+        kiam_proto::certificate::node_identities(der.as_ref()),
         vec!["node-a".to_owned()]
     );
 }

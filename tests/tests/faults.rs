@@ -18,7 +18,7 @@ use kiam_e2e::{
     poll,
     stack::{Certs, Kube, PodObject, Server, Sts, eventually},
 };
-use kiam_server::proto::{GetCredentialsRequest, Reason, reason_of};
+use kiam_proto::{GetCredentialsRequest, Reason, reason_of};
 use serde_json::json;
 
 const LISTING: &str = "http://169.254.169.254/latest/meta-data/iam/security-credentials/";

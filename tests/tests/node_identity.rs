@@ -11,7 +11,7 @@ use kiam_e2e::{
     node::{HELPER, privileged},
     stack::{AgentClient, ServerStack, TokenSpec, eventually},
 };
-use kiam_server::proto::{GetCredentialsRequest, GetPodRoleRequest, Reason, reason_of};
+use kiam_proto::{GetCredentialsRequest, GetPodRoleRequest, Reason, reason_of};
 use serde_json::json;
 use tonic::Code;
 

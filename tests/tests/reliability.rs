@@ -16,7 +16,7 @@ use kiam_e2e::{
     node::{HELPER, Node, privileged},
     stack::{ServerStack, eventually},
 };
-use kiam_server::proto::{GetCredentialsRequest, Reason, reason_of};
+use kiam_proto::{GetCredentialsRequest, Reason, reason_of};
 use serde_json::json;
 
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/";

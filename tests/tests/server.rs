@@ -7,7 +7,7 @@ use std::{
 };
 
 use kiam_e2e::stack::{ACCOUNT, AgentClient, Certs, ServerStack, eventually};
-use kiam_server::proto::{GetCredentialsRequest, GetPodRoleRequest, HealthRequest};
+use kiam_proto::{GetCredentialsRequest, GetPodRoleRequest, HealthRequest};
 use serde_json::json;
 use tonic::Code;
 
@@ -73,9 +73,7 @@ async fn wait_known(client: &mut AgentClient, uid: &str) {
             })
             .await;
         match status {
-            Err(s)
-                if kiam_server::proto::reason_of(&s) == kiam_server::proto::Reason::PodNotKnown =>
-            {
+            Err(s) if kiam_proto::reason_of(&s) == kiam_proto::Reason::PodNotKnown => {
                 tokio::time::sleep(Duration::from_millis(25)).await;
             }
             _ => return,
@@ -293,8 +291,8 @@ async fn deleted_pods_other_nodes_and_other_roles_are_refused() {
         .expect_err("not this agent's node");
     assert_eq!(status.code(), Code::PermissionDenied);
     assert_eq!(
-        kiam_server::proto::reason_of(&status),
-        kiam_server::proto::Reason::AgentNodeMismatch,
+        kiam_proto::reason_of(&status),
+        kiam_proto::Reason::AgentNodeMismatch,
         "{}",
         status.message()
     );

@@ -367,7 +367,7 @@ fn agents_load(
                 let mut i = n;
                 // Warm up: the agent's first call costs a TokenReview, once per token
                 // lifetime; the figures are about the calls after it.
-                let first = kiam_server::proto::GetCredentialsRequest {
+                let first = kiam_proto::GetCredentialsRequest {
                     pod_uid: ClusterShape::uid(i),
                     node_name: shape.node(n),
                     role_name: shape.role(i),
@@ -383,7 +383,7 @@ fn agents_load(
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
                 while started.elapsed() < run {
                     tick.tick().await;
-                    let request = kiam_server::proto::GetCredentialsRequest {
+                    let request = kiam_proto::GetCredentialsRequest {
                         pod_uid: ClusterShape::uid(i),
                         node_name: shape.node(n),
                         role_name: shape.role(i),

@@ -1,9 +1,12 @@
-//! The gRPC API between kiam agents and kiam servers, generated from `kiam.proto`, and the
-//! typed refusals both sides share: a refusal is a gRPC status whose details hold a
-//! [`Refusal`], so agents act on its [`Reason`], never on message text.
+//! The gRPC API between kiam agents and kiam servers, generated from `kiam.proto`, the
+//! typed refusals both sides share (a refusal is a gRPC status whose details hold a
+//! [`Refusal`], so agents act on its [`Reason`], never on message text), and what an agent's
+//! certificate says about its node ([`certificate`]).
 #![allow(clippy::all, missing_docs)]
 
 tonic::include_proto!("kiam.v1");
+
+pub mod certificate;
 
 use prost::Message as _;
 
