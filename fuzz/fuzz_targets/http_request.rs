@@ -47,6 +47,7 @@ fn world() -> &'static World {
             tokens: Tokens::random().expect("key"),
             upstream,
             allow: regex::Regex::new(kiam_agent::config::DEFAULT_ALLOW_ROUTE).expect("regex"),
+            allow_user_data: false,
             require_v2: false,
             forwarder: None,
             metrics: Arc::new(Metrics::default()),

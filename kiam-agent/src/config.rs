@@ -237,6 +237,10 @@ pub struct ApiArgs {
         default_value = DEFAULT_ALLOW_ROUTE
     )]
     pub allow_route_regexp: String,
+    /// Forward the node's user data (`/latest/user-data`) when --allow-route-regexp matches
+    /// it. Off by default: on self-managed nodes it holds bootstrap secrets.
+    #[arg(long, env = "KIAM_ALLOW_USER_DATA")]
+    pub allow_user_data: bool,
     /// The node's real metadata service, for allow-listed paths.
     #[arg(
         long,

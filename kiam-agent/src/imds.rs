@@ -42,6 +42,8 @@ pub struct Imds {
     pub tokens: Tokens,
     pub upstream: Arc<Upstream>,
     pub allow: Regex,
+    /// `--allow-user-data`: the node's user data may be forwarded (when `allow` matches).
+    pub allow_user_data: bool,
     pub require_v2: bool,
     pub forwarder: Option<Forwarder>,
     pub metrics: Arc<Metrics>,
@@ -213,7 +215,14 @@ impl Imds {
                     "kiam: the node's identity is not available to pods\n",
                 ),
             ),
-            Route::Other | Route::Token => self.other(request.uri().path()).await,
+            Route::UserData if !self.allow_user_data => (
+                "not_allowed",
+                text(
+                    StatusCode::NOT_FOUND,
+                    "kiam: the node's user data is not available to pods (--allow-user-data)\n",
+                ),
+            ),
+            Route::UserData | Route::Other | Route::Token => self.other(request.uri().path()).await,
         }
     }
 
@@ -306,6 +315,7 @@ impl Imds {
                 },
             ),
             allow: Regex::new(allow).expect("regex"),
+            allow_user_data: false,
             require_v2,
             forwarder: None,
             metrics: Arc::default(),
@@ -410,6 +420,9 @@ mod tests {
             ),
             ("/latest/dynamic/instance-identity/pkcs7", 404),
             ("/latest/dynamic/instance-identity/signature", 404),
+            ("/latest/user-data", 404),
+            ("/latest/meta-data/%69am/security-credentials/", 400),
+            ("/latest/meta%2Ddata/iam/info", 400),
             ("/latest/meta-data/IAM/security-credentials/", 404),
             // Any version: kiam's own answer (here: no server configured).
             ("/2016-09-02/meta-data/iam/security-credentials/", 503),

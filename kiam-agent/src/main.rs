@@ -181,6 +181,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             tokens,
             upstream,
             allow,
+            allow_user_data: args.api.allow_user_data,
             require_v2: args.api.require_imdsv2,
             forwarder: Some(forward::Forwarder::new(&args.api.imds_endpoint)),
             metrics: metrics.clone(),

@@ -3,12 +3,18 @@
 //! The rules that keep the node's credentials out of reach, whatever `--allow-route-regexp`
 //! says:
 //! - Paths that a server could read differently from this parser are refused: empty segments
-//!   (`//`), `.` and `..` segments, backslashes, percent-encoded `.`, `/`, `\` or NUL.
+//!   (`//`), `.` and `..` segments, backslashes, non-ASCII and control characters, and any
+//!   percent-encoding of a letter, digit, `-._~`, `/`, `\` or a control character. RFC 3986
+//!   makes `%69am` the same as `iam`: a metadata service that decodes would read a name this
+//!   parser never saw. No SDK encodes those (IAM role names use letters, digits and
+//!   `+=,.@_-`); the encodings left (`%20`, `%2B`, `%40`, …) cannot spell any of the names
+//!   below, and are forwarded as written.
 //! - Every IAM path is kiam's own, under any version prefix (`/latest`, `/2016-09-02`, …), as
 //!   kiam did with `/{version}/`: a pod sees its own role there, never the node's.
 //! - The node's EC2 identity credentials (`identity-credentials/`) and its signed identity
 //!   documents (`dynamic/instance-identity/{pkcs7,signature,rsa2048}`, which let a pod pose
-//!   as the node, e.g. to Vault's AWS auth) are never forwarded.
+//!   as the node, e.g. to Vault's AWS auth) are never forwarded; neither is the node's
+//!   `user-data` (bootstrap secrets on self-managed nodes) unless `--allow-user-data`.
 //!
 //! Those checks compare case-insensitively: a real metadata service that folded case must
 //! not see a spelling this parser let through.
@@ -30,6 +36,8 @@ pub enum Route<'a> {
     IamOther,
     /// The node's identity credentials and signed identity documents: never forwarded.
     NodeIdentity,
+    /// The node's user data: forwarded only with `--allow-user-data`.
+    UserData,
     /// Anything else: forwarded only when the allow-list matches.
     Other,
 }
@@ -45,18 +53,44 @@ pub enum PathError {
     DotSegment,
     #[error("backslashes are not allowed in paths")]
     Backslash,
-    #[error("percent-encoded ., /, \\ or NUL are not allowed in paths")]
-    EncodedSeparator,
+    #[error(
+        "percent-encoded letters, digits, -._~, /, \\ or control characters are not allowed in paths"
+    )]
+    EncodedCharacter,
+    #[error("a % in a path must be followed by two hexadecimal digits")]
+    MalformedEncoding,
+    #[error("non-ASCII and control characters are not allowed in paths")]
+    NonAscii,
 }
 
-/// Percent-encodings that could turn into a separator or a dot segment further along
-/// (compared case-insensitively).
-const ENCODED: [&[u8; 2]; 4] = [b"2e", b"2f", b"5c", b"00"];
+/// Whether a percent-encoded byte could change how a path is read once decoded: RFC 3986's
+/// unreserved characters (decoded, they are the same path), separators, and anything that is
+/// not printable ASCII.
+fn dangerous_when_decoded(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric()
+        || matches!(byte, b'-' | b'.' | b'_' | b'~' | b'/' | b'\\')
+        || !(0x20..0x7f).contains(&byte)
+}
 
-fn has_encoded_separator(path: &str) -> bool {
-    path.as_bytes()
-        .windows(3)
-        .any(|w| w[0] == b'%' && ENCODED.iter().any(|e| w[1..].eq_ignore_ascii_case(&e[..])))
+fn check_characters(path: &str) -> Result<(), PathError> {
+    let bytes = path.as_bytes();
+    if bytes.iter().any(|b| !(0x20..0x7f).contains(b)) {
+        return Err(PathError::NonAscii);
+    }
+    for (i, _) in bytes.iter().enumerate().filter(|(_, b)| **b == b'%') {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match hex {
+            None => return Err(PathError::MalformedEncoding),
+            Some(byte) if dangerous_when_decoded(byte) => {
+                return Err(PathError::EncodedCharacter);
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
 }
 
 /// Checks a path (without query) and says where it leads. Allocation-free but for the
@@ -66,9 +100,7 @@ pub fn classify(path: &str) -> Result<Route<'_>, PathError> {
     if path.contains('\\') {
         return Err(PathError::Backslash);
     }
-    if has_encoded_separator(path) {
-        return Err(PathError::EncodedSeparator);
-    }
+    check_characters(path)?;
     if rest.is_empty() {
         return Ok(Route::Other);
     }
@@ -93,6 +125,9 @@ pub fn classify(path: &str) -> Result<Route<'_>, PathError> {
         && segments.get(i + 1).is_some_and(|doc| !is(doc, "document"))
     {
         return Ok(Route::NodeIdentity);
+    }
+    if segments.iter().any(|s| is(s, "user-data")) {
+        return Ok(Route::UserData);
     }
     let Some(iam) = segments
         .windows(2)
@@ -213,15 +248,46 @@ mod tests {
             ("/latest/meta-data/..", Err(PathError::DotSegment)),
             (
                 "/latest/meta-data/iam/%2E%2E/iam/security-credentials/",
-                Err(PathError::EncodedSeparator),
+                Err(PathError::EncodedCharacter),
             ),
             (
                 "/latest/meta-data%2fiam/info",
-                Err(PathError::EncodedSeparator),
+                Err(PathError::EncodedCharacter),
             ),
-            ("/latest/meta-data/%2e/x", Err(PathError::EncodedSeparator)),
-            ("/latest/meta-data/%5C", Err(PathError::EncodedSeparator)),
-            ("/latest/meta-data/x%00", Err(PathError::EncodedSeparator)),
+            ("/latest/meta-data/%2e/x", Err(PathError::EncodedCharacter)),
+            ("/latest/meta-data/%5C", Err(PathError::EncodedCharacter)),
+            ("/latest/meta-data/x%00", Err(PathError::EncodedCharacter)),
+            // Encoded letters spell what the parser would otherwise see (the probe's
+            // findings: each reached the node with --allow-route-regexp '.*').
+            (
+                "/latest/meta-data/%69am/security-credentials/",
+                Err(PathError::EncodedCharacter),
+            ),
+            (
+                "/latest/meta%2Ddata/iam/security-credentials/",
+                Err(PathError::EncodedCharacter),
+            ),
+            (
+                "/latest/meta-data/%69dentity-credentials/ec2/security-credentials/ec2-instance",
+                Err(PathError::EncodedCharacter),
+            ),
+            (
+                "/latest/dynamic/%69nstance-identity/pkcs7",
+                Err(PathError::EncodedCharacter),
+            ),
+            ("/latest/user%2Ddata", Err(PathError::EncodedCharacter)),
+            ("/latest/meta-data/%7e", Err(PathError::EncodedCharacter)),
+            ("/latest/meta-data/%0a", Err(PathError::EncodedCharacter)),
+            ("/latest/meta-data/%c3%a9", Err(PathError::EncodedCharacter)),
+            ("/latest/meta-data/x%", Err(PathError::MalformedEncoding)),
+            ("/latest/meta-data/x%6", Err(PathError::MalformedEncoding)),
+            ("/latest/meta-data/x%zz", Err(PathError::MalformedEncoding)),
+            ("/latest/meta-data/\u{e9}", Err(PathError::NonAscii)),
+            ("/latest/meta-data/x\ty", Err(PathError::NonAscii)),
+            // The node's user data: kiam's 404 unless --allow-user-data.
+            ("/latest/user-data", Ok(UserData)),
+            ("/2009-04-04/user-data/", Ok(UserData)),
+            ("/latest/USER-DATA", Ok(UserData)),
             ("/latest\\meta-data", Err(PathError::Backslash)),
             ("latest/meta-data", Err(PathError::NotAbsolute)),
             ("", Err(PathError::NotAbsolute)),
@@ -233,10 +299,14 @@ mod tests {
 
     #[test]
     fn ordinary_percent_encodings_pass() {
-        // Instance tag keys may contain spaces.
+        // Instance tag keys may contain spaces; role names +=,@ (which some clients encode).
         assert_eq!(
             classify("/latest/meta-data/tags/instance/Cost%20Center"),
             Ok(Route::Other)
+        );
+        assert_eq!(
+            classify("/latest/meta-data/iam/security-credentials/team%2Bapp%40x"),
+            Ok(Route::IamCredentials("team%2Bapp%40x"))
         );
     }
 }
