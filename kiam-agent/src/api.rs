@@ -87,10 +87,10 @@ impl PodGate {
     }
 }
 
-/// Serves until the listener fails for good. Accept errors such as `EMFILE` pause briefly
-/// instead of ending the loop.
+/// Serves `listeners` (the agent's IPv4 and IPv6 addresses) with one set of limits, until
+/// the process ends. Accept errors such as `EMFILE` pause briefly instead of ending a loop.
 pub async fn serve<S: RecordSource>(
-    listener: TcpListener,
+    listeners: Vec<TcpListener>,
     resolver: Arc<Resolver<S>>,
     imds: Arc<Imds>,
     limits: Limits,
@@ -106,6 +106,17 @@ pub async fn serve<S: RecordSource>(
         limits,
         lingering: Arc::new(Semaphore::new(MAX_LINGERING)),
     });
+    let loops = listeners
+        .into_iter()
+        .map(|listener| accept_loop(listener, shared.clone(), gate.clone()));
+    futures::future::join_all(loops).await;
+}
+
+async fn accept_loop<S: RecordSource>(
+    listener: TcpListener,
+    shared: Arc<Shared<S>>,
+    gate: Arc<Gate>,
+) {
     let Shared {
         resolver,
         imds,
@@ -462,7 +473,7 @@ mod tests {
             max_per_pod,
             idle_timeout: Duration::from_secs(30),
         };
-        tokio::spawn(serve(listener, resolver, imds.clone(), limits));
+        tokio::spawn(serve(vec![listener], resolver, imds.clone(), limits));
         (addr, imds)
     }
 

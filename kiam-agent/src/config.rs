@@ -123,9 +123,6 @@ pub struct RunArgs {
     /// migration; pods keep the port in their own network namespaces.
     #[arg(long, env = "KIAM_PORT", default_value_t = DEFAULT_PORT)]
     pub port: u16,
-    /// Address to listen on (default: `::` with `--agent-ip6`, else `0.0.0.0`).
-    #[arg(long, env = "KIAM_BIND")]
-    pub bind: Option<IpAddr>,
     /// Mount point of the cgroup v2 file system (default: detect `/sys/fs/cgroup`, then
     /// `/sys/fs/cgroup/unified`).
     #[arg(long, env = "KIAM_CGROUP_ROOT")]
@@ -297,8 +294,6 @@ pub enum ConfigError {
         "--port {0} is in the NodePort range (30000-32767), where a Service could take it on every node; pick a port such as {DEFAULT_PORT}"
     )]
     NodePort(u16),
-    #[error("--bind {bind} is IPv4 but --agent-ip6 is set; use --bind ::")]
-    BindFamily { bind: IpAddr },
     #[error("--server needs --node-name, --tls-cert, --tls-key and --tls-ca")]
     ServerWithoutIdentity,
     #[error("--remove-startup-taint needs --node-name: the node to remove it from")]
@@ -360,11 +355,12 @@ pub fn api(args: &ApiArgs) -> Result<regex::Regex, ConfigError> {
 /// The validated parts of `run` that do not touch the system.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Network {
-    pub listen: SocketAddr,
+    /// The agent's IPv4 address and port, and its IPv6 address and port when it has one.
+    pub listen: Vec<SocketAddr>,
     pub kernel: Config,
 }
 
-/// Checks the addresses and port, and derives the listen address and the kernel config.
+/// Checks the addresses and port, and derives the listen addresses and the kernel config.
 pub fn network(args: &RunArgs) -> Result<Network, ConfigError> {
     let agent4 = match args.agent_ip {
         IpAddr::V4(v4) => v4,
@@ -387,12 +383,6 @@ pub fn network(args: &RunArgs) -> Result<Network, ConfigError> {
     if NODE_PORTS.contains(&args.port) {
         return Err(ConfigError::NodePort(args.port));
     }
-    let bind = match (args.bind, args.agent_ip6) {
-        (Some(bind @ IpAddr::V4(_)), Some(_)) => return Err(ConfigError::BindFamily { bind }),
-        (Some(bind), _) => bind,
-        (None, Some(_)) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-        (None, None) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-    };
     let agent_addr6 = match args.agent_ip6 {
         Some(v6) => addr::words(IpAddr::V6(v6)),
         None => addr::words(IpAddr::V4(agent4)),
@@ -401,8 +391,14 @@ pub fn network(args: &RunArgs) -> Result<Network, ConfigError> {
     if args.ebpf_log_connections {
         flags |= CONFIG_LOG_CONNECTIONS;
     }
+    // Only the addresses pods are sent to: nothing else on the node's other addresses (the
+    // VPC's, other pods') reaches the agent's HTTP parser.
+    let listen = std::iter::once(IpAddr::V4(agent4))
+        .chain(args.agent_ip6.map(IpAddr::V6))
+        .map(|ip| SocketAddr::new(ip, args.port))
+        .collect();
     Ok(Network {
-        listen: SocketAddr::new(bind, args.port),
+        listen,
         kernel: Config {
             attach_cgroup_id: 0,
             agent_addr4: addr::v4_word(agent4),
@@ -436,7 +432,7 @@ mod tests {
     #[test]
     fn defaults() {
         let net = network(&args(&[])).expect("valid");
-        assert_eq!(net.listen, "0.0.0.0:8186".parse().expect("literal"));
+        assert_eq!(net.listen, ["10.0.0.5:8186".parse().expect("literal")]);
         assert_eq!(net.kernel.agent_port, 8186);
         assert_eq!(
             addr::from_words(net.kernel.agent_addr6),
@@ -445,9 +441,13 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_agent_listens_dual_stack() {
+    fn the_agent_listens_on_its_addresses_only() {
         let net = network(&args(&["--agent-ip6", "fd00:1::5"])).expect("valid");
-        assert_eq!(net.listen, "[::]:8186".parse().expect("literal"));
+        let want: Vec<SocketAddr> = ["10.0.0.5:8186", "[fd00:1::5]:8186"]
+            .iter()
+            .map(|a| a.parse().expect("literal"))
+            .collect();
+        assert_eq!(net.listen, want);
         assert_eq!(
             addr::from_words(net.kernel.agent_addr6),
             "fd00:1::5".parse::<IpAddr>().expect("literal")
@@ -456,13 +456,12 @@ mod tests {
 
     #[test]
     fn bad_configurations_name_the_flag() {
-        let cases: [(&[&str], &str); 6] = [
+        let cases: [(&[&str], &str); 5] = [
             (&["--port", "80"], "--port"),
             (&["--port", "30000"], "NodePort"),
             (&["--port", "32767"], "NodePort"),
             (&["--port", "0"], "--port"),
             (&["--agent-ip6", "fd00:ec2::254"], "--agent-ip6"),
-            (&["--agent-ip6", "fd00::1", "--bind", "0.0.0.0"], "--bind"),
         ];
         for (extra, flag) in cases {
             let err = network(&args(extra)).expect_err("invalid");

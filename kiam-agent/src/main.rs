@@ -101,8 +101,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             object,
         })?;
         kiam_ops::listen::raise_open_files_limit();
-        let listener = kiam_ops::listen::bind(net.listen)
-            .with_context(|| format!("listening on {} (--bind/--port)", net.listen))?;
+        let listeners = net
+            .listen
+            .iter()
+            .map(|addr| {
+                kiam_ops::listen::bind(*addr).with_context(|| {
+                    format!("listening on {addr} (--agent-ip/--agent-ip6 must be this node's addresses; --port)")
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         start_kernel_logs(&installed);
         let lookup = resolver::Cgroupfs::new(&root, attach.clone(), true)
             .with_context(|| format!("opening the cgroup root {}", root.display()))?;
@@ -225,9 +232,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 health: None,
             },
         ));
-        tracing::info!(listen = %net.listen, pin_dir = %args.bpffs_dir.display(), "kiam-agent ready");
+        tracing::info!(listen = ?net.listen, pin_dir = %args.bpffs_dir.display(), "kiam-agent ready");
         tokio::select! {
-            () = api::serve(listener, resolver, imds, api::Limits {
+            () = api::serve(listeners, resolver, imds, api::Limits {
                 max_connections: args.api.max_connections,
                 max_per_pod: args.api.max_connections_per_pod,
                 idle_timeout: args.api.idle_timeout,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use kiam_e2e::{
     cluster::Cluster,
-    node::{HELPER, Node, Pod, privileged},
+    node::{AGENT_IP, AGENT_PORT, HELPER, Node, Pod, privileged},
     poll,
 };
 use serde_json::json;
@@ -100,4 +100,40 @@ fn encoded_names_non_ascii_paths_and_user_data_never_reach_the_node() {
             .is_empty()),
         "the control never reached the recorder"
     );
+}
+
+/// The metadata listener answered on every address of the node (`0.0.0.0:8186`), so any host
+/// in the VPC or the cluster reached the agent's HTTP parser, filled the share that
+/// connections without an identity have in common, and wrote a WARN line each time.
+#[test]
+fn the_metadata_listener_answers_only_on_the_agent_address() {
+    if !privileged("listener on every node address") {
+        return;
+    }
+    let (c, a) = cluster_with_pod(&[]);
+    // The node's address on the pod's own link (its default gateway).
+    let gateway = helper(&c.node, &a, &["gateway"]);
+    let elsewhere = helper(
+        &c.node,
+        &a,
+        &[
+            "get",
+            &format!("http://{gateway}:{AGENT_PORT}/latest/meta-data/"),
+        ],
+    );
+    assert!(
+        elsewhere.starts_with("ERROR") && elsewhere.contains("refused"),
+        "the agent answered on {gateway}: {elsewhere}"
+    );
+    // Control: the agent's own address answers (and refuses a connection that did not come
+    // through the redirect), so the probe reaches a listener where there is one.
+    let direct = helper(
+        &c.node,
+        &a,
+        &[
+            "get",
+            &format!("http://{AGENT_IP}:{AGENT_PORT}/latest/meta-data/"),
+        ],
+    );
+    assert!(direct.starts_with("403 "), "{direct}");
 }

@@ -76,6 +76,8 @@ enum Cmd {
         #[arg(long, default_value_t = 10_000)]
         hold_ms: u64,
     },
+    /// Print this network namespace's IPv4 default gateway (from /proc/net/route).
+    Gateway,
     /// Try to listen on `addr`; prints `bound` or `denied: <error>`.
     Bind { addr: SocketAddr },
     /// Claim another address (IP_TRANSPARENT: a pod granted CAP_NET_ADMIN can do this), start
@@ -292,6 +294,21 @@ fn get(
             writeln!(out, "{line}")?;
         }
     }
+    Ok(())
+}
+
+fn gateway() -> anyhow::Result<()> {
+    let routes = std::fs::read_to_string("/proc/net/route")?;
+    // Iface Destination Gateway …, hex in host (little-endian) order.
+    let hex = routes
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.get(1) == Some(&"00000000"))
+        .and_then(|f| f.get(2).map(|g| (*g).to_owned()))
+        .ok_or_else(|| anyhow!("no default route"))?;
+    let word = u32::from_str_radix(&hex, 16)?;
+    println!("{}", Ipv4Addr::from(word.swap_bytes()));
     Ok(())
 }
 
@@ -564,6 +581,7 @@ fn main() -> anyhow::Result<()> {
             timeout_ms,
         } => get(&url, count, concurrency, half_close, bind_port, timeout_ms),
         Cmd::Bind { addr } => bind(addr),
+        Cmd::Gateway => gateway(),
         Cmd::Request {
             url,
             method,
