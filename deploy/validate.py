@@ -285,10 +285,15 @@ def flags_of(binary, *args):
 def check_node_safety(where, pod_spec):
     """The agent's pins must live on the host's bpffs: an init container mounts it when the
     node has none (the only place with bidirectional propagation), the agent sees it with
-    HostToContainer."""
+    HostToContainer; the same init container reserves the agent's port."""
     init = pod_spec.get("initContainers") or []
-    if not any((c.get("args") or [None])[0] == "mount-bpffs" for c in init):
-        fail(f"{where}: no init container runs `kiam-agent mount-bpffs`")
+    prepare = [c for c in init if (c.get("args") or [None])[0] == "prepare-node"]
+    if not prepare:
+        fail(f"{where}: no init container runs `kiam-agent prepare-node`")
+    agent = next(c for c in pod_spec["containers"] if c.get("args", [None])[0] == "run")
+    port = next((a.split("=", 1)[1] for a in agent.get("args") or [] if a.startswith("--port=")), "8186")
+    if f"--port={port}" not in prepare[0]["args"]:
+        fail(f"{where}: prepare-node does not reserve the agent's port {port}")
     for container in pod_spec.get("containers") or []:
         for mount in container.get("volumeMounts") or []:
             if mount.get("mountPropagation") == "Bidirectional":

@@ -30,9 +30,13 @@ pub enum Command {
     /// Detach and unpin the programs and maps (stop the agent first), and remove a
     /// link-local agent address the agent added.
     Uninstall(PinArgs),
-    /// Mount bpffs at a path unless one is there (the DaemonSet's init container, with the
-    /// host's /sys/fs/bpf and bidirectional mount propagation).
+    /// Mount bpffs at a path unless one is there, shared (with the host's /sys/fs/bpf and
+    /// bidirectional mount propagation).
     MountBpffs(MountArgs),
+    /// What the node must provide before the agent starts, as the DaemonSet's privileged init
+    /// container: bpffs mounted (shared) at --path, and the agent's --port reserved
+    /// (net.ipv4.ip_local_reserved_ports) where the ephemeral range covers it.
+    PrepareNode(PrepareArgs),
     /// Check the running agent, its pinned programs and every server, like `kiam health`.
     /// Reads the same flags and `KIAM_*` environment as `run`. Exit code 0: healthy; 1: a
     /// check failed; 2: bad usage.
@@ -66,6 +70,15 @@ pub struct MountArgs {
     /// Where bpffs must be mounted.
     #[arg(long, env = "KIAM_BPFFS_MOUNT", default_value = "/sys/fs/bpf")]
     pub path: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct PrepareArgs {
+    #[command(flatten)]
+    pub mount: MountArgs,
+    /// The agent's port (as for `run`), reserved so the kernel never hands it out.
+    #[arg(long, env = "KIAM_PORT", default_value_t = DEFAULT_PORT)]
+    pub port: u16,
 }
 
 pub use kiam_ops::LogFormat;

@@ -19,6 +19,7 @@ pub mod imds;
 pub mod loader;
 pub mod metrics;
 pub mod pins;
+pub mod port;
 pub mod resolver;
 pub mod route;
 pub mod status;

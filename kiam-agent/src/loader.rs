@@ -18,7 +18,8 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, MapInfo},
     pin::PinError,
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError,
+        SockOps,
         links::{FdLink, LinkError, PinnedLink},
         loaded_programs,
     },
@@ -302,6 +303,7 @@ fn sock_ops(ebpf: &mut Ebpf) -> Result<&mut SockOps, LoaderError> {
 /// One of the program types kiam uses.
 enum Prog<'a> {
     SockAddr(&'a mut CgroupSockAddr),
+    Sock(&'a mut CgroupSock),
     SockOps(&'a mut SockOps),
     Skb(&'a mut CgroupSkb),
 }
@@ -316,6 +318,9 @@ impl<'a> Prog<'a> {
             | program_names::CONNECT6
             | program_names::BIND4
             | program_names::BIND6 => Self::SockAddr(program.try_into().map_err(prog_err(name))?),
+            program_names::POST_BIND4 | program_names::POST_BIND6 => {
+                Self::Sock(program.try_into().map_err(prog_err(name))?)
+            }
             program_names::SOCK_OPS => Self::SockOps(program.try_into().map_err(prog_err(name))?),
             program_names::EGRESS => Self::Skb(program.try_into().map_err(prog_err(name))?),
             _ => return Err(LoaderError::MissingProgram(name)),
@@ -326,6 +331,10 @@ impl<'a> Prog<'a> {
     fn load(&mut self) -> Result<aya::programs::ProgramInfo, ProgramError> {
         match self {
             Self::SockAddr(p) => {
+                p.load()?;
+                p.info()
+            }
+            Self::Sock(p) => {
                 p.load()?;
                 p.info()
             }
@@ -343,6 +352,7 @@ impl<'a> Prog<'a> {
     fn unload(&mut self) -> Result<(), ProgramError> {
         match self {
             Self::SockAddr(p) => p.unload(),
+            Self::Sock(p) => p.unload(),
             Self::SockOps(p) => p.unload(),
             Self::Skb(p) => p.unload(),
         }
@@ -353,6 +363,10 @@ impl<'a> Prog<'a> {
         let mode = LINK_MODE;
         let link = match self {
             Self::SockAddr(p) => {
+                let id = p.attach(fd, mode).map_err(prog_err(name))?;
+                FdLink::try_from(p.take_link(id).map_err(prog_err(name))?)
+            }
+            Self::Sock(p) => {
                 let id = p.attach(fd, mode).map_err(prog_err(name))?;
                 FdLink::try_from(p.take_link(id).map_err(prog_err(name))?)
             }

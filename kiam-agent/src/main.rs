@@ -5,7 +5,7 @@ use std::{net::IpAddr, path::Path, sync::Arc, time::Duration};
 
 use kiam_agent::{
     address, api, bpffs, caps, cgroup, client, config, forward, health, imds, loader, metrics,
-    pins, resolver, status, taint, token, upstream,
+    pins, port, resolver, status, taint, token, upstream,
 };
 
 use anyhow::Context as _;
@@ -24,6 +24,9 @@ fn main() -> std::process::ExitCode {
         Command::Status(args) => status::show(&args),
         Command::Uninstall(args) => uninstall(&args.bpffs_dir),
         Command::MountBpffs(args) => mount_bpffs(&args.path),
+        Command::PrepareNode(args) => {
+            mount_bpffs(&args.mount.path).and_then(|()| reserve_port(args.port))
+        }
         Command::Health(args) => {
             return match health::run(&args) {
                 Ok(code) => code,
@@ -51,6 +54,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut net = config::network(&args)?;
     net.kernel.agent_netns_cookie = own_netns_cookie();
     let allow = config::api(&args.api)?;
+    // Before anything is attached: refused here, nothing is left half done.
+    if port::ensure_reserved(args.port)? == port::Reservation::Reserved {
+        tracing::info!(
+            port = args.port,
+            "reserved the agent's port (net.ipv4.ip_local_reserved_ports)"
+        );
+    }
     let tokens = token::Tokens::from_file(&args.api.token_key_file).context("--token-key-file")?;
     let root = cgroup::find_root(args.cgroup_root.as_deref())?;
     let attach = cgroup::find_attach_cgroup(&root, args.attach_cgroup.as_deref())?;
@@ -315,6 +325,17 @@ fn uninstall(dir: &Path) -> anyhow::Result<()> {
     }
     for path in removed {
         println!("removed {}", path.display());
+    }
+    Ok(())
+}
+
+/// `kiam-agent prepare-node`'s second step.
+fn reserve_port(port: u16) -> anyhow::Result<()> {
+    use kiam_agent::port::Reservation::*;
+    match port::ensure_reserved(port)? {
+        Reserved => println!("reserved port {port} (net.ipv4.ip_local_reserved_ports)"),
+        AlreadyReserved => println!("port {port} already reserved"),
+        OutsideRange => println!("port {port} is outside the ephemeral range"),
     }
     Ok(())
 }

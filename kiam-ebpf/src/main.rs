@@ -5,14 +5,18 @@
 //! How the agent learns who is calling, without trusting the source IP:
 //! 1. `kiam_connect4`/`kiam_connect6` run in the caller's context: they record the caller's
 //!    cgroup id and tgid under the client socket's cookie and rewrite the destination.
-//! 2. `kiam_sock_ops` at `TCP_CONNECT_CB` (client side, source port now known) moves that
-//!    record under the connection's 4-tuple and asks for state callbacks, so the tuple entry is
-//!    removed when the client socket closes.
-//! 3. `kiam_sock_ops` at `PASSIVE_ESTABLISHED_CB` (agent side, the agent's cgroup must be
-//!    covered) moves the record under the cookie of the agent's new socket. The agent reads it
-//!    after `accept()` with `getsockopt(SO_COOKIE)`. The record is bound to the agent's socket
-//!    before the agent runs, so a client that connects, sends and closes before `accept()` is
-//!    still identified.
+//! 2. `kiam_sock_ops` at `ACTIVE_ESTABLISHED_CB` (client side: the agent's SYN-ACK has
+//!    arrived, the client's ACK is not sent yet) moves that record under the connection's
+//!    4-tuple and asks for state callbacks, so the tuple entry is removed when the client
+//!    socket closes. Only the socket the SYN-ACK reached gets here: a socket in another
+//!    network namespace that bound someone else's address (`IP_TRANSPARENT`, which
+//!    `CAP_NET_RAW` allows) sends a SYN whose answer goes to the address's real owner, so it
+//!    never claims, nor poisons, that owner's tuple.
+//! 3. `kiam_sock_ops` at `PASSIVE_ESTABLISHED_CB` (agent side, on the client's ACK, so after
+//!    step 2; the agent's cgroup must be covered) moves the record under the cookie of the
+//!    agent's new socket. The agent reads it after `accept()` with `getsockopt(SO_COOKIE)`.
+//!    The record is bound to the agent's socket before the agent runs, so a client that
+//!    connects, sends and closes before `accept()` is still identified.
 //!
 //! Minimum kernel: 5.8 (bpf links for cgroups 5.7; `bpf_get_socket_cookie` and
 //! `bpf_get_current_cgroup_id` for sock_addr programs; `bpf_skb_cgroup_id` in cgroup_skb).
@@ -21,16 +25,16 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_addr,
+        BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, bpf_sock_addr,
     },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_netns_cookie,
         bpf_get_socket_cookie, bpf_skb_cgroup_id,
     },
-    macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
+    programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use aya_log_ebpf::info;
 use kiam_common::{
@@ -252,7 +256,7 @@ fn redirect(ctx: &SockAddrContext, orig_addr: [u32; 4], counter: u32) -> Redirec
 #[sock_ops]
 pub fn kiam_sock_ops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
-        BPF_SOCK_OPS_TCP_CONNECT_CB => on_tcp_connect(&ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(&ctx),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(&ctx),
         BPF_SOCK_OPS_STATE_CB => on_state_change(&ctx),
         _ => {}
@@ -260,11 +264,12 @@ pub fn kiam_sock_ops(ctx: SockOpsContext) -> u32 {
     1
 }
 
-/// Client side, in the caller's context, source port assigned, SYN not yet sent.
+/// Client side, softirq: the agent's SYN-ACK reached this socket, which proves it owns the
+/// connection's 4-tuple; its ACK is sent after this returns.
 #[inline(always)]
-fn on_tcp_connect(ctx: &SockOpsContext) {
-    // Runs for every TCP connect of every pod: a look at the destination and out, before any
-    // helper call or hash lookup, unless it is the agent.
+fn on_active_established(ctx: &SockOpsContext) {
+    // Runs for every TCP connection of every pod: a look at the destination and out, before
+    // any helper call or hash lookup, unless it is the agent.
     let Some(config) = config() else {
         return;
     };
@@ -285,9 +290,9 @@ fn on_tcp_connect(ctx: &SockOpsContext) {
     // SAFETY: pointer from a successful lookup; copied out at once.
     let record = unsafe { *record };
     let _ = KIAM_CONNECT.remove(cookie);
-    // Never overwrite: a second socket claiming the same 4-tuple is either spoofing another
-    // pod's address (IP_TRANSPARENT, given CAP_NET_ADMIN) or being spoofed. Poison the entry so
-    // the agent answers neither, rather than the wrong one.
+    // Never overwrite: two established sockets claiming one 4-tuple (in two network
+    // namespaces with the same address) cannot be told apart. Poison the entry so the agent
+    // answers neither, rather than the wrong one.
     if KIAM_TUPLES.insert(key, record, BPF_NOEXIST as u64).is_ok() {
         // Ask for STATE_CB so the tuple entry goes away when this socket closes, whether or
         // not the agent ever completed the handshake: a later connection reusing the tuple
@@ -443,6 +448,51 @@ fn guard_bind(ctx: &SockAddrContext) -> i32 {
     if config.agent_netns_cookie != 0 {
         // SAFETY: the sock_addr context is a valid argument for the helper (Linux 5.7).
         let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+        if netns != config.agent_netns_cookie {
+            return ALLOW;
+        }
+    }
+    // SAFETY: helper without arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    if KIAM_EXEMPT.get_ptr(cgroup_id).is_some() {
+        return ALLOW;
+    }
+    count(stat::BIND_DENIED);
+    DENY
+}
+
+/// Refuses the agent's port when the kernel chose it (`bind()` to port 0; `bind4` only sees
+/// the port asked for) in the agent's network namespace, for everyone but exempt cgroups: a
+/// host-network pod looping `bind(0)` while the agent is down would otherwise get it in the
+/// end wherever the node's ephemeral range covers it. (`listen()` on an unbound socket picks
+/// its port without this hook: the agent reserves its port with
+/// `net.ipv4.ip_local_reserved_ports`, which the kernel never hands out.)
+#[cgroup_sock(post_bind4)]
+pub fn kiam_post_bind4(ctx: SockContext) -> i32 {
+    guard_assigned_port(&ctx)
+}
+
+/// `post_bind4` for IPv6 sockets.
+#[cgroup_sock(post_bind6)]
+pub fn kiam_post_bind6(ctx: SockContext) -> i32 {
+    guard_assigned_port(&ctx)
+}
+
+#[inline(always)]
+fn guard_assigned_port(ctx: &SockContext) -> i32 {
+    let sk = ctx.sock;
+    // SAFETY: constant-offset 4-byte loads from the kernel-provided context; `src_port` is
+    // host order.
+    let (port, sock_type) = unsafe { ((*sk).src_port, (*sk).type_) };
+    let Some(config) = config() else {
+        return ALLOW;
+    };
+    if sock_type != SOCK_STREAM || port != config.agent_port {
+        return ALLOW;
+    }
+    if config.agent_netns_cookie != 0 {
+        // SAFETY: the sock context is a valid argument for the helper.
+        let netns = unsafe { bpf_get_netns_cookie(ctx.sock.cast()) };
         if netns != config.agent_netns_cookie {
             return ALLOW;
         }

@@ -126,6 +126,17 @@ pub fn agent_bin() -> PathBuf {
     path
 }
 
+/// The capabilities a container gets by default (containerd's and Docker's set, `NET_RAW`
+/// included), as `setpriv --bounding-set` takes them: a root process keeps only these.
+pub const DEFAULT_CAPABILITIES: &str = "-all,+chown,+dac_override,+fowner,+fsetid,+kill,+setgid,+setuid,+setpcap,+net_bind_service,+net_raw,+sys_chroot,+mknod,+audit_write,+setfcap";
+
+/// `cmd` as a tenant's container runs it: with the default capabilities only.
+pub fn as_tenant<'a>(cmd: &[&'a str]) -> Vec<&'a str> {
+    let mut line = vec!["setpriv", "--bounding-set", DEFAULT_CAPABILITIES, "--"];
+    line.extend_from_slice(cmd);
+    line
+}
+
 /// A clean environment for an AWS SDK inside a test pod: no credentials, configuration or
 /// profile but what the metadata service gives, region `us-east-1`, `home` as `$HOME`.
 pub fn sdk_env<'a>(command: &'a mut Command, home: &Path) -> &'a mut Command {
@@ -598,6 +609,17 @@ impl Node {
             let _ = agent.child.kill();
             let _ = agent.child.wait();
         }
+    }
+
+    /// How often each kiam program is attached below the test cgroup (by whole name:
+    /// `kiam_bind4` is part of `kiam_post_bind4`), from `bpftool cgroup tree`.
+    pub fn attachments(&self) -> std::collections::HashMap<String, usize> {
+        let mut counts = std::collections::HashMap::new();
+        let tree = self.bpftool_cgroup_tree();
+        for word in tree.split_whitespace().filter(|w| w.starts_with("kiam_")) {
+            *counts.entry(word.to_owned()).or_default() += 1;
+        }
+        counts
     }
 
     /// `bpftool cgroup tree` below the test cgroup.

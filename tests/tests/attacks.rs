@@ -4,11 +4,14 @@
 //! control that shows the probe could have seen it succeed. Run as root by `cargo xtask
 //! test`; without root each test prints a loud SKIP.
 
-use std::time::Duration;
+use std::{
+    io::{BufRead as _, BufReader},
+    time::Duration,
+};
 
 use kiam_e2e::{
     cluster::Cluster,
-    node::{AGENT_IP, AGENT_PORT, HELPER, Node, Pod, privileged},
+    node::{AGENT_IP, AGENT_PORT, HELPER, Node, Pod, as_tenant, privileged},
     poll,
 };
 use serde_json::json;
@@ -136,4 +139,168 @@ fn the_metadata_listener_answers_only_on_the_agent_address() {
         ],
     );
     assert!(direct.starts_with("403 "), "{direct}");
+}
+
+/// The caller `/kiam/v1/identity` names: `200 {json}` parsed, or the line.
+fn identity_of(line: &str) -> Result<serde_json::Value, String> {
+    line.strip_prefix("200 ")
+        .and_then(|body| serde_json::from_str(body).ok())
+        .ok_or_else(|| line.to_owned())
+}
+
+/// `IP_TRANSPARENT` accepts `CAP_NET_RAW`, which containers have by default: a pod bound
+/// another pod's address (or the agent's own, the source of every host-network pod's
+/// connections) and connected to the metadata address from it. Its SYN-ACK went to the
+/// address's owner, but its record already sat under the owner's 4-tuple and poisoned the
+/// owner's later connection (`403 another socket claimed …`: 40 of 40 requests with every
+/// even port claimed). Records are now filed under the tuple only once the SYN-ACK reached
+/// the socket.
+#[test]
+fn a_tenant_with_default_capabilities_cannot_claim_another_pods_connection() {
+    if !privileged("tuple pre-claiming with NET_RAW") {
+        return;
+    }
+    let mut node = Node::new();
+    let attacker = node.add_pod();
+    let victim = node.add_pod();
+    let host_victim = node.add_host_network_pod();
+    node.start_agent();
+    let identity = "http://169.254.169.254/kiam/v1/identity";
+    for (target, from, port) in [(&victim, victim.ip, 41414), (&host_victim, AGENT_IP, 41415)] {
+        // The attacker, with only a container's default capabilities, claims the target's
+        // address and port and starts a redirected connection from it.
+        let from = format!("{from}:{port}");
+        let spoof = as_tenant(&[
+            HELPER.as_str(),
+            "spoof",
+            "--from",
+            &from,
+            identity,
+            "--hold-ms",
+            "6000",
+        ]);
+        let mut spoofer = node.spawn_in(&attacker.cgroup, &attacker.netns, &spoof);
+        let mut lines = BufReader::new(spoofer.stdout.take().expect("stdout")).lines();
+        assert_eq!(
+            lines.next().and_then(Result::ok).as_deref(),
+            Some("started"),
+            "the tenant could not claim {from}"
+        );
+        // The target connects from the very same address and port, and is answered as
+        // itself.
+        let port = port.to_string();
+        let line = helper(
+            &node,
+            target,
+            &[
+                "get",
+                identity,
+                "--bind-port",
+                &port,
+                "--timeout-ms",
+                "5000",
+            ],
+        );
+        let _ = spoofer.kill();
+        let _ = spoofer.wait();
+        let id = identity_of(&line).unwrap_or_else(|line| panic!("{from}: {line}"));
+        assert_eq!(id["pod_uid"], target.uid.as_str(), "{line}");
+    }
+    // Control: the tenant's connections were redirected like the targets' (two each), so
+    // their records existed; none of them was filed under a tuple, nothing was poisoned.
+    let status = node.agent_command(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status");
+    let counters = &status["counters"];
+    assert!(counters["redirected_ipv4"].as_u64() >= Some(4), "{status}");
+    assert_eq!(counters["tuple_collision"], 0, "{status}");
+}
+
+/// `sysctl -w` in the node's network namespace (the test's own).
+fn node_sysctl(node: &Node, setting: &str) {
+    let status = std::process::Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", node.netns))
+        .args(["--", "sysctl", "-qw", setting])
+        .status()
+        .expect("sysctl");
+    assert!(status.success(), "sysctl -w {setting}");
+}
+
+fn node_sysctl_value(node: &Node, name: &str) -> String {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", node.netns))
+        .args(["--", "sysctl", "-n", name])
+        .output()
+        .expect("sysctl");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Parses the helper's `got <n> denied <n> held <n>`.
+fn autobind(node: &Node, pod: &Pod, listen: bool) -> (u64, u64, u64) {
+    let want = AGENT_PORT.to_string();
+    let mut cmd = vec![HELPER.as_str(), "autobind", "--want", &want];
+    if listen {
+        cmd.push("--listen");
+    }
+    let line = node.run_in(&pod.cgroup, &pod.netns, &as_tenant(&cmd));
+    let numbers: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    match numbers.as_slice() {
+        [got, denied, held] => (*got, *denied, *held),
+        _ => panic!("unexpected helper output {line:?}"),
+    }
+}
+
+/// The bind guard checked only the port asked for: with the node's ephemeral range widened
+/// around the agent's port and the agent down, a host-network pod looping `bind(0)` (or
+/// `listen()` on an unbound socket) got the agent's port, and with it every pod's metadata
+/// traffic. The agent now reserves its port (`ip_local_reserved_ports`), and `post_bind`
+/// refuses it to anyone but the agent when the kernel picks it anyway.
+#[test]
+fn the_agents_port_cannot_be_taken_by_bind_0_or_listen_while_it_is_down() {
+    if !privileged("agent port autobind") {
+        return;
+    }
+    let mut node = Node::new();
+    let tenant = node.add_host_network_pod();
+    // Widened ephemeral range (common tuning), the agent's port inside it.
+    node_sysctl(&node, "net.ipv4.ip_local_port_range=8000 8400");
+    node.start_agent();
+    assert!(
+        node_sysctl_value(&node, "net.ipv4.ip_local_reserved_ports")
+            .split(',')
+            .any(|p| p == AGENT_PORT.to_string()),
+        "the agent did not reserve its port"
+    );
+    node.kill_agent();
+    // The whole range handed out to a tenant with default capabilities: never the port.
+    for listen in [false, true] {
+        let (got, _, held) = autobind(&node, &tenant, listen);
+        assert_eq!(got, 0, "listen={listen}: the tenant got the agent's port");
+        assert!(held >= 390, "listen={listen}: only {held} ports handed out");
+    }
+    // Without the reservation the kernel picks the port, and post_bind refuses it to
+    // bind(0)...
+    node_sysctl(&node, "net.ipv4.ip_local_reserved_ports=");
+    let (got, denied, _) = autobind(&node, &tenant, false);
+    assert_eq!(got, 0, "bind(0) without the reservation");
+    assert!(denied >= 1, "the kernel never offered the port");
+    // ...while listen() on an unbound socket has no such hook and gets it: the control
+    // that shows what the reservation is for.
+    let (got, _, _) = autobind(&node, &tenant, true);
+    assert_eq!(got, 1, "listen() without the reservation");
+    // So an agent that cannot reserve a port inside the range refuses to start, naming the
+    // sysctl (here /proc/sys is read-only, as in a container).
+    let line = node.agent_command_line();
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg("mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && exec nsenter --net=/var/run/netns/\"$0\" -- \"$@\"")
+        .arg(&node.netns)
+        .args(&line)
+        .output()
+        .expect("agent");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("ip_local_port_range"), "{text}");
 }

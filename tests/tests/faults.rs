@@ -4,7 +4,6 @@
 //! under load. Run as root by `cargo xtask test`; without root each prints a loud SKIP.
 
 use std::{
-    collections::HashMap,
     process::{Command, Stdio},
     sync::Mutex,
     time::{Duration, Instant},
@@ -557,14 +556,6 @@ fn three_hundred_pod_lifecycles_never_serve_a_wrong_role() {
     );
 }
 
-fn attachments(tree: &str) -> HashMap<String, usize> {
-    let mut counts = HashMap::new();
-    for word in tree.split_whitespace().filter(|w| w.starts_with("kiam_")) {
-        *counts.entry(word.to_owned()).or_default() += 1;
-    }
-    counts
-}
-
 #[test]
 fn an_agent_upgrade_under_load_swaps_the_programs_without_a_gap() {
     if !privileged("agent upgrade") {
@@ -632,9 +623,8 @@ fn an_agent_upgrade_under_load_swaps_the_programs_without_a_gap() {
         0,
         "a connection reached the node's IMDS"
     );
-    let tree = node.bpftool_cgroup_tree();
-    let counts = attachments(&tree);
+    let counts = node.attachments();
     for program in kiam_common::program_names::ALL {
-        assert_eq!(counts.get(program), Some(&1), "{program}:\n{tree}");
+        assert_eq!(counts.get(program), Some(&1), "{program}: {counts:?}");
     }
 }

@@ -288,21 +288,12 @@ fn a_direct_connection_to_the_agent_is_refused_not_guessed() {
     assert_is(&pod, &node.get(&pod, METADATA_URL));
 }
 
-const PROGRAMS: [&str; 6] = [
-    "kiam_egress",
-    "kiam_bind4",
-    "kiam_bind6",
-    "kiam_connect4",
-    "kiam_connect6",
-    "kiam_sock_ops",
-];
-
-fn count_attachments(tree: &str) -> HashMap<&str, usize> {
-    let mut counts = HashMap::new();
-    for name in PROGRAMS {
-        counts.insert(name, tree.lines().filter(|l| l.contains(name)).count());
-    }
-    counts
+/// Each of kiam's programs attached once, and nothing else of kiam's.
+fn one_of_each() -> HashMap<String, usize> {
+    kiam_common::program_names::ALL
+        .iter()
+        .map(|p| ((*p).to_owned(), 1))
+        .collect()
 }
 
 #[test]
@@ -325,10 +316,10 @@ fn a_killed_agent_fails_closed_and_a_restarted_one_readopts_its_pins() {
         0,
         "fail closed: nothing reaches the real IMDS"
     );
-    let tree = node.bpftool_cgroup_tree();
-    assert!(
-        count_attachments(&tree).values().all(|n| *n == 1),
-        "pins keep the programs attached:\n{tree}"
+    assert_eq!(
+        node.attachments(),
+        one_of_each(),
+        "pins keep the programs attached"
     );
 
     node.start_agent();
@@ -339,13 +330,13 @@ fn a_killed_agent_fails_closed_and_a_restarted_one_readopts_its_pins() {
             r["fields"]["message"] == "program ready" && r["fields"]["action"] == "Readopted"
         })
         .count();
-    assert_eq!(readopted, PROGRAMS.len(), "{}", node.agent_log());
-    let tree = node.bpftool_cgroup_tree();
     assert_eq!(
-        count_attachments(&tree),
-        PROGRAMS.iter().map(|p| (*p, 1)).collect::<HashMap<_, _>>(),
-        "one of each after restart:\n{tree}"
+        readopted,
+        kiam_common::program_names::ALL.len(),
+        "{}",
+        node.agent_log()
     );
+    assert_eq!(node.attachments(), one_of_each(), "after the restart");
     assert_is(&pod, &node.get(&pod, METADATA_URL));
 }
 
@@ -368,7 +359,7 @@ fn status_reports_the_pins_and_uninstall_removes_them() {
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(
         status["links"].as_array().map(Vec::len),
-        Some(PROGRAMS.len()),
+        Some(kiam_common::program_names::ALL.len()),
         "{status}"
     );
     assert_eq!(status["config"]["ready"], true);
@@ -392,11 +383,7 @@ fn status_reports_the_pins_and_uninstall_removes_them() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!node.pin_dir.exists());
-    let tree = node.bpftool_cgroup_tree();
-    assert!(
-        count_attachments(&tree).values().all(|n| *n == 0),
-        "uninstall detaches:\n{tree}"
-    );
+    assert!(node.attachments().is_empty(), "uninstall detaches");
     // Without the programs the pod reaches the fake real IMDS again: the redirect was what
     // kept it away.
     assert_eq!(node.get(&pod, METADATA_URL), "200 real-imds");
@@ -445,62 +432,4 @@ fn only_the_agent_may_bind_its_port_even_while_it_is_down() {
     node.start_agent();
     let client = node.add_pod();
     assert_is(&client, &node.get(&client, METADATA_URL));
-}
-
-#[test]
-fn a_spoofed_tuple_is_refused_instead_of_answered_for_the_wrong_pod() {
-    if !privileged("tuple spoofing") {
-        return;
-    }
-    let mut node = Node::new();
-    let attacker = node.add_pod();
-    let victim = node.add_pod();
-    node.start_agent();
-    // The attacker (a pod granted CAP_NET_ADMIN) claims the victim's address and a port with
-    // IP_TRANSPARENT and starts a redirected connection from it; its handshake never
-    // completes, but its record waits under the victim's 4-tuple.
-    let port = "41414";
-    let mut spoof = node.spawn_in(
-        &attacker.cgroup,
-        &attacker.netns,
-        &[
-            HELPER.as_str(),
-            "spoof",
-            "--from",
-            &format!("{}:{port}", victim.ip),
-            METADATA_URL,
-            "--hold-ms",
-            "8000",
-        ],
-    );
-    let mut lines = BufReader::new(spoof.stdout.take().expect("stdout")).lines();
-    assert_eq!(
-        lines.next().and_then(Result::ok).as_deref(),
-        Some("started")
-    );
-    // The victim connects from the same address and port.
-    let line = node.run_in(
-        &victim.cgroup,
-        &victim.netns,
-        &[
-            HELPER.as_str(),
-            "get",
-            METADATA_URL,
-            "--bind-port",
-            port,
-            "--timeout-ms",
-            "7000",
-        ],
-    );
-    let line = line.trim();
-    assert!(
-        !line.contains(&attacker.uid),
-        "victim was answered as the attacker: {line}"
-    );
-    assert!(line.starts_with("403 "), "{line}");
-    assert!(line.contains("claimed"), "{line}");
-    let _ = spoof.kill();
-    let _ = spoof.wait();
-    // Other connections of the victim are answered normally.
-    assert_is(&victim, &node.get(&victim, METADATA_URL));
 }

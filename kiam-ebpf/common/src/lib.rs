@@ -19,10 +19,11 @@ pub mod map_names {
     pub const CONFIG: &str = "KIAM_CONFIG";
     /// `HashMap<u64 cgroup id, u32>`: cgroups whose connections are left alone (the agent).
     pub const EXEMPT: &str = "KIAM_EXEMPT";
-    /// `LruHashMap<u64 client socket cookie, ConnRecord>`: written by connect4/6.
+    /// `LruHashMap<u64 client socket cookie, ConnRecord>`: written by connect4/6, until the
+    /// connection is established.
     pub const CONNECT: &str = "KIAM_CONNECT";
-    /// `LruHashMap<TupleKey, ConnRecord>`: a redirected connection between its `connect()` and
-    /// the agent's side of the handshake.
+    /// `LruHashMap<TupleKey, ConnRecord>`: a redirected connection between the client's side
+    /// of the handshake (the SYN-ACK arrived) and the agent's.
     pub const TUPLES: &str = "KIAM_TUPLES";
     /// `LruHashMap<u64 agent socket cookie, ConnRecord>`: read (and removed) by the agent after
     /// `accept()`, with the cookie from `getsockopt(SO_COOKIE)`.
@@ -48,10 +49,16 @@ pub mod program_names {
     pub const BIND4: &str = "kiam_bind4";
     /// `cgroup/bind6`: the same for IPv6 sockets.
     pub const BIND6: &str = "kiam_bind6";
+    /// `cgroup/post_bind4`: only the agent may be given the agent's port by `bind(0)`.
+    pub const POST_BIND4: &str = "kiam_post_bind4";
+    /// `cgroup/post_bind6`: the same for IPv6 sockets.
+    pub const POST_BIND6: &str = "kiam_post_bind6";
 
     /// Every program, in attach order: the guards first, so that an install that fails half
     /// way leaves pods cut off from the metadata service rather than let through.
-    pub const ALL: [&str; 6] = [EGRESS, BIND4, BIND6, CONNECT4, CONNECT6, SOCK_OPS];
+    pub const ALL: [&str; 8] = [
+        EGRESS, BIND4, BIND6, POST_BIND4, POST_BIND6, CONNECT4, CONNECT6, SOCK_OPS,
+    ];
 }
 
 /// Version of the map layouts (types, sizes, bounds). Maps are pinned under
@@ -87,7 +94,8 @@ pub mod stat {
     pub const GUARD_DROPPED: u32 = 6;
     /// Two connections claimed one 4-tuple; the record was poisoned.
     pub const TUPLE_COLLISION: u32 = 7;
-    /// A `bind()` to the agent's port from outside the agent, refused.
+    /// A `bind()` to the agent's port (asked for, or picked by the kernel) from outside the
+    /// agent, refused.
     pub const BIND_DENIED: u32 = 8;
     /// Number of counters.
     pub const COUNT: u32 = 9;
@@ -136,9 +144,9 @@ pub struct Config {
     pub agent_netns_cookie: u64,
 }
 
-/// `ConnRecord::flags`: two connections claimed the same 4-tuple (one of them spoofing the
-/// other's address, e.g. with `IP_FREEBIND`). The agent refuses a poisoned record: it cannot
-/// tell which of the two it is talking to.
+/// `ConnRecord::flags`: two established connections claimed the same 4-tuple (two network
+/// namespaces with one address). The agent refuses a poisoned record: it cannot tell which of
+/// the two it is talking to.
 pub const RECORD_POISONED: u32 = 1;
 
 /// What connect4/6 learned about a connection to the metadata address.

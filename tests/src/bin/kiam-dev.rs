@@ -325,6 +325,11 @@ pub fn flags_doc() -> anyhow::Result<String> {
             &agent,
             &["mount-bpffs", "--help"][..],
         ),
+        (
+            "kiam-agent prepare-node",
+            &agent,
+            &["prepare-node", "--help"][..],
+        ),
         ("kiam-agent health", &agent, &["health", "--help"][..]),
         ("kiam-server", &server, &["--help"][..]),
         ("kiam-server health", &server, &["health", "--help"][..]),

@@ -76,6 +76,17 @@ enum Cmd {
         #[arg(long, default_value_t = 10_000)]
         hold_ms: u64,
     },
+    /// Let the kernel pick ports (`bind()` to port 0, or with `--listen`, `listen()` on an
+    /// unbound socket), holding each, until the ephemeral range is used up or `tries` are
+    /// done; prints `got <times given port want> denied <EPERM count> held <ports held>`.
+    Autobind {
+        #[arg(long)]
+        want: u16,
+        #[arg(long, default_value_t = 70_000)]
+        tries: usize,
+        #[arg(long)]
+        listen: bool,
+    },
     /// Print this network namespace's IPv4 default gateway (from /proc/net/route).
     Gateway,
     /// Try to listen on `addr`; prints `bound` or `denied: <error>`.
@@ -294,6 +305,47 @@ fn get(
             writeln!(out, "{line}")?;
         }
     }
+    Ok(())
+}
+
+fn autobind(want: u16, tries: usize, listen: bool) -> anyhow::Result<()> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    let (mut got, mut denied) = (0, 0);
+    let mut held = Vec::new();
+    for _ in 0..tries {
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        let picked = match listen {
+            true => socket.listen(1),
+            false => socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)).into()),
+        };
+        match picked {
+            Ok(()) => {}
+            // Refused: once the rest of the range is held, the kernel keeps offering the
+            // same port.
+            Err(e) if e.raw_os_error() == Some(nix::libc::EPERM) => {
+                denied += 1;
+                if denied == 100 {
+                    break;
+                }
+                continue;
+            }
+            // The range is used up.
+            Err(e) if e.raw_os_error() == Some(nix::libc::EADDRINUSE) => break,
+            Err(e) => bail!("{e}"),
+        }
+        let port = socket
+            .local_addr()?
+            .as_socket()
+            .map(|a| a.port())
+            .unwrap_or(0);
+        if port == want {
+            got += 1;
+        }
+        held.push(socket);
+    }
+    println!("got {got} denied {denied} held {}", held.len());
     Ok(())
 }
 
@@ -582,6 +634,11 @@ fn main() -> anyhow::Result<()> {
         } => get(&url, count, concurrency, half_close, bind_port, timeout_ms),
         Cmd::Bind { addr } => bind(addr),
         Cmd::Gateway => gateway(),
+        Cmd::Autobind {
+            want,
+            tries,
+            listen,
+        } => autobind(want, tries, listen),
         Cmd::Request {
             url,
             method,
