@@ -15,11 +15,19 @@
 //! ask about any node, as kiam's agents could: kiam#521).
 //!
 //! Reviews are cached by the token's SHA-256 until shortly before the token expires (one
-//! review per agent per rotation, not per request), refusals briefly, and concurrent first
-//! uses of a token share one review. A review that cannot be made is refused, never guessed.
+//! review per agent per rotation, not per request), and concurrent first uses of a token share
+//! one review. A review that cannot be made is refused, never guessed.
+//!
+//! Whoever holds the agents' certificate can send any token, so reviews are bounded whatever
+//! it sends: a token whose own (unverified) claims cannot be the agent's (another subject,
+//! another audience, expired, not a JWT) is refused without a review; reviews in flight are
+//! capped overall and per client address; refusals are remembered in a table of their own,
+//! so they never push out the reviews legitimate agents rely on; and a review bound to a pod
+//! (the agent's) is trusted only while that pod is in the index.
 
 use std::{
     collections::{BTreeMap, HashMap},
+    net::IpAddr,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -142,27 +150,63 @@ const REFUSAL_TTL: Duration = Duration::from_secs(10);
 const EXPIRY_MARGIN: Duration = Duration::from_secs(30);
 /// At most this long without asking again, whatever the token's expiry.
 const MAX_TRUST: Duration = Duration::from_secs(3600);
-/// Tokens remembered at once; a full cache forgets what expired, then starts over.
-const MAX_CACHED: usize = 16_384;
+/// Accepted tokens remembered at once (a few per agent); past it, what expired is forgotten,
+/// then new ones are reviewed every time rather than push out those in use.
+const MAX_TRUSTED: usize = 65_536;
+/// Refused tokens remembered at once; a full table starts over.
+const MAX_REFUSED: usize = 4_096;
+/// Reviews in flight at once, and from one client address.
+const MAX_REVIEWS: usize = 32;
+const MAX_REVIEWS_PER_PEER: usize = 2;
 
-/// The node a token proves, or why it proves none. `Err(None)`: the review could not be made.
+/// The node a token proves, or why it proves none.
 type Outcome = Result<String, Refusal>;
-type Flight = Shared<BoxFuture<'static, (Outcome, Option<Instant>)>>;
+/// A review's outcome, until when it holds (`None`: do not remember it), and the pod the
+/// token is bound to.
+type Reviewed = (Outcome, Option<Instant>, Option<String>);
+type Flight = Shared<BoxFuture<'static, Reviewed>>;
 
-enum Entry {
-    Known { outcome: Outcome, until: Instant },
-    Reviewing(Flight),
+struct Trusted {
+    node: String,
+    until: Instant,
+    /// The pod the token is bound to: the token is trusted only while it exists.
+    pod_uid: Option<String>,
+}
+
+#[derive(Default)]
+struct Cache {
+    trusted: HashMap<[u8; 32], Trusted>,
+    refused: HashMap<[u8; 32], (Refusal, Instant)>,
+    reviewing: HashMap<[u8; 32], Flight>,
+    /// Reviews in flight by client address.
+    in_flight: HashMap<IpAddr, usize>,
 }
 
 pub struct AgentAuth {
     reviewer: Arc<dyn TokenReviewer>,
     settings: Settings,
     index: Arc<Index>,
-    cache: Mutex<HashMap<[u8; 32], Entry>>,
+    cache: Mutex<Cache>,
 }
 
-/// The claims of a JWT, unverified: only read after the API server accepted (or refused) the
-/// token, to learn its expiry and to explain a refusal.
+/// A review slot of one client address; freed when dropped.
+struct Slot<'a>(&'a AgentAuth, Option<IpAddr>);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut cache = self.0.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let key = self.1.unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        if let Some(n) = cache.in_flight.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                cache.in_flight.remove(&key);
+            }
+        }
+    }
+}
+
+/// The claims of a JWT, unverified: to refuse at once what cannot be the agent's, to learn a
+/// token's expiry and to explain a refusal; never to accept one.
 fn claims(token: &str) -> Option<serde_json::Value> {
     let payload = token.split('.').nth(1)?;
     serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).ok()?).ok()
@@ -186,22 +230,52 @@ fn audiences_of(claims: &serde_json::Value) -> Vec<String> {
     }
 }
 
+/// Refuses, without asking the API server, a token whose own claims say it cannot be the
+/// agent's: not a JWT, another subject or audience, expired. Forging claims gains nothing:
+/// the review that follows checks the signature.
+pub fn precheck(settings: &Settings, token: &str) -> Result<(), Refusal> {
+    let Some(claims) = claims(token) else {
+        return Err(Refusal::AgentTokenInvalid("not a JWT".into()));
+    };
+    let audiences = audiences_of(&claims);
+    if !audiences.contains(&settings.audience) {
+        return Err(Refusal::AgentTokenWrongAudience {
+            want: settings.audience.clone(),
+            got: audiences,
+        });
+    }
+    let subject = claims["sub"].as_str().unwrap_or_default();
+    if subject != settings.username() {
+        return Err(Refusal::AgentTokenWrongServiceAccount {
+            want: settings.username(),
+            got: subject.to_owned(),
+        });
+    }
+    match claims["exp"].as_i64() {
+        Some(exp) if exp > unix_now() => Ok(()),
+        _ => Err(Refusal::AgentTokenExpired(
+            "the token's expiry has passed".into(),
+        )),
+    }
+}
+
 impl AgentAuth {
     pub fn new(reviewer: Arc<dyn TokenReviewer>, settings: Settings, index: Arc<Index>) -> Self {
         Self {
             reviewer,
             settings,
             index,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(Cache::default()),
         }
     }
 
     /// The nodes an agent may ask about, from its bearer token (if any) and the node
-    /// identities of its certificate.
+    /// identities of its certificate; `peer` is the client's address.
     pub async fn authenticate(
         &self,
         token: Option<&str>,
         certificate_nodes: Vec<String>,
+        peer: Option<IpAddr>,
     ) -> Result<Proven, Refusal> {
         let Some(token) = token else {
             return match (
@@ -213,7 +287,7 @@ impl AgentAuth {
                 (true, false) => Err(Refusal::AgentIdentityMissing),
             };
         };
-        let node = self.node_of(token).await?;
+        let node = self.node_of(token, peer).await?;
         // A certificate that names nodes must agree with the token.
         if !certificate_nodes.is_empty() && !certificate_nodes.contains(&node) {
             return Err(Refusal::AgentNodeMismatch {
@@ -224,54 +298,92 @@ impl AgentAuth {
         Ok(Proven::Nodes(vec![node]))
     }
 
-    /// The node `token` proves (cached, one review in flight per token).
-    async fn node_of(&self, token: &str) -> Outcome {
+    /// What is known about the token with this key now, if anything.
+    fn known(&self, cache: &mut Cache, key: &[u8; 32]) -> Option<Outcome> {
+        let now = Instant::now();
+        if let Some(trusted) = cache.trusted.get(key) {
+            // A token bound to a pod dies with it (the API server says so at the next
+            // review): trusted only while the pod is in the index.
+            let pod_gone = trusted
+                .pod_uid
+                .as_ref()
+                .is_some_and(|uid| self.index.synced() && self.index.pod(uid).is_none());
+            if now < trusted.until && !pod_gone {
+                return Some(Ok(trusted.node.clone()));
+            }
+            cache.trusted.remove(key);
+        }
+        match cache.refused.get(key) {
+            Some((refusal, until)) if now < *until => Some(Err(refusal.clone())),
+            _ => None,
+        }
+    }
+
+    /// The node `token` proves (cached, one review in flight per token, a bounded number
+    /// of reviews overall and per client).
+    async fn node_of(&self, token: &str, peer: Option<IpAddr>) -> Outcome {
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let flight = {
+        let (flight, _slot) = {
             let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            match cache.get(&key) {
-                Some(Entry::Known { outcome, until }) if Instant::now() < *until => {
-                    return outcome.clone();
-                }
-                Some(Entry::Reviewing(flight)) => flight.clone(),
-                _ => {
-                    if cache.len() >= MAX_CACHED {
-                        let now = Instant::now();
-                        cache.retain(|_, e| match e {
-                            Entry::Known { until, .. } => *until > now,
-                            Entry::Reviewing(_) => true,
-                        });
-                        if cache.len() >= MAX_CACHED {
-                            cache.clear();
-                        }
+            if let Some(outcome) = self.known(&mut cache, &key) {
+                return outcome;
+            }
+            match cache.reviewing.get(&key) {
+                Some(flight) => (flight.clone(), None),
+                None => {
+                    precheck(&self.settings, token)?;
+                    let total: usize = cache.in_flight.values().sum();
+                    let mine = cache
+                        .in_flight
+                        .entry(peer.unwrap_or(IpAddr::from([0, 0, 0, 0])))
+                        .or_default();
+                    if total >= MAX_REVIEWS || *mine >= MAX_REVIEWS_PER_PEER {
+                        return Err(Refusal::AgentTokenReviewUnavailable(
+                            "too many token reviews in flight; retry".into(),
+                        ));
                     }
+                    *mine += 1;
                     let flight = self.review(token.to_owned()).boxed().shared();
-                    cache.insert(key, Entry::Reviewing(flight.clone()));
-                    flight
+                    cache.reviewing.insert(key, flight.clone());
+                    (flight, Some(Slot(self, peer)))
                 }
             }
         };
-        let (outcome, until) = flight.await;
+        let (outcome, until, pod_uid) = flight.await;
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        match until {
-            Some(until) => {
-                cache.insert(
-                    key,
-                    Entry::Known {
-                        outcome: outcome.clone(),
-                        until,
-                    },
-                );
+        cache.reviewing.remove(&key);
+        let now = Instant::now();
+        match (&outcome, until) {
+            (Ok(node), Some(until)) => {
+                if cache.trusted.len() >= MAX_TRUSTED {
+                    cache.trusted.retain(|_, t| t.until > now);
+                }
+                if cache.trusted.len() < MAX_TRUSTED {
+                    let node = node.clone();
+                    cache.trusted.insert(
+                        key,
+                        Trusted {
+                            node,
+                            until,
+                            pod_uid,
+                        },
+                    );
+                }
             }
-            None => {
-                cache.remove(&key);
+            (Err(refusal), Some(until)) => {
+                if cache.refused.len() >= MAX_REFUSED {
+                    cache.refused.clear();
+                }
+                cache.refused.insert(key, (refusal.clone(), until));
             }
+            (_, None) => {}
         }
         outcome
     }
 
-    /// Reviews `token`; the outcome and until when it holds (`None`: do not remember it).
-    fn review(&self, token: String) -> impl Future<Output = (Outcome, Option<Instant>)> + use<> {
+    /// Reviews `token`; the outcome, until when it holds (`None`: do not remember it), and
+    /// the pod the token is bound to.
+    fn review(&self, token: String) -> impl Future<Output = Reviewed> + use<> {
         let call = self
             .reviewer
             .review(token.clone(), self.settings.audience.clone());
@@ -284,13 +396,13 @@ impl AgentAuth {
                 Ok(review) => review,
                 Err(error) => {
                     tracing::warn!(%error, "TokenReview failed");
-                    return (Err(Refusal::AgentTokenReviewUnavailable(error)), None);
+                    return (Err(Refusal::AgentTokenReviewUnavailable(error)), None, None);
                 }
             };
             let claims = claims(&token).unwrap_or_default();
             let refused = |refusal: Refusal| {
                 tracing::info!(%refusal, "agent token refused");
-                (Err(refusal), Some(Instant::now() + REFUSAL_TTL))
+                (Err(refusal), Some(Instant::now() + REFUSAL_TTL), None)
             };
             if let Err(refusal) = judge(&settings, &review, &claims) {
                 return refused(refusal);
@@ -305,8 +417,13 @@ impl AgentAuth {
                 .map(|exp| Duration::from_secs(u64::try_from(exp - unix_now()).unwrap_or(0)))
                 .unwrap_or(Duration::ZERO);
             let trust = left.saturating_sub(EXPIRY_MARGIN).min(MAX_TRUST);
+            let pod_uid = review
+                .extra
+                .get(EXTRA_POD_UID)
+                .and_then(|v| v.first())
+                .cloned();
             tracing::debug!(node = %node, trust_s = trust.as_secs(), "agent token reviewed");
-            (Ok(node), Some(Instant::now() + trust))
+            (Ok(node), Some(Instant::now() + trust), pod_uid)
         }
     }
 }
@@ -401,6 +518,15 @@ mod tests {
             "e30.{}.sig",
             URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).expect("json"))
         )
+    }
+
+    /// A token whose claims are the agent's (the reviewer decides whether it is valid).
+    fn agent_token(expires_in: i64) -> String {
+        token(serde_json::json!({
+            "exp": unix_now() + expires_in,
+            "aud": ["kiam"],
+            "sub": "system:serviceaccount:kiam:kiam-agent",
+        }))
     }
 
     fn accepted(node: Option<&str>) -> Review {
@@ -524,29 +650,30 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn one_review_per_token_until_shortly_before_it_expires() {
         let (auth, calls) = auth(Ok(accepted(Some("n1"))));
-        let t = token(serde_json::json!({"exp": unix_now() + 600, "aud": ["kiam"]}));
-        let all =
-            futures::future::join_all((0..50).map(|_| auth.authenticate(Some(&t), Vec::new())))
-                .await;
+        let t = agent_token(600);
+        let all = futures::future::join_all(
+            (0..50).map(|_| auth.authenticate(Some(&t), Vec::new(), None)),
+        )
+        .await;
         assert!(
             all.iter()
                 .all(|p| *p == Ok(Proven::Nodes(vec!["n1".into()])))
         );
         for _ in 0..1000 {
-            auth.authenticate(Some(&t), Vec::new())
+            auth.authenticate(Some(&t), Vec::new(), None)
                 .await
                 .expect("cached");
         }
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         // Past the token's expiry (less the margin), it is asked again.
         tokio::time::advance(Duration::from_secs(571)).await;
-        auth.authenticate(Some(&t), Vec::new())
+        auth.authenticate(Some(&t), Vec::new(), None)
             .await
             .expect("again");
         assert_eq!(calls.load(Ordering::SeqCst), 2);
         // A rotated token is a new one.
-        let rotated = token(serde_json::json!({"exp": unix_now() + 601, "aud": ["kiam"]}));
-        auth.authenticate(Some(&rotated), Vec::new())
+        let rotated = agent_token(601);
+        auth.authenticate(Some(&rotated), Vec::new(), None)
             .await
             .expect("rotated");
         assert_eq!(calls.load(Ordering::SeqCst), 3);
@@ -555,10 +682,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn failed_reviews_are_refused_and_not_remembered() {
         let (auth, calls) = auth(Err("connection refused".into()));
-        let t = token(serde_json::json!({"exp": unix_now() + 600}));
+        let t = agent_token(600);
         for _ in 0..3 {
             let refusal = auth
-                .authenticate(Some(&t), Vec::new())
+                .authenticate(Some(&t), Vec::new(), None)
                 .await
                 .expect_err("unavailable");
             assert_eq!(refusal.reason(), Reason::AgentTokenReviewUnavailable);
@@ -570,20 +697,20 @@ mod tests {
     async fn certificates_and_the_opt_out() {
         let (auth, _) = auth(Ok(accepted(Some("n1"))));
         assert_eq!(
-            auth.authenticate(None, vec!["n3".into()]).await,
+            auth.authenticate(None, vec!["n3".into()], None).await,
             Ok(Proven::Nodes(vec!["n3".into()]))
         );
         assert_eq!(
-            auth.authenticate(None, Vec::new())
+            auth.authenticate(None, Vec::new(), None)
                 .await
                 .expect_err("nothing")
                 .reason(),
             Reason::AgentIdentityMissing
         );
         // A token and a certificate must agree.
-        let t = token(serde_json::json!({"exp": unix_now() + 600}));
+        let t = agent_token(600);
         assert_eq!(
-            auth.authenticate(Some(&t), vec!["n3".into()])
+            auth.authenticate(Some(&t), vec!["n3".into()], None)
                 .await
                 .expect_err("disagree")
                 .reason(),
@@ -592,7 +719,7 @@ mod tests {
         let mut open = auth;
         open.settings.allow_unidentified = true;
         assert_eq!(
-            open.authenticate(None, Vec::new()).await,
+            open.authenticate(None, Vec::new(), None).await,
             Ok(Proven::AnyNode)
         );
         assert_eq!(Proven::AnyNode.check("anything"), Ok(()));
@@ -603,5 +730,115 @@ mod tests {
                 .reason(),
             Reason::AgentNodeMismatch
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tokens_that_cannot_be_the_agents_cost_no_review() {
+        let (auth, calls) = auth(Ok(accepted(Some("n1"))));
+        let forged = |claims: serde_json::Value| token(claims);
+        for (t, reason) in [
+            ("not a token".to_owned(), Reason::AgentTokenInvalid),
+            (
+                forged(
+                    serde_json::json!({"exp": unix_now() + 600, "aud": ["vault"],
+                    "sub": "system:serviceaccount:kiam:kiam-agent"}),
+                ),
+                Reason::AgentTokenWrongAudience,
+            ),
+            (
+                forged(serde_json::json!({"exp": unix_now() + 600, "aud": ["kiam"],
+                    "sub": "system:serviceaccount:team:app"})),
+                Reason::AgentTokenWrongServiceAccount,
+            ),
+            (agent_token(-5), Reason::AgentTokenExpired),
+        ] {
+            let refusal = auth
+                .authenticate(Some(&t), Vec::new(), None)
+                .await
+                .expect_err("refused");
+            assert_eq!(refusal.reason(), reason, "{t}");
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 0, "no review for any of them");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flood_of_tokens_never_pushes_out_an_agents_review_nor_exceeds_the_bounds() {
+        let refused = Review {
+            authenticated: false,
+            error: Some("invalid bearer token".into()),
+            ..Review::default()
+        };
+        // The API server accepts one token (the agent's) and refuses the rest.
+        struct OneValid(Arc<AtomicUsize>, Arc<AtomicUsize>, String, Review);
+        impl TokenReviewer for OneValid {
+            fn review(
+                &self,
+                token: String,
+                _: String,
+            ) -> BoxFuture<'static, Result<Review, String>> {
+                self.0.fetch_add(1, Ordering::SeqCst);
+                let now = self.1.fetch_add(1, Ordering::SeqCst) + 1;
+                let in_flight = self.1.clone();
+                let answer = match token == self.2 {
+                    true => Ok(accepted(Some("n1"))),
+                    false => Ok(self.3.clone()),
+                };
+                async move {
+                    assert!(now <= MAX_REVIEWS, "{now} reviews in flight");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                    answer
+                }
+                .boxed()
+            }
+        }
+        let calls = Arc::new(AtomicUsize::new(0));
+        let legit = agent_token(3600);
+        let reviewer = OneValid(calls.clone(), Arc::default(), legit.clone(), refused);
+        let auth = AgentAuth::new(Arc::new(reviewer), settings(), index_with_agent_pod("n2"));
+        let agent: Option<IpAddr> = Some([10, 0, 0, 1].into());
+        assert!(
+            auth.authenticate(Some(&legit), Vec::new(), agent)
+                .await
+                .is_ok()
+        );
+        // Thousands of forged tokens with the agent's claims, from a few addresses at once.
+        let attackers: Vec<IpAddr> = (2..6).map(|i| IpAddr::from([10, 0, 0, i])).collect();
+        for round in 0..50 {
+            let forged: Vec<String> = (0..200)
+                .map(|i| format!("{}x{round}x{i}", agent_token(3600)))
+                .collect();
+            let flood = forged.iter().enumerate().map(|(i, t)| {
+                auth.authenticate(Some(t), Vec::new(), Some(attackers[i % attackers.len()]))
+            });
+            let answers = futures::future::join_all(flood).await;
+            assert!(answers.iter().all(Result::is_err));
+            // The agent is answered from its cached review throughout.
+            assert_eq!(
+                auth.authenticate(Some(&legit), Vec::new(), agent).await,
+                Ok(Proven::Nodes(vec!["n1".into()]))
+            );
+        }
+        // At most two reviews in flight per attacking address at any time.
+        assert!(
+            calls.load(Ordering::SeqCst) <= 1 + 50 * attackers.len() * MAX_REVIEWS_PER_PEER,
+            "{} reviews",
+            calls.load(Ordering::SeqCst)
+        );
+        assert_eq!(auth.cache.lock().expect("lock").trusted.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_review_bound_to_a_pod_is_trusted_only_while_the_pod_exists() {
+        let (auth, calls) = auth(Ok(accepted(None)));
+        auth.index.replace_namespaces(Vec::new());
+        let t = agent_token(3600);
+        assert!(auth.authenticate(Some(&t), Vec::new(), None).await.is_ok());
+        assert!(auth.authenticate(Some(&t), Vec::new(), None).await.is_ok());
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // The agent's pod is deleted (its node name may come back as another machine).
+        auth.index.replace_pods(Vec::new());
+        let _ = auth.authenticate(Some(&t), Vec::new(), None).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "reviewed again");
     }
 }

@@ -92,7 +92,11 @@ impl KiamService {
                 .unwrap_or_default();
             let proven = self
                 .auth
-                .authenticate(bearer(request), certificate_nodes)
+                .authenticate(
+                    bearer(request),
+                    certificate_nodes,
+                    request.remote_addr().map(|a| a.ip()),
+                )
                 .await?;
             proven.check(node)?;
             let decision = decision::decide(&self.index, &self.settings, uid, node)?;

@@ -1102,3 +1102,18 @@ pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> b
     }
     check()
 }
+
+/// Like [`eventually`], for a check that is itself asynchronous (a gRPC call, say).
+pub async fn eventually_async<F: std::future::Future<Output = bool>>(
+    timeout: Duration,
+    mut check: impl FnMut() -> F,
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    check().await
+}

@@ -304,3 +304,97 @@ fn the_agents_port_cannot_be_taken_by_bind_0_or_listen_while_it_is_down() {
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("ip_local_port_range"), "{text}");
 }
+
+/// Any holder of the agents' shared certificate could send tokens at will: each distinct one
+/// cost a TokenReview, the review cache emptied itself when full (pushing out the reviews
+/// legitimate agents relied on), and failed reviews were not remembered, so the API server
+/// throttled the servers and legitimate agents got AGENT_TOKEN_REVIEW_UNAVAILABLE.
+#[tokio::test]
+async fn twenty_thousand_random_tokens_cost_no_review_and_never_disturb_an_agent() {
+    if !privileged("token review flood") {
+        return;
+    }
+    let env = kiam_e2e::stack::ServerStack::start(&[]);
+    let uid = env.kube.pod(
+        "team",
+        "web",
+        "node-1",
+        json!({"iam.amazonaws.com/role": "app-web"}),
+    );
+    let before = env.kube.token_reviews();
+    let token = env.kube.agent_token("node-1");
+    let mut agent = env
+        .server
+        .client_with_token(&env.certs, Some("agent-shared"), Some(token))
+        .await
+        .expect("agent");
+    let ask = |uid: &str| kiam_proto::GetPodRoleRequest {
+        pod_uid: uid.to_owned(),
+        node_name: "node-1".into(),
+    };
+    assert!(
+        kiam_e2e::stack::eventually_async(Duration::from_secs(15), || {
+            let mut agent = agent.clone();
+            let request = ask(&uid);
+            async move { agent.get_pod_role(request).await.is_ok() }
+        })
+        .await,
+        "the agent was never served"
+    );
+    // The attacker: the same certificate, a new random token on every request.
+    let attacker = env
+        .server
+        .client_with_token(&env.certs, Some("agent-shared"), None)
+        .await
+        .expect("attacker");
+    let random = |i: usize| -> String {
+        let mut bytes = [0u8; 24];
+        getrandom::fill(&mut bytes).expect("random");
+        let noise: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let claims = |c: serde_json::Value| {
+            use base64::Engine as _;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(c.to_string())
+        };
+        match i % 3 {
+            0 => noise,
+            1 => format!(
+                "e30.{}.{noise}",
+                claims(json!({"aud": [noise], "exp": 4_000_000_000u64}))
+            ),
+            _ => format!(
+                "e30.{}.{noise}",
+                claims(
+                    json!({"aud": ["kiam"], "sub": format!("system:serviceaccount:team:{noise}"), "exp": 4_000_000_000u64})
+                )
+            ),
+        }
+    };
+    let mut refused = 0;
+    for batch in 0..40 {
+        let requests = (0..500).map(|i| {
+            let mut client = attacker.clone();
+            let mut request = tonic::Request::new(ask(&uid));
+            let value = format!("Bearer {}", random(batch * 500 + i));
+            request
+                .metadata_mut()
+                .insert("authorization", value.parse().expect("header"));
+            async move { client.get_pod_role(request).await }
+        });
+        refused += futures::future::join_all(requests)
+            .await
+            .iter()
+            .filter(|r| r.is_err())
+            .count();
+        // The agent is answered all along, from its one review.
+        agent
+            .get_pod_role(ask(&uid))
+            .await
+            .expect("the agent is served");
+    }
+    assert_eq!(refused, 20_000);
+    assert_eq!(
+        env.kube.token_reviews() - before,
+        1,
+        "one review: the agent's token, once"
+    );
+}
