@@ -59,16 +59,41 @@ impl Credentials {
     }
 }
 
+/// What STS (or the way to it) said: its error code, when it gave one, and its message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub code: Option<String>,
+    pub message: String,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.code {
+            Some(code) => write!(f, "{code}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl<T: Into<String>> From<T> for Failure {
+    fn from(message: T) -> Self {
+        Self {
+            code: None,
+            message: message.into(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum StsError {
     #[error("STS denied AssumeRole: {0}")]
-    Denied(String),
+    Denied(Failure),
     #[error("STS is throttling AssumeRole: {0}")]
-    Throttled(String),
+    Throttled(Failure),
     #[error("STS is unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(Failure),
     #[error("STS rejected the request: {0}")]
-    Invalid(String),
+    Invalid(Failure),
     #[error("credentials expire too soon to be served ({0}s left) and could not be refreshed")]
     TooShort(u64),
 }
@@ -81,6 +106,27 @@ impl StsError {
             Self::Unavailable(_) => "unavailable",
             Self::Invalid(_) => "invalid",
             Self::TooShort(_) => "too_short",
+        }
+    }
+
+    /// What pods and their Events may read: the kind of failure and STS's error code, never
+    /// STS's own message, which names the servers' identity ("User: arn:aws:sts::…:
+    /// assumed-role/kiam-server/… is not authorized to perform sts:AssumeRole …"). Messages
+    /// without a code are kiam's or the transport's, and stay. The servers' log has it all.
+    pub fn public(&self) -> String {
+        let code = |f: &Failure| match &f.code {
+            Some(code) => format!(" ({code})"),
+            None => format!(" ({})", f.message),
+        };
+        match self {
+            Self::Denied(f) => format!(
+                "STS denied AssumeRole{}: the role's trust policy must allow kiam's servers, and its sts:ExternalId condition match the pod's iam.amazonaws.com/external-id",
+                code(f)
+            ),
+            Self::Throttled(f) => format!("STS is throttling AssumeRole{}; retry", code(f)),
+            Self::Unavailable(f) => format!("STS is unavailable{}; retry", code(f)),
+            Self::Invalid(f) => format!("STS rejected the request{}", code(f)),
+            Self::TooShort(_) => self.to_string(),
         }
     }
 }
@@ -112,7 +158,7 @@ impl CredentialSource for StsSource {
             .map(|(k, v)| aws_sdk_sts::types::Tag::builder().key(k).value(v).build())
             .collect();
         async move {
-            let tags = tags.map_err(|e| StsError::Invalid(format!("session tag: {e}")))?;
+            let tags = tags.map_err(|e| StsError::Invalid(format!("session tag: {e}").into()))?;
             let request = match tags.is_empty() {
                 true => request,
                 false => request.set_tags(Some(tags)),
@@ -123,7 +169,7 @@ impl CredentialSource for StsSource {
                 .credentials
                 .ok_or_else(|| StsError::Invalid("no credentials in the answer".into()))?;
             let expiration = SystemTime::try_from(c.expiration)
-                .map_err(|e| StsError::Invalid(format!("bad expiration: {e}")))?;
+                .map_err(|e| StsError::Invalid(format!("bad expiration: {e}").into()))?;
             Ok(Credentials {
                 access_key_id: c.access_key_id,
                 secret_access_key: c.secret_access_key,
@@ -144,10 +190,10 @@ fn classify(
     match &err {
         SdkError::ServiceError(service) => {
             let code = service.err().code().unwrap_or("Unknown").to_owned();
-            let message = format!(
-                "{code}: {}",
-                service.err().message().unwrap_or("no message")
-            );
+            let message = Failure {
+                code: Some(code.clone()),
+                message: service.err().message().unwrap_or("no message").to_owned(),
+            };
             match code.as_str() {
                 "AccessDenied"
                 | "AccessDeniedException"
@@ -161,7 +207,11 @@ fn classify(
                 _ => StsError::Invalid(message),
             }
         }
-        _ => StsError::Unavailable(aws_sdk_sts::error::DisplayErrorContext(&err).to_string()),
+        _ => StsError::Unavailable(
+            aws_sdk_sts::error::DisplayErrorContext(&err)
+                .to_string()
+                .into(),
+        ),
     }
 }
 
@@ -510,5 +560,24 @@ mod tests {
             !text.contains("very-secret") && !text.contains("token-secret"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn pods_read_stss_error_code_never_its_message() {
+        let denied = StsError::Denied(Failure {
+            code: Some("AccessDenied".into()),
+            message: "User: arn:aws:sts::123456789012:assumed-role/kiam-server/i-0 is not authorized to perform: sts:AssumeRole".into(),
+        });
+        let public = denied.public();
+        assert!(
+            public.contains("AccessDenied") && public.contains("trust policy"),
+            "{public}"
+        );
+        assert!(
+            !public.contains("arn:") && !public.contains("kiam-server"),
+            "{public}"
+        );
+        // The servers' own log keeps all of it.
+        assert!(denied.to_string().contains("assumed-role/kiam-server"));
     }
 }

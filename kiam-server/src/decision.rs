@@ -237,11 +237,20 @@ impl Refusal {
         }
     }
 
+    /// What the pod (through the agent) and its Events may read: the refusal, with an STS
+    /// failure's message left out ([`StsError::public`]).
+    pub fn public(&self) -> String {
+        match self {
+            Self::Sts { role, error } => format!("assuming {role}: {}", error.public()),
+            other => other.to_string(),
+        }
+    }
+
     /// The gRPC status an agent receives.
     pub fn to_status(&self) -> tonic::Status {
         ProtoRefusal {
             reason: self.reason().into(),
-            message: self.to_string(),
+            message: self.public(),
         }
         .into_status(self.code())
     }

@@ -147,7 +147,7 @@ impl Events {
             }
             _ => return,
         };
-        self.warn(pod, reason, refusal.to_string());
+        self.warn(pod, reason, refusal.public());
     }
 }
 
