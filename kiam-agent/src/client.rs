@@ -322,14 +322,17 @@ impl Servers {
     fn call<T: Send + 'static>(
         &self,
         deadline: Instant,
+        retry_not_known: bool,
         op: impl Fn(Client) -> BoxFuture<'static, Result<T, Status>> + Send + Sync + 'static,
     ) -> BoxFuture<'static, Result<T, Status>> {
         let backends = self.snapshot();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let (hedge, answering) = (self.options.hedge_after, self.answering.clone());
         async move {
-            let result =
-                call_backends(&backends, start, hedge, deadline, |b| op(b.client.clone())).await;
+            let result = call_backends(&backends, start, hedge, deadline, retry_not_known, |b| {
+                op(b.client.clone())
+            })
+            .await;
             answering.store(answered(&result), Ordering::Relaxed);
             result
         }
@@ -342,8 +345,9 @@ impl crate::upstream::RoleServer for Servers {
         &self,
         request: GetPodRoleRequest,
         deadline: Instant,
+        known_before: bool,
     ) -> BoxFuture<'static, Result<GetPodRoleResponse, Status>> {
-        self.call(deadline, move |mut client| {
+        self.call(deadline, !known_before, move |mut client| {
             let request = with_deadline(&request, deadline);
             async move { client.get_pod_role(request).await.map(|r| r.into_inner()) }.boxed()
         })
@@ -354,7 +358,9 @@ impl crate::upstream::RoleServer for Servers {
         request: GetCredentialsRequest,
         deadline: Instant,
     ) -> BoxFuture<'static, Result<ProtoCredentials, Status>> {
-        self.call(deadline, move |mut client| {
+        // Credentials are asked for a pod whose role was just answered: not known now means
+        // deleted.
+        self.call(deadline, false, move |mut client| {
             let request = with_deadline(&request, deadline);
             async move {
                 client
@@ -384,7 +390,9 @@ fn with_deadline<T: Clone>(message: &T, deadline: Instant) -> tonic::Request<T> 
 /// - a failed attempt is retried on a backend not tried yet when there is one, after a
 ///   growing pause (20 ms doubling to 200 ms) otherwise, so a fast-failing server (refused,
 ///   TLS error, not synced) is never hammered;
-/// - "pod not known yet" is retried after the pause too: the watch is about to deliver it;
+/// - "pod not known yet" is retried after the pause too, with `retry_not_known` (a pod never
+///   seen: the watch is about to deliver it); without, once every backend said so, that is
+///   the answer (a pod known before was deleted);
 /// - if the first backend has not answered after `hedge_after`, a second one is asked as
 ///   well and the first good answer wins;
 /// - definite answers (a refusal) end the call at once.
@@ -393,6 +401,7 @@ pub async fn call_backends<B, T: Send + 'static>(
     start: usize,
     hedge_after: Duration,
     deadline: Instant,
+    retry_not_known: bool,
     op: impl Fn(&B) -> BoxFuture<'static, Result<T, Status>>,
 ) -> Result<T, Status> {
     if backends.is_empty() {
@@ -428,8 +437,13 @@ pub async fn call_backends<B, T: Send + 'static>(
                         last = status;
                     }
                     if inflight.is_empty() {
+                        // Every server has said it does not know the pod: for a pod that
+                        // was known before, that is the answer (it was deleted).
+                        if !retry_not_known && not_known_yet(&last) && turn >= backends.len() {
+                            return Err(last);
+                        }
                         // Another server at once while some are untried; else wait.
-                        if turn >= backends.len() || not_known_yet(&last) {
+                        if turn >= backends.len() || (retry_not_known && not_known_yet(&last)) {
                             let wake = (Instant::now() + backoff).min(deadline);
                             tokio::time::sleep_until(wake).await;
                             backoff = (backoff * 2).min(Duration::from_millis(200));
@@ -532,7 +546,7 @@ mod tests {
     const MS: fn(u64) -> Duration = Duration::from_millis;
 
     async fn call(fakes: &[Fake]) -> Result<usize, Status> {
-        call_backends(fakes, 0, HEDGE, Instant::now() + MS(900), op).await
+        call_backends(fakes, 0, HEDGE, Instant::now() + MS(900), true, op).await
     }
 
     #[tokio::test(start_paused = true)]
@@ -587,6 +601,15 @@ mod tests {
         let err = call(&fakes).await.expect_err("never known");
         assert_eq!(reason_of(&err), Reason::PodNotKnown);
         assert!(calls.lock().expect("lock").len() > 3, "retried");
+        // For a pod known before, every server saying so is the answer, at once.
+        let (fakes, calls) = backends(&[Behaviour::NotKnown, Behaviour::NotKnown]);
+        let started = Instant::now();
+        let err = call_backends(&fakes, 0, HEDGE, Instant::now() + MS(900), false, op)
+            .await
+            .expect_err("deleted");
+        assert_eq!(reason_of(&err), Reason::PodNotKnown);
+        assert_eq!(calls.lock().expect("lock").len(), 2, "each server once");
+        assert_eq!(started.elapsed(), MS(0));
         let (fakes, calls) = backends(&[Behaviour::Refuse, Behaviour::Answer(MS(0))]);
         let err = call(&fakes).await.expect_err("refused");
         assert_eq!(reason_of(&err), Reason::RoleNotPermitted);
@@ -640,7 +663,7 @@ mod tests {
             .boxed()
         };
         let op: &dyn Fn(&()) -> BoxFuture<'static, Result<(), Status>> = &op;
-        let err = call_backends(&fakes, 0, HEDGE, Instant::now() + MS(900), op)
+        let err = call_backends(&fakes, 0, HEDGE, Instant::now() + MS(900), true, op)
             .await
             .expect_err("no answer");
         assert_eq!(err.message(), "STS is slow");

@@ -44,10 +44,14 @@ use tonic::Status;
 
 /// The kiam servers, as the cache sees them.
 pub trait RoleServer: Send + Sync + 'static {
+    /// `known_before`: the agent holds an answer for the pod, so "not known" means deleted
+    /// and is final; otherwise it is retried until the deadline (a pod the watches are about
+    /// to deliver).
     fn pod_role(
         &self,
         request: GetPodRoleRequest,
         deadline: Instant,
+        known_before: bool,
     ) -> BoxFuture<'static, Result<GetPodRoleResponse, Status>>;
     fn credentials(
         &self,
@@ -316,7 +320,6 @@ impl Upstream {
             pod_uid: pod_uid.to_owned(),
             node_name: self.settings.node.clone(),
         };
-        let answer = self.servers()?.pod_role(request, self.deadline()).await;
         let previous = {
             let roles = self.roles.read().unwrap_or_else(|e| e.into_inner());
             match roles.get(pod_uid).map(|e| &e.outcome) {
@@ -324,6 +327,10 @@ impl Upstream {
                 _ => None,
             }
         };
+        let answer = self
+            .servers()?
+            .pod_role(request, self.deadline(), previous.is_some())
+            .await;
         match answer {
             Ok(answer) => {
                 let access = match answer.node_metadata_passthrough {
@@ -595,6 +602,7 @@ mod tests {
             &self,
             _: GetPodRoleRequest,
             deadline: Instant,
+            _: bool,
         ) -> BoxFuture<'static, Result<GetPodRoleResponse, Status>> {
             self.0.role_calls.fetch_add(1, Ordering::SeqCst);
             let frozen = self.0.frozen.load(Ordering::SeqCst);
