@@ -44,6 +44,8 @@ fn world() -> &'static World {
             },
         );
         let imds = Arc::new(Imds {
+            log_budget: Default::default(),
+            forward_rate: kiam_agent::rate::PodRate::new(20),
             tokens: Tokens::random().expect("key"),
             upstream,
             allow: regex::Regex::new(kiam_agent::config::DEFAULT_ALLOW_ROUTE).expect("regex"),

@@ -3,7 +3,7 @@
 //! did not bind a record to is refused, never guessed from its address.
 //!
 //! Requests go to the instance-metadata API, except `GET /kiam/v1/identity`, which shows the
-//! caller the identity kiam resolved for it (its own, so nothing is disclosed).
+//! caller the pod (and container) kiam resolved for it: its own, and nothing about the node.
 //!
 //! No pod can take the listener from the others: connections are capped overall and per pod
 //! (the caller's pod, from its cgroup; over the cap a pod gets a 429 and the connection is
@@ -42,6 +42,7 @@ use tokio::{
 use crate::{
     imds::Imds,
     metrics::RefusedLabels,
+    rate::{PodRate, THROTTLE_FOR, Throttle},
     resolver::{Begun, Caller, RecordSource, ResolveError, Resolver},
 };
 
@@ -50,6 +51,8 @@ use crate::{
 pub struct Limits {
     pub max_connections: usize,
     pub max_per_pod: usize,
+    /// New connections one pod may open a second (bursts of twice that).
+    pub connections_per_second: u32,
     /// A request head must arrive within this (an idle kept-alive connection ends then too).
     pub idle_timeout: Duration,
 }
@@ -94,6 +97,7 @@ pub async fn serve<S: RecordSource>(
     resolver: Arc<Resolver<S>>,
     imds: Arc<Imds>,
     limits: Limits,
+    throttle: Arc<dyn Throttle>,
 ) {
     let gate = Gate::new(limits.max_connections);
     let shared = Arc::new(Shared {
@@ -105,7 +109,23 @@ pub async fn serve<S: RecordSource>(
         }),
         limits,
         lingering: Arc::new(Semaphore::new(MAX_LINGERING)),
+        rate: PodRate::new(limits.connections_per_second),
+        throttle,
     });
+    {
+        // Buckets of pods that went quiet are forgotten.
+        let shared = Arc::downgrade(&shared);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                match shared.upgrade() {
+                    Some(shared) => shared.rate.prune(),
+                    None => return,
+                }
+            }
+        });
+    }
     let loops = listeners
         .into_iter()
         .map(|listener| accept_loop(listener, shared.clone(), gate.clone()));
@@ -122,6 +142,8 @@ async fn accept_loop<S: RecordSource>(
         imds,
         pods,
         lingering,
+        rate,
+        throttle,
         ..
     } = &*shared;
     loop {
@@ -145,20 +167,30 @@ async fn accept_loop<S: RecordSource>(
                 // here waits: a cgroup not cached yet is looked up by the connection's task,
                 // which applies the same share.
                 let pod_pass = match &begun {
-                    Begun::Known(Ok(caller)) => match pods.enter(&caller.pod().pod_uid) {
-                        Some(pass) => Some(pass),
-                        None => {
-                            too_many(imds, stream, lingering);
+                    Begun::Known(Ok(caller)) => {
+                        let pod = &caller.pod().pod_uid;
+                        if !rate.allows(pod) {
+                            throttle.hold(caller.cgroup_id, THROTTLE_FOR);
+                            too_fast(imds, stream, lingering);
                             continue;
                         }
-                    },
-                    Begun::Known(Err(error)) => match pods.enter(UNIDENTIFIED) {
-                        Some(pass) => Some(pass),
-                        None => {
-                            refused(imds, refusal_reason(error));
-                            continue;
+                        match pods.enter(pod) {
+                            Some(pass) => Some(pass),
+                            None => {
+                                too_many(imds, stream, lingering);
+                                continue;
+                            }
                         }
-                    },
+                    }
+                    Begun::Known(Err(error)) => {
+                        match rate.allows(UNIDENTIFIED).then(|| pods.enter(UNIDENTIFIED)) {
+                            Some(Some(pass)) => Some(pass),
+                            _ => {
+                                refused(imds, refusal_reason(error));
+                                continue;
+                            }
+                        }
+                    }
                     Begun::Lookup(_) => None,
                 };
                 let Some(pass) = gate.enter() else {
@@ -179,6 +211,7 @@ async fn accept_loop<S: RecordSource>(
 }
 
 const TOO_MANY: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain\r\nContent-Length: 53\r\nConnection: close\r\n\r\nkiam: this pod has too many connections to kiam open\n";
+const TOO_FAST: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain\r\nContent-Length: 51\r\nConnection: close\r\n\r\nkiam: this pod opens connections to kiam too often\n";
 
 /// The per-pod share that connections without an identity have in common (not a pod UID).
 const UNIDENTIFIED: &str = "(unidentified)";
@@ -194,6 +227,13 @@ const MAX_LINGERING: usize = 256;
 fn too_many(imds: &Imds, stream: TcpStream, lingering: &Arc<Semaphore>) {
     refused(imds, "pod_connection_limit");
     let _ = socket2::SockRef::from(&stream).send(TOO_MANY);
+    close_gently(stream, lingering);
+}
+
+/// Refuses a connection of a pod over its rate of new connections, the same way.
+fn too_fast(imds: &Imds, stream: TcpStream, lingering: &Arc<Semaphore>) {
+    refused(imds, "pod_connection_rate");
+    let _ = socket2::SockRef::from(&stream).send(TOO_FAST);
     close_gently(stream, lingering);
 }
 
@@ -244,6 +284,10 @@ struct Shared<S> {
     limits: Limits,
     /// Permits for refused connections being drained ([`close_gently`]).
     lingering: Arc<Semaphore>,
+    /// New connections per pod.
+    rate: PodRate,
+    /// Stops a cgroup over its pod's rate in the kernel.
+    throttle: Arc<dyn Throttle>,
 }
 
 async fn handle<S: RecordSource>(
@@ -259,7 +303,10 @@ async fn handle<S: RecordSource>(
         pods,
         limits,
         lingering,
+        rate,
+        throttle,
     } = &*shared;
+    let looked_up = matches!(begun, Begun::Lookup(_));
     let caller = match begun {
         Begun::Known(result) => result,
         Begun::Lookup(record) => resolver.finish(record).await,
@@ -278,7 +325,15 @@ async fn handle<S: RecordSource>(
             refused(imds, refusal_reason(error));
         }
     }
-    // A caller first seen now (its cgroup was looked up) gets the same per-pod share.
+    // A caller first seen now (its cgroup was looked up) gets the same rate and share.
+    if let (true, Ok(c)) = (looked_up, &caller)
+        && !rate.allows(&c.pod().pod_uid)
+    {
+        throttle.hold(c.cgroup_id, THROTTLE_FOR);
+        drop(slot);
+        too_fast(imds, stream, lingering);
+        return;
+    }
     let _pod_pass = match (pod_pass, &caller) {
         (Some(pass), _) => pass,
         (None, Ok(c)) => match pods.enter(&c.pod().pod_uid) {
@@ -458,6 +513,17 @@ mod tests {
         max_connections: usize,
         max_per_pod: usize,
     ) -> (SocketAddr, Arc<Imds>) {
+        listener_with_rate(root, records, max_connections, max_per_pod, 1_000_000).await
+    }
+
+    /// The same, with `rate` new connections a second per pod.
+    async fn listener_with_rate(
+        root: &Path,
+        records: Vec<Option<ConnRecord>>,
+        max_connections: usize,
+        max_per_pod: usize,
+        rate: u32,
+    ) -> (SocketAddr, Arc<Imds>) {
         let lookup =
             Arc::new(Cgroupfs::new(root, root.join("kubepods.slice"), false).expect("open"));
         let resolver = Arc::new(Resolver::new(
@@ -471,9 +537,16 @@ mod tests {
         let limits = Limits {
             max_connections,
             max_per_pod,
+            connections_per_second: rate,
             idle_timeout: Duration::from_secs(30),
         };
-        tokio::spawn(serve(vec![listener], resolver, imds.clone(), limits));
+        tokio::spawn(serve(
+            vec![listener],
+            resolver,
+            imds.clone(),
+            limits,
+            Arc::new(crate::rate::NoThrottle),
+        ));
         (addr, imds)
     }
 
@@ -540,6 +613,27 @@ mod tests {
         drop(first);
         tokio::time::sleep(Duration::from_millis(200)).await;
         let _other = held(addr).await;
+    }
+
+    #[tokio::test]
+    async fn a_pod_over_its_rate_of_new_connections_gets_429_and_others_do_not() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (a, b) = (container(dir.path(), POD_A), container(dir.path(), POD_B));
+        // Rate 5 a second, bursts of 10: pod A's first 10 connections are answered (and
+        // closed by the client), the next 5 refused; pod B is unaffected.
+        let mut records = vec![Some(record(a)); 15];
+        records.push(Some(record(b)));
+        let (addr, imds) = listener_with_rate(dir.path(), records, 100, 100, 5).await;
+        for _ in 0..10 {
+            drop(held(addr).await);
+        }
+        for _ in 0..5 {
+            let (_, answer) = unasked(addr).await;
+            let answer = answer.expect("closed at once");
+            assert!(answer.contains("too often"), "{answer:?}");
+        }
+        assert_eq!(refusals(&imds, "pod_connection_rate"), 5);
+        let _b = held(addr).await;
     }
 
     #[tokio::test]

@@ -277,6 +277,16 @@ pub struct ApiArgs {
     /// never keep the others waiting.
     #[arg(long, env = "KIAM_MAX_CONNECTIONS_PER_POD", default_value_t = 64)]
     pub max_connections_per_pod: usize,
+    /// New connections one pod may open a second, with bursts of twice that; more get 429
+    /// and are closed, so a pod looping connect/close cannot keep the agent from the others.
+    #[arg(long, env = "KIAM_POD_CONNECTION_RATE", default_value_t = 100)]
+    pub pod_connection_rate: u32,
+    /// Requests of one pod forwarded or relayed to the node's metadata service a second, with
+    /// bursts of twice that; more get 429 (EC2 allows about 1,024 packets a second per
+    /// interface, for every pod of the node). Answers that never change (region, zone, the
+    /// identity document) are kept once fetched and cost nothing.
+    #[arg(long, env = "KIAM_POD_FORWARD_RATE", default_value_t = 20)]
+    pub pod_forward_rate: u32,
     /// A request head must arrive within this; an idle kept-alive connection is closed
     /// after it too.
     #[arg(long, env = "KIAM_IDLE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -327,6 +337,8 @@ pub enum ConfigError {
     Connections { per_pod: usize, max: usize },
     #[error("--idle-timeout must be between 1s and 5m")]
     IdleTimeout,
+    #[error("--{0} must be at least 1 a second")]
+    Rate(&'static str),
 }
 
 /// Checks the metadata API settings that do not touch the system.
@@ -359,6 +371,14 @@ pub fn api(args: &ApiArgs) -> Result<regex::Regex, ConfigError> {
     }
     if !(Duration::from_secs(1)..=Duration::from_secs(300)).contains(&args.idle_timeout) {
         return Err(ConfigError::IdleTimeout);
+    }
+    for (rate, flag) in [
+        (args.pod_connection_rate, "pod-connection-rate"),
+        (args.pod_forward_rate, "pod-forward-rate"),
+    ] {
+        if rate == 0 {
+            return Err(ConfigError::Rate(flag));
+        }
     }
     regex::Regex::new(&args.allow_route_regexp).map_err(|e| {
         ConfigError::AllowRoute(e.to_string().lines().last().unwrap_or("").trim().to_owned())
@@ -517,6 +537,8 @@ mod tests {
                 "--max-connections",
             ),
             (&["--idle-timeout", "0s"][..], "--idle-timeout"),
+            (&["--pod-connection-rate", "0"][..], "--pod-connection-rate"),
+            (&["--pod-forward-rate", "0"][..], "--pod-forward-rate"),
         ] {
             let err = api(&args(extra).api).expect_err("invalid");
             assert!(err.to_string().contains(flag), "{extra:?}: {err}");

@@ -39,6 +39,9 @@ pub const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
 pub const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
 
 pub struct Imds {
+    pub log_budget: LogBudget,
+    /// Requests per pod forwarded or relayed to the node's metadata service.
+    pub forward_rate: crate::rate::PodRate,
     pub tokens: Tokens,
     pub upstream: Arc<Upstream>,
     pub allow: Regex,
@@ -50,6 +53,40 @@ pub struct Imds {
 }
 
 pub type Reply = Response<Full<Bytes>>;
+
+/// How much of a refused request's path a log line shows.
+const LOGGED_PATH: usize = 128;
+
+/// Log lines about one pod's refused requests: at most [`LogBudget::LINES`] a minute, so one
+/// pod cannot flood the node's logs (the metrics count every request).
+#[derive(Default)]
+pub struct LogBudget {
+    spent: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, u32)>>,
+}
+
+impl LogBudget {
+    const LINES: u32 = 10;
+    const WINDOW: Duration = Duration::from_secs(60);
+    /// Pods tracked at once; past it, nothing more is logged until windows end.
+    const PODS: usize = 4096;
+
+    pub fn allows(&self, pod: &str) -> bool {
+        let mut spent = self.spent.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        if spent.len() >= Self::PODS && !spent.contains_key(pod) {
+            spent.retain(|_, (since, _)| now.duration_since(*since) < Self::WINDOW);
+            if spent.len() >= Self::PODS {
+                return false;
+            }
+        }
+        let (since, lines) = spent.entry(pod.to_owned()).or_insert((now, 0));
+        if now.duration_since(*since) >= Self::WINDOW {
+            (*since, *lines) = (now, 0);
+        }
+        *lines += 1;
+        *lines <= Self::LINES
+    }
+}
 
 fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Reply {
     let mut response = Response::new(Full::new(body.into()));
@@ -125,10 +162,13 @@ impl Imds {
         let uri = request.uri().clone();
         let (route, response) = self.route(request, caller).await;
         self.count(route, response.status());
-        if response.status().is_client_error() || response.status().is_server_error() {
+        if (response.status().is_client_error() || response.status().is_server_error())
+            && self.log_budget.allows(&caller.pod().pod_uid)
+        {
+            let path = uri.path();
             tracing::info!(
                 pod_uid = %caller.pod().pod_uid,
-                path = %uri.path(),
+                path = %path.get(..LOGGED_PATH).unwrap_or(path),
                 status = response.status().as_u16(),
                 "metadata request refused"
             );
@@ -151,8 +191,11 @@ impl Imds {
         // One answer per request, cached across requests: what the pod may have.
         let access = self.upstream.access(pod, deadline).await;
         if let (Ok(Access::PassThrough), Some(forwarder)) = (&access, &self.forwarder) {
+            if !self.forward_rate.allows(pod) {
+                return ("passthrough", too_often());
+            }
             tracing::debug!(pod_uid = %pod, path = %request.uri().path(), "node metadata pass-through");
-            return ("passthrough", forwarder.relay(request).await);
+            return ("passthrough", forwarder.relay(request, deadline).await);
         }
         let (method, headers) = (request.method(), request.headers());
         if route == Route::Token {
@@ -222,7 +265,9 @@ impl Imds {
                     "kiam: the node's user data is not available to pods (--allow-user-data)\n",
                 ),
             ),
-            Route::UserData | Route::Other | Route::Token => self.other(request.uri().path()).await,
+            Route::UserData | Route::Other | Route::Token => {
+                self.other(pod, request.uri().path(), deadline).await
+            }
         }
     }
 
@@ -272,15 +317,31 @@ impl Imds {
         response
     }
 
-    async fn other(&self, path: &str) -> (&'static str, Reply) {
+    async fn other(
+        &self,
+        pod: &str,
+        path: &str,
+        deadline: tokio::time::Instant,
+    ) -> (&'static str, Reply) {
         match (&self.forwarder, self.allow.is_match(path)) {
-            (Some(forwarder), true) => ("forwarded", forwarder.get(path).await),
+            (Some(forwarder), true) => match forwarder.kept(path) {
+                Some(body) => ("forwarded", text(StatusCode::OK, body)),
+                None if !self.forward_rate.allows(pod) => ("forwarded", too_often()),
+                None => ("forwarded", forwarder.get(path, deadline).await),
+            },
             _ => (
                 "not_allowed",
                 text(StatusCode::NOT_FOUND, "kiam: not found\n"),
             ),
         }
     }
+}
+
+fn too_often() -> Reply {
+    text(
+        StatusCode::TOO_MANY_REQUESTS,
+        "kiam: this pod asks the node's metadata service too often\n",
+    )
 }
 
 fn info(arn: &str) -> Reply {
@@ -301,6 +362,8 @@ impl Imds {
     /// service, a fresh token key and paths matching `allow` forwardable.
     pub(crate) fn for_tests(allow: &str, require_v2: bool) -> Self {
         Self {
+            log_budget: LogBudget::default(),
+            forward_rate: crate::rate::PodRate::new(20),
             tokens: Tokens::random().expect("key"),
             upstream: Upstream::new(
                 None,
@@ -462,6 +525,14 @@ mod tests {
             .await;
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert!(body(r).await.contains("--server"));
+    }
+
+    #[test]
+    fn one_pod_cannot_flood_the_log() {
+        let budget = LogBudget::default();
+        let logged = (0..1000).filter(|_| budget.allows("noisy")).count();
+        assert_eq!(logged, LogBudget::LINES as usize);
+        assert!(budget.allows("another"), "other pods keep their lines");
     }
 
     #[test]

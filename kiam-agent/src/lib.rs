@@ -20,6 +20,7 @@ pub mod loader;
 pub mod metrics;
 pub mod pins;
 pub mod port;
+pub mod rate;
 pub mod resolver;
 pub mod route;
 pub mod status;

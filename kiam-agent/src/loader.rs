@@ -135,6 +135,7 @@ pub struct Installed {
     _ebpf: Ebpf,
     _links: Vec<PinnedLink>,
     pub accepted: HashMap<MapData, u64, ConnRecord>,
+    pub throttle: HashMap<MapData, u64, u64>,
     pub program_ids: Vec<(&'static str, u32)>,
 }
 
@@ -282,10 +283,13 @@ pub fn install(opts: &InstallOptions) -> Result<Installed, LoaderError> {
 
     let accepted = HashMap::try_from(take_map(&mut ebpf, map_names::ACCEPTED)?)
         .map_err(map_err(map_names::ACCEPTED))?;
+    let throttle = HashMap::try_from(take_map(&mut ebpf, map_names::THROTTLE)?)
+        .map_err(map_err(map_names::THROTTLE))?;
     Ok(Installed {
         _ebpf: ebpf,
         _links: pinned,
         accepted,
+        throttle,
         program_ids,
     })
 }

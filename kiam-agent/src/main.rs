@@ -5,7 +5,7 @@ use std::{net::IpAddr, path::Path, sync::Arc, time::Duration};
 
 use kiam_agent::{
     address, api, bpffs, caps, cgroup, client, config, forward, health, imds, loader, metrics,
-    pins, port, resolver, status, taint, token, upstream,
+    pins, port, rate, resolver, status, taint, token, upstream,
 };
 
 use anyhow::Context as _;
@@ -123,6 +123,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         start_kernel_logs(&installed);
         let lookup = resolver::Cgroupfs::new(&root, attach.clone(), true)
             .with_context(|| format!("opening the cgroup root {}", root.display()))?;
+        let throttle = Arc::new(rate::KernelThrottle::new(installed.throttle));
         let resolver = Arc::new(resolver::Resolver::new(
             resolver::AcceptedMap::new(installed.accepted),
             Arc::new(lookup),
@@ -195,6 +196,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         let metrics = Arc::new(metrics::Metrics::default());
         let imds = Arc::new(imds::Imds {
+            log_budget: imds::LogBudget::default(),
+            forward_rate: kiam_agent::rate::PodRate::new(args.api.pod_forward_rate),
             tokens,
             upstream,
             allow,
@@ -245,10 +248,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::info!(listen = ?net.listen, pin_dir = %args.bpffs_dir.display(), "kiam-agent ready");
         tokio::select! {
             () = api::serve(listeners, resolver, imds, api::Limits {
+                connections_per_second: args.api.pod_connection_rate,
                 max_connections: args.api.max_connections,
                 max_per_pod: args.api.max_connections_per_pod,
                 idle_timeout: args.api.idle_timeout,
-            }) => {}
+            }, throttle) => {}
             () = kiam_ops::shutdown_signal() => tracing::info!("shutting down; the pinned redirect stays in place"),
         }
         // The rest of `installed` (links, maps) is dropped here; the pins keep the programs

@@ -164,6 +164,7 @@ fn capacity(map: &str) -> Option<u32> {
         map_names::CONNECT => Some(limits::CONNECT_ENTRIES),
         map_names::TUPLES => Some(limits::TUPLES_ENTRIES),
         map_names::ACCEPTED => Some(limits::ACCEPTED_ENTRIES),
+        map_names::THROTTLE => Some(limits::THROTTLE_ENTRIES),
         _ => None,
     }
 }
@@ -315,7 +316,7 @@ mod tests {
             "kiam_agent_map_entries{map=\"KIAM_CONNECT\"} 3",
             "kiam_agent_map_capacity{map=\"KIAM_CONNECT\"} 16384",
             "kiam_agent_programs_attached 6",
-            "kiam_agent_programs_expected 6",
+            "kiam_agent_programs_expected 8",
             "kiam_agent_kernel_configured 1",
             "# TYPE kiam_agent_kernel_events counter",
         ] {

@@ -238,23 +238,11 @@ impl Caller {
     }
 }
 
+/// What `/kiam/v1/identity` shows the caller: the pod (and container) kiam resolved for it,
+/// and nothing about the node (no host pid, no host cgroup path).
 impl serde::Serialize for Caller {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        #[derive(serde::Serialize)]
-        struct View<'a> {
-            cgroup_id: u64,
-            pid: u32,
-            cgroup_path: &'a str,
-            #[serde(flatten)]
-            pod: &'a PodCgroup,
-        }
-        View {
-            cgroup_id: self.cgroup_id,
-            pid: self.pid,
-            cgroup_path: self.cgroup_path(),
-            pod: self.pod(),
-        }
-        .serialize(serializer)
+        self.pod().serialize(serializer)
     }
 }
 
@@ -477,6 +465,29 @@ impl<S: RecordSource> Resolver<S> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_identity_a_pod_sees_is_its_own_and_says_nothing_of_the_node() {
+        let caller = Caller::for_pod(PodCgroup {
+            pod_uid: "0f6a8c2e-3b1d-4e5f-9a7b-1c2d3e4f5a6b".into(),
+            static_pod: false,
+            qos: identity::QosClass::Burstable,
+            container_id: Some("abc".repeat(22)),
+            runtime: Some(identity::Runtime::Containerd),
+        });
+        let shown = serde_json::to_value(&caller).expect("json");
+        let mut keys: Vec<&str> = shown
+            .as_object()
+            .expect("object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            ["container_id", "pod_uid", "qos", "runtime", "static_pod"]
+        );
+    }
+
     const UID: &str = "0f6a8c2e-3b1d-4e5f-9a7b-1c2d3e4f5a6b";
     const CID: &str = "5e1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9";
 
@@ -578,7 +589,6 @@ mod tests {
         assert!(caller.cgroup_path().starts_with("/kubepods.slice/"));
         let json = serde_json::to_value(&caller).expect("json");
         assert_eq!(json["pod_uid"], UID);
-        assert_eq!(json["cgroup_id"], id);
         // The record is consumed: a second resolve of the same cookie finds nothing.
         assert!(matches!(
             resolver.resolve(7).await,

@@ -30,7 +30,7 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_netns_cookie,
-        bpf_get_socket_cookie, bpf_skb_cgroup_id,
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_skb_cgroup_id,
     },
     macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -91,6 +91,10 @@ static KIAM_TUPLES: LruHashMap<TupleKey, ConnRecord> =
 #[map(name = "KIAM_ACCEPTED")]
 static KIAM_ACCEPTED: LruHashMap<u64, ConnRecord> =
     LruHashMap::with_max_entries(limits::ACCEPTED_ENTRIES, 0);
+
+#[map(name = "KIAM_THROTTLE")]
+static KIAM_THROTTLE: LruHashMap<u64, u64> =
+    LruHashMap::with_max_entries(limits::THROTTLE_ENTRIES, 0);
 
 // Per-CPU because the bpfel target has no atomic read-modify-write.
 #[map(name = "KIAM_STATS")]
@@ -225,6 +229,16 @@ fn redirect(ctx: &SockAddrContext, orig_addr: [u32; 4], counter: u32) -> Redirec
             return Redirect::Deny;
         }
     };
+    // A cgroup over its pod's rate of new connections: refused here, in its own context,
+    // for the time the agent set, so the flood never reaches the agent.
+    if let Some(until) = KIAM_THROTTLE.get_ptr(cgroup_id) {
+        // SAFETY: pointer from a successful lookup; one 8-byte load. Helper without
+        // arguments.
+        if unsafe { bpf_ktime_get_ns() < *until } {
+            count(stat::THROTTLED);
+            return Redirect::Deny;
+        }
+    }
     // SAFETY: the context pointer is what the helper expects for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let record = ConnRecord {

@@ -126,6 +126,10 @@ pub fn agent_bin() -> PathBuf {
     path
 }
 
+/// Agent flags for tests and benchmarks that drive one pod at thousands of new connections
+/// a second: they measure the agent, not its per-pod rate (the attack tests do that).
+pub const LOAD_TEST_ARGS: [&str; 2] = ["--pod-connection-rate", "1000000"];
+
 /// The capabilities a container gets by default (containerd's and Docker's set, `NET_RAW`
 /// included), as `setpriv --bounding-set` takes them: a root process keeps only these.
 pub const DEFAULT_CAPABILITIES: &str = "-all,+chown,+dac_override,+fowner,+fsetid,+kill,+setgid,+setuid,+setpcap,+net_bind_service,+net_raw,+sys_chroot,+mknod,+audit_write,+setfcap";

@@ -10,6 +10,7 @@ use std::{
 };
 
 use kiam_e2e::{
+    bench::{self, load::Stats},
     cluster::Cluster,
     node::{AGENT_IP, AGENT_PORT, HELPER, Node, Pod, as_tenant, privileged},
     poll,
@@ -396,5 +397,109 @@ async fn twenty_thousand_random_tokens_cost_no_review_and_never_disturb_an_agent
         env.kube.token_reviews() - before,
         1,
         "one review: the agent's token, once"
+    );
+}
+
+/// IMDSv2 credential requests from `pod` for `seconds`, 50 a second, a new connection each
+/// (as botocore makes them).
+fn credential_load(c: &Cluster, pod: &Pod, role: &str, seconds: &str) -> Stats {
+    bench::tune_netns(&pod.netns).expect("sysctl");
+    let path = format!("/latest/meta-data/iam/security-credentials/{role}");
+    bench::in_pod(
+        &c.node,
+        pod,
+        &[
+            "load",
+            "--target",
+            "169.254.169.254:80",
+            "--path",
+            &path,
+            "--seconds",
+            seconds,
+            "--per-second",
+            "50",
+        ],
+    )
+    .expect("load")
+}
+
+/// The per-pod share bounded how many connections a pod holds, not how fast it makes them:
+/// one pod looping connect/close kept the single accept loop and the shared backlog busy,
+/// and when the backlog overflowed other pods' SYNs were dropped (botocore gives the metadata
+/// service 1 s, once). Now each pod's new connections have a rate: beyond it a 429, and for
+/// the next second the kernel refuses the cgroup's connect() (EPERM), in its own context.
+#[test]
+fn a_pod_looping_connect_close_does_not_slow_another_down() {
+    if !privileged("connect/close flood") {
+        return;
+    }
+    let (mut c, victim) = cluster_with_pod(&[]);
+    let attacker = c.pod("b", json!({"iam.amazonaws.com/role": "app-b"}));
+    let listing = "http://169.254.169.254/latest/meta-data/iam/security-credentials/app-a";
+    assert!(helper(&c.node, &victim, &["get", listing]).starts_with("200 "));
+    let quiet = credential_load(&c, &victim, "app-a", "6");
+    // A tenant with default capabilities loops connect/close on both cores. It is a
+    // BestEffort pod, as one without resource requests is: the kubelet gives those
+    // cpu.shares 2 (this machine's cgroup v1 cpu controller).
+    bench::tune_netns(&attacker.netns).expect("sysctl");
+    let besteffort = std::path::PathBuf::from(format!(
+        "/sys/fs/cgroup/cpu/kiam-e2e-{}-besteffort",
+        c.node.id
+    ));
+    std::fs::create_dir_all(&besteffort).expect("cpu cgroup");
+    std::fs::write(besteffort.join("cpu.shares"), "2").expect("cpu.shares");
+    let churn = as_tenant(&[
+        HELPER.as_str(),
+        "churn",
+        META,
+        "--seconds",
+        "8",
+        "--threads",
+        "2",
+    ]);
+    let flood = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > '{}/cgroup.procs' && echo $$ > '{}/cgroup.procs' && exec \"$@\"",
+            attacker.cgroup.display(),
+            besteffort.display()
+        ))
+        .arg("sh")
+        .arg("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", attacker.netns))
+        .arg("--")
+        .args(&churn)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("churn");
+    std::thread::sleep(Duration::from_millis(500));
+    let flooded = credential_load(&c, &victim, "app-a", "6");
+    let out = flood.wait_with_output().expect("churn");
+    let made: u64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    eprintln!("quiet: {quiet:?}\nflooded ({made} attacker connections): {flooded:?}");
+    let _ = std::fs::remove_dir(&besteffort);
+    assert_eq!(flooded.errors, 0, "{flooded:?}");
+    assert!(
+        flooded.p99_us <= 2.0 * quiet.p99_us,
+        "p99 {} µs beside the flood, {} µs without",
+        flooded.p99_us,
+        quiet.p99_us
+    );
+    // Control: the flood was real: the agent refused the pod over its rate, and the kernel
+    // then refused its connect() calls, which never reached the agent.
+    let refused = kiam_e2e::metric(
+        &c.node.agent_metrics(),
+        "kiam_agent_refused_connections_total{reason=\"pod_connection_rate\"}",
+    )
+    .unwrap_or(0.0);
+    let status = c.node.agent_command(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status");
+    let throttled = status["counters"]["denied_throttled"].as_u64().unwrap_or(0);
+    assert!(
+        made > 200 && refused >= 1.0 && throttled > 10_000,
+        "{made} made, {refused} refused, {throttled} refused in connect()"
     );
 }

@@ -13,7 +13,7 @@ use kiam_e2e::{
     bench::{self, load::Stats},
     cluster::{Cluster, NODE_NAME},
     metric,
-    node::{HELPER, IMDS, Node, Pod, privileged},
+    node::{HELPER, IMDS, LOAD_TEST_ARGS, Node, Pod, privileged},
     poll,
     stack::{Certs, Kube, PodObject, Server, Sts, eventually},
 };
@@ -74,7 +74,7 @@ fn a_frozen_or_killed_server_is_invisible_to_pods() {
         return;
     }
     // The role is asked for on every request, so every request needs a server.
-    let mut c = Cluster::team(&["--role-ttl", "1ms"]);
+    let mut c = Cluster::team(&["--role-ttl", "1ms", LOAD_TEST_ARGS[0], LOAD_TEST_ARGS[1]]);
     let pod = c.pod("a", json!({"iam.amazonaws.com/role": "app-a"}));
     assert!(c.node.served(&pod, "app-a"));
     let answered = |s: &Server| {
@@ -220,7 +220,7 @@ fn an_sts_stall_leaves_held_credentials_alone_and_new_pods_get_a_clear_answer() 
     if !privileged("STS stall") {
         return;
     }
-    let mut c = Cluster::team(&[]);
+    let mut c = Cluster::team(&LOAD_TEST_ARGS);
     let pod = c.pod("a", json!({"iam.amazonaws.com/role": "app-a"}));
     assert!(c.node.served(&pod, "app-a"));
     let creds = format!("{LISTING}app-a");
@@ -520,10 +520,15 @@ fn three_hundred_pod_lifecycles_never_serve_a_wrong_role() {
                 })
             })
             .collect();
-        for worker in workers {
-            worker.join().expect("worker");
-        }
+        // Every worker ends on its own; the rule flipper only once told to, also when a
+        // worker failed (or the scope would wait for it forever).
+        let ended: Vec<_> = workers.into_iter().map(|w| w.join()).collect();
         done.store(true, std::sync::atomic::Ordering::Relaxed);
+        for worker in ended {
+            if let Err(panic) = worker {
+                std::panic::resume_unwind(panic);
+            }
+        }
     });
     let timeline = timeline.into_inner().expect("lock");
     let answers = answers.into_inner().expect("lock");
@@ -567,6 +572,7 @@ fn an_agent_upgrade_under_load_swaps_the_programs_without_a_gap() {
         .expect("the variant eBPF object: run `cargo xtask build-ebpf --variant` and set KIAM_EBPF_VARIANT_OBJECT (cargo xtask test does)");
     let mut node = Node::new();
     let pod = node.add_pod();
+    node.agent_args = LOAD_TEST_ARGS.map(str::to_owned).to_vec();
     node.start_agent();
     let identity = format!("http://{IMDS}/kiam/v1/identity");
     let load = node
@@ -591,10 +597,10 @@ fn an_agent_upgrade_under_load_swaps_the_programs_without_a_gap() {
     std::thread::sleep(Duration::from_millis(300));
     // Upgrade: the new agent brings other programs (another build), the same maps.
     node.kill_agent();
-    node.agent_args = vec![
+    node.agent_args.extend([
         "--ebpf-object".into(),
         variant.to_str().expect("utf-8").to_owned(),
-    ];
+    ]);
     node.start_agent();
     let upgraded = node.agent_log();
     assert!(
@@ -604,7 +610,7 @@ fn an_agent_upgrade_under_load_swaps_the_programs_without_a_gap() {
     std::thread::sleep(Duration::from_millis(300));
     // And back again.
     node.kill_agent();
-    node.agent_args.clear();
+    node.agent_args = LOAD_TEST_ARGS.map(str::to_owned).to_vec();
     node.start_agent();
     let out = load.wait_with_output().expect("load output");
     let text = String::from_utf8_lossy(&out.stdout);

@@ -13,7 +13,7 @@ use kiam_e2e::{
     bench::{in_pod, load::Stats, memory_mib},
     cluster::Cluster,
     metric,
-    node::{HELPER, Node, privileged},
+    node::{HELPER, LOAD_TEST_ARGS, Node, privileged},
     stack::{ServerStack, eventually},
 };
 use kiam_proto::{GetCredentialsRequest, Reason, reason_of};
@@ -26,7 +26,7 @@ fn one_pod_holding_20000_connections_cannot_slow_another_down() {
     if !privileged("connection limits") {
         return;
     }
-    let mut c = Cluster::team(&["--idle-timeout", "5s"]);
+    let mut c = Cluster::team(&["--idle-timeout", "5s", LOAD_TEST_ARGS[0], LOAD_TEST_ARGS[1]]);
     let victim = c.pod("victim", json!({"iam.amazonaws.com/role": "app-v"}));
     let attacker = c.pod("attacker", json!({"iam.amazonaws.com/role": "app-a"}));
     assert!(c.node.served(&victim, "app-v"));

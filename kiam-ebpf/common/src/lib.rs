@@ -30,9 +30,14 @@ pub mod map_names {
     pub const ACCEPTED: &str = "KIAM_ACCEPTED";
     /// `PerCpuArray<u64>` of counters, indexed by [`crate::stat`].
     pub const STATS: &str = "KIAM_STATS";
+    /// `LruHashMap<u64 cgroup id, u64 until>`: cgroups over their pod's rate of new
+    /// connections; their connections to the metadata service fail with `EPERM` in
+    /// `connect()` until `until` (`bpf_ktime_get_ns`, CLOCK_MONOTONIC), so a flood costs its
+    /// pod, not the agent. Written by the agent.
+    pub const THROTTLE: &str = "KIAM_THROTTLE";
 
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 6] = [CONFIG, EXEMPT, CONNECT, TUPLES, ACCEPTED, STATS];
+    pub const ALL: [&str; 7] = [CONFIG, EXEMPT, CONNECT, TUPLES, ACCEPTED, STATS, THROTTLE];
 }
 
 /// Names of the programs, as `bpftool prog list` shows them.
@@ -65,7 +70,7 @@ pub mod program_names {
 /// `maps-v<LAYOUT_VERSION>`, so an agent with another layout gets fresh maps and swaps its
 /// programs in instead of reusing incompatible ones. Bump on any change to the types below or
 /// to `limits`.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Bounds of the maps. Entries live for the few milliseconds between a pod's `connect()` and
 /// the agent's `accept()`; the bounds only matter under a flood.
@@ -74,6 +79,7 @@ pub mod limits {
     pub const TUPLES_ENTRIES: u32 = 16_384;
     pub const ACCEPTED_ENTRIES: u32 = 16_384;
     pub const EXEMPT_ENTRIES: u32 = 64;
+    pub const THROTTLE_ENTRIES: u32 = 4_096;
 }
 
 /// Indexes into `KIAM_STATS`.
@@ -97,8 +103,11 @@ pub mod stat {
     /// A `bind()` to the agent's port (asked for, or picked by the kernel) from outside the
     /// agent, refused.
     pub const BIND_DENIED: u32 = 8;
+    /// Connections to the metadata service refused in `connect()`: their cgroup is over its
+    /// pod's rate (`KIAM_THROTTLE`).
+    pub const THROTTLED: u32 = 9;
     /// Number of counters.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 10;
 
     /// Counter names, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -111,6 +120,7 @@ pub mod stat {
         "guard_dropped",
         "tuple_collision",
         "bind_denied",
+        "denied_throttled",
     ];
 }
 

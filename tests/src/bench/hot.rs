@@ -174,7 +174,8 @@ fn median_stats(runs: &[Stats]) -> Stats {
     }
 }
 
-/// A cluster whose agent and servers log at info (per-request debug lines would be measured).
+/// A cluster whose agent and servers log at info (per-request debug lines would be measured),
+/// the agent without a per-pod rate (one pod drives it at thousands of connections a second).
 fn quiet_cluster(namespace_rule: &str) -> Cluster {
     let mut node = Node::new();
     node.agent_log_level = "info".into();
@@ -182,7 +183,7 @@ fn quiet_cluster(namespace_rule: &str) -> Cluster {
         node,
         "bench",
         json!({"iam.amazonaws.com/permitted": namespace_rule}),
-        &[],
+        &crate::node::LOAD_TEST_ARGS,
         &["--log-level", "info"],
     )
 }

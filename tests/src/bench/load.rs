@@ -58,10 +58,12 @@ impl Stats {
 }
 
 /// Runs `worker` on `concurrency` threads until `duration` has passed; each call of
-/// `worker` is one timed request (`Err` counts as an error).
+/// `worker` is one timed request (`Err` counts as an error). With `every`, each thread starts
+/// a request at most that often (an open-loop rate, as SDKs ask), else back to back.
 fn drive(
     concurrency: usize,
     duration: Duration,
+    every: Option<Duration>,
     worker: impl Fn() -> Box<dyn FnMut() -> anyhow::Result<()> + Send> + Sync,
 ) -> Stats {
     let stop = Arc::new(AtomicBool::new(false));
@@ -76,6 +78,7 @@ fn drive(
                     let mut first_error = None;
                     while !stop.load(Ordering::Relaxed) {
                         let t = Instant::now();
+                        let next = every.map(|every| t + every);
                         match request() {
                             Ok(()) => micros
                                 .push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX)),
@@ -83,6 +86,9 @@ fn drive(
                                 errors += 1;
                                 first_error.get_or_insert_with(|| format!("{error:#}"));
                             }
+                        }
+                        if let Some(next) = next {
+                            thread::sleep(next.saturating_duration_since(Instant::now()));
                         }
                     }
                     (micros, errors, first_error)
@@ -152,6 +158,7 @@ pub fn imds(
     keep_alive: bool,
     concurrency: usize,
     duration: Duration,
+    per_second: Option<f64>,
 ) -> anyhow::Result<Stats> {
     let mut conn = connect(addr).context("connecting for the token")?;
     let put = "PUT /latest/api/token HTTP/1.1\r\nHost: 169.254.169.254\r\nX-aws-ec2-metadata-token-ttl-seconds: 21600\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
@@ -168,7 +175,10 @@ pub fn imds(
     )
     .into_bytes()
     .into();
-    let stats = drive(concurrency, duration, || {
+    let every = per_second
+        .filter(|r| *r > 0.0)
+        .map(|r| Duration::from_secs_f64(concurrency.max(1) as f64 / r));
+    let stats = drive(concurrency, duration, every, || {
         let request = request.clone();
         let mut kept: Option<BufReader<TcpStream>> = None;
         Box::new(move || {
@@ -203,7 +213,7 @@ pub fn tcp(
     concurrency: usize,
     duration: Duration,
 ) -> anyhow::Result<Stats> {
-    let stats = drive(concurrency, duration, || {
+    let stats = drive(concurrency, duration, None, || {
         let mut kept: Option<TcpStream> = None;
         Box::new(move || {
             let mut stream = match kept.take() {

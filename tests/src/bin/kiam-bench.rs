@@ -45,6 +45,9 @@ enum Cmd {
         concurrency: usize,
         #[arg(long, default_value_t = 2.0)]
         seconds: f64,
+        /// Requests a second, all threads together (default: back to back).
+        #[arg(long)]
+        per_second: Option<f64>,
     },
     /// (in a pod) Ordinary TCP traffic to an echo server; prints stats as JSON.
     Tcp {
@@ -142,12 +145,14 @@ fn main() -> ExitCode {
             keep_alive,
             concurrency,
             seconds,
+            per_second,
         } => load::imds(
             target,
             &path,
             keep_alive,
             concurrency,
             Duration::from_secs_f64(seconds),
+            per_second,
         )
         .and_then(|stats| print_json(&stats)),
         Cmd::Tcp {

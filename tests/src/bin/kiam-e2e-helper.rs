@@ -87,6 +87,15 @@ enum Cmd {
         #[arg(long)]
         listen: bool,
     },
+    /// Connect to `url` and close at once, in a loop on `threads` threads for `seconds`;
+    /// prints the number of connections made.
+    Churn {
+        url: String,
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
     /// Print this network namespace's IPv4 default gateway (from /proc/net/route).
     Gateway,
     /// Try to listen on `addr`; prints `bound` or `denied: <error>`.
@@ -346,6 +355,28 @@ fn autobind(want: u16, tries: usize, listen: bool) -> anyhow::Result<()> {
         held.push(socket);
     }
     println!("got {got} denied {denied} held {}", held.len());
+    Ok(())
+}
+
+fn churn(url: &str, run: Duration, threads: usize) -> anyhow::Result<()> {
+    let url = parse_url(url)?;
+    let until = Instant::now() + run;
+    let workers: Vec<_> = (0..threads.max(1))
+        .map(|_| {
+            let addr = url.addr;
+            thread::spawn(move || {
+                let mut made = 0u64;
+                while Instant::now() < until {
+                    if TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() {
+                        made += 1;
+                    }
+                }
+                made
+            })
+        })
+        .collect();
+    let made: u64 = workers.into_iter().filter_map(|w| w.join().ok()).sum();
+    println!("{made}");
     Ok(())
 }
 
@@ -634,6 +665,11 @@ fn main() -> anyhow::Result<()> {
         } => get(&url, count, concurrency, half_close, bind_port, timeout_ms),
         Cmd::Bind { addr } => bind(addr),
         Cmd::Gateway => gateway(),
+        Cmd::Churn {
+            url,
+            seconds,
+            threads,
+        } => churn(&url, Duration::from_secs_f64(seconds), threads),
         Cmd::Autobind {
             want,
             tries,
