@@ -42,7 +42,7 @@ use tokio::{
 use crate::{
     imds::Imds,
     metrics::RefusedLabels,
-    rate::{PodRate, THROTTLE_FOR, Throttle},
+    rate::{PodRate, Throttle},
     resolver::{Begun, Caller, RecordSource, ResolveError, Resolver},
 };
 
@@ -170,7 +170,7 @@ async fn accept_loop<S: RecordSource>(
                     Begun::Known(Ok(caller)) => {
                         let pod = &caller.pod().pod_uid;
                         if !rate.allows(pod) {
-                            throttle.hold(caller.cgroup_id, THROTTLE_FOR);
+                            throttle.hold(caller.cgroup_id);
                             too_fast(imds, stream, lingering);
                             continue;
                         }
@@ -329,7 +329,7 @@ async fn handle<S: RecordSource>(
     if let (true, Ok(c)) = (looked_up, &caller)
         && !rate.allows(&c.pod().pod_uid)
     {
-        throttle.hold(c.cgroup_id, THROTTLE_FOR);
+        throttle.hold(c.cgroup_id);
         drop(slot);
         too_fast(imds, stream, lingering);
         return;
