@@ -4,7 +4,8 @@ non-default values, two releases side by side), lints the chart, validates every
 the Kubernetes OpenAPI schemas (strict: unknown fields fail), and checks that every kiam flag
 the manifests pass exists in the binaries' --help; that the chart's values, its schema and its
 README agree; that the kustomize alerts are the chart's; that the alerts and the dashboard only
-use metrics the binaries register; and the pod security of both components. Run by
+use metrics the binaries register; the pod security of both components; and what the
+admission policies admit and refuse, by evaluating their CEL. Run by
 `cargo xtask test`.
 
 usage: validate.py KIAM_AGENT_BIN KIAM_SERVER_BIN
@@ -16,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import celpy
 import helm_python
 import kubernetes_validate
 import yaml
@@ -63,7 +65,8 @@ NON_DEFAULT = {
         "prometheusRule": {"enabled": True},
         "grafanaDashboard": {"enabled": True},
     },
-    "networkPolicy": {"enabled": True},
+    "networkPolicy": {"enabled": False},
+    "restrictHostNetwork": {"enabled": True, "exemptNamespaces": ["kube-system", "monitoring"]},
     "logFormat": "text",
 }
 CHART = DEPLOY / "helm" / "kiam"
@@ -86,7 +89,13 @@ def render_chart(values, release="kiam", namespace="kiam"):
 
 def rendered_sets():
     sets = {}
-    for overlay in ["base", "with-cert-manager", "with-monitoring", "with-startup-taint"]:
+    for overlay in [
+        "base",
+        "with-cert-manager",
+        "with-monitoring",
+        "with-startup-taint",
+        "with-restricted-host-network",
+    ]:
         out = subprocess.run(
             ["kubectl", "kustomize", str(DEPLOY / "kustomize" / overlay)],
             capture_output=True, text=True,
@@ -347,6 +356,166 @@ def check_identity_on(name, docs):
         fail(f"{name}: the servers may not create TokenReviews")
 
 
+def check_probes(name, docs):
+    """The kubelet's probes never share the admin listener with pods: they are exec probes
+    on the probe socket, which lives in a volume of the container's own."""
+    for doc in docs:
+        if doc.get("kind") not in ("DaemonSet", "Deployment"):
+            continue
+        spec = doc["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in spec.get("volumes") or []}
+        for container in spec["containers"]:
+            where = f"{name}: {doc['kind']} {container['name']}"
+            env = {e["name"]: e.get("value") for e in container.get("env") or []}
+            socket = env.get("KIAM_PROBE_SOCKET")
+            if not socket:
+                fail(f"{where}: no KIAM_PROBE_SOCKET")
+            mounts = [m for m in container.get("volumeMounts") or []
+                      if socket.startswith(m["mountPath"].rstrip("/") + "/")]
+            if not mounts or "emptyDir" not in volumes.get(mounts[0]["name"], {}):
+                fail(f"{where}: the probe socket {socket} is not in an emptyDir of the container")
+            for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+                probe = container.get(kind)
+                if probe is None:
+                    continue
+                command = (probe.get("exec") or {}).get("command") or []
+                if command[1:2] != ["probe"]:
+                    fail(f"{where}: {kind} must be `<binary> probe live|ready`, not {probe}")
+
+
+def check_server_network_policy(name, docs):
+    """Where servers are rendered, a NetworkPolicy admits their admin port from Prometheus
+    only (on by default in both flavours)."""
+    if not any(d.get("kind") == "Deployment" for d in docs):
+        return
+    policies = [d for d in docs if d.get("kind") == "NetworkPolicy"]
+    if not policies:
+        fail(f"{name}: no NetworkPolicy for the servers")
+    for rule in policies[0]["spec"]["ingress"]:
+        ports = {p["port"] for p in rule.get("ports") or []}
+        if 9620 in ports and not rule.get("from"):
+            fail(f"{name}: the servers' admin port is open to every pod")
+
+
+def admission(policy, request):
+    """What the API server's ValidatingAdmissionPolicy plugin decides, by evaluating the
+    policy's CEL with cel-python: None when the policy does not match the request, else the
+    messages of the validations that failed (empty: admitted)."""
+    env = celpy.Environment()
+
+    def evaluate(expression, activation):
+        return env.program(env.compile(expression)).evaluate(activation)
+    activation = {key: celpy.json_to_cel(value) for key, value in request.items()}
+    spec = policy["spec"]
+    rules = spec["matchConstraints"]["resourceRules"]
+    resource = request["request"]["resource"]
+    if not any(resource in r["resources"] and request["request"]["operation"] in r["operations"]
+               for r in rules):
+        return None
+    for condition in spec.get("matchConditions") or []:
+        if not evaluate(condition["expression"], activation):
+            return None
+    variables = {}
+    for variable in spec.get("variables") or []:
+        activation["variables"] = celpy.celtypes.MapType(variables)
+        variables[celpy.celtypes.StringType(variable["name"])] = evaluate(variable["expression"], activation)
+    activation["variables"] = celpy.celtypes.MapType(variables)
+    return [v["message"].strip() for v in spec["validations"]
+            if not evaluate(v["expression"], activation)]
+
+
+def check_host_network_policy(name, docs):
+    """Where the host-network policy is rendered, it refuses exactly the host-network pods
+    that keep NET_RAW or run privileged (in any container, init and ephemeral too), outside
+    kube-system and kiam's own namespace; and it is bound to deny."""
+    policies = [d for d in docs if d.get("kind") == "ValidatingAdmissionPolicy"
+                and any("pods" in r["resources"] for r in d["spec"]["matchConstraints"]["resourceRules"])]
+    if not policies:
+        return
+    policy = policies[0]
+    bindings = [d for d in docs if d.get("kind") == "ValidatingAdmissionPolicyBinding"
+                and d["spec"]["policyName"] == policy["metadata"]["name"]]
+    if len(bindings) != 1 or bindings[0]["spec"].get("validationActions") != ["Deny"]:
+        fail(f"{name}: the host-network policy is not bound to deny")
+    agent = next((d for d in docs if d.get("kind") == "DaemonSet"), None)
+    own = (agent or {}).get("metadata", {}).get("namespace", "kiam")
+    exempt = {v for e in bindings[0]["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"]
+              if e["key"] == "kubernetes.io/metadata.name" and e["operator"] == "NotIn"
+              for v in e["values"]}
+    if not {"kube-system", own} <= exempt:
+        fail(f"{name}: the host-network policy binds to kube-system or {own} (exempt: {sorted(exempt)})")
+
+    def container(**security):
+        return {"name": "c", "image": "i", **({"securityContext": security} if security else {})}
+    drop_raw = {"capabilities": {"drop": ["NET_RAW"]}}
+    cases = [
+        # (what, host network, containers, init containers, ephemeral containers, admitted)
+        ("default capabilities", True, [container()], [], [], False),
+        ("drops NET_RAW", True, [container(**drop_raw)], [], [], True),
+        ("drops ALL", True, [container(capabilities={"drop": ["ALL"]})], [], [], True),
+        ("drops and adds NET_RAW", True,
+         [container(capabilities={"drop": ["ALL"], "add": ["NET_RAW"]})], [], [], False),
+        ("drops NET_RAW, privileged", True, [container(privileged=True, **drop_raw)], [], [], False),
+        ("an init container keeps NET_RAW", True, [container(**drop_raw)], [container()], [], False),
+        ("an ephemeral container keeps NET_RAW", True, [container(**drop_raw)], [], [container()], False),
+        ("pod network, default capabilities", False, [container()], [], [], True),
+    ]
+    for what, host, containers, init, ephemeral, admitted in cases:
+        pod = {"metadata": {"name": "p", "namespace": "tenant"},
+               "spec": {"hostNetwork": host, "containers": containers}}
+        if init:
+            pod["spec"]["initContainers"] = init
+        if ephemeral:
+            pod["spec"]["ephemeralContainers"] = ephemeral
+        if not host:
+            del pod["spec"]["hostNetwork"]
+        for operation in ("CREATE", "UPDATE"):
+            failed = admission(policy, {
+                "request": {"resource": "pods", "operation": operation, "subResource": ""},
+                "object": pod, "oldObject": pod if operation == "UPDATE" else None})
+            if (not failed) != admitted:
+                fail(f"{name}: the host-network policy {'refuses' if failed else 'admits'} a pod "
+                     f"that {what} on {operation}")
+
+
+def check_startup_taint_policy(name, policy, account):
+    """The policy that holds the agent to its own node, evaluated on the requests an agent
+    could make: only removing the start-up taint from its own node is admitted."""
+    taint = {"key": "kiam.rs/agent-not-ready", "effect": "NoSchedule"}
+    other = {"key": "example.com/other", "effect": "NoSchedule"}
+
+    def node(name, taints, labels=None):
+        metadata = {"name": name, **({"labels": labels} if labels else {})}
+        return {"metadata": metadata, "spec": {"taints": taints} if taints else {}}
+    own = "node-1"
+    cases = [
+        # (what, user, subresource, old, new, admitted)
+        ("removes the taint from its node", account, "", node(own, [taint, other]), node(own, [other]), True),
+        ("removes the last taint", account, "", node(own, [taint]), node(own, []), True),
+        ("removes the taint from another node", account, "",
+         node("node-2", [taint]), node("node-2", []), False),
+        ("removes another taint", account, "", node(own, [taint, other]), node(own, []), False),
+        ("adds a taint", account, "", node(own, []), node(own, [other]), False),
+        ("changes a label", account, "", node(own, [], {"a": "1"}), node(own, [], {"a": "2"}), False),
+        ("changes its node's status", account, "status", node(own, []), node(own, []), False),
+    ]
+    for what, user, subresource, old, new, admitted in cases:
+        failed = admission(policy, {
+            "request": {"resource": "nodes" if not subresource else "nodes/status",
+                        "operation": "UPDATE", "subResource": subresource,
+                        "userInfo": {"username": user,
+                                     "extra": {"authentication.kubernetes.io/node-name": [own]}}},
+            "object": new, "oldObject": old})
+        if failed is None or (not failed) != admitted:
+            fail(f"{name}: the own-node policy {'refuses' if failed else 'admits'} an agent that {what}")
+    other_user = admission(policy, {
+        "request": {"resource": "nodes", "operation": "UPDATE", "subResource": "",
+                    "userInfo": {"username": "system:node:node-1", "extra": {}}},
+        "object": node(own, []), "oldObject": node(own, [taint])})
+    if other_user is not None:
+        fail(f"{name}: the own-node policy applies to users other than the agent")
+
+
 def check_startup_taint(name, docs):
     """Where the agent removes the start-up taint, it may patch nodes, and the admission
     policy that holds it to its own node names the agent's own service account (a renamed
@@ -357,7 +526,8 @@ def check_startup_taint(name, docs):
     spec = agent["spec"]["template"]["spec"]
     env = {e["name"]: e.get("value") for c in spec["containers"] for e in c.get("env") or []}
     on = env.get("KIAM_REMOVE_STARTUP_TAINT") == "true"
-    policies = [d for d in docs if d.get("kind") == "ValidatingAdmissionPolicy"]
+    policies = [d for d in docs if d.get("kind") == "ValidatingAdmissionPolicy"
+                and any("nodes" in r["resources"] for r in d["spec"]["matchConstraints"]["resourceRules"])]
     if not on:
         if policies or spec.get("automountServiceAccountToken") is not False:
             fail(f"{name}: the agent has Kubernetes API access without the start-up taint")
@@ -371,10 +541,11 @@ def check_startup_taint(name, docs):
     conditions = [c["expression"] for c in policy["spec"].get("matchConditions") or []]
     if conditions != [f"request.userInfo.username == '{account}'"]:
         fail(f"{name}: the policy matches {conditions}, not the agent's account {account}")
-    bindings = [d for d in docs if d.get("kind") == "ValidatingAdmissionPolicyBinding"]
-    if [b["spec"]["policyName"] for b in bindings] != [policy["metadata"]["name"]] or \
-            bindings[0]["spec"].get("validationActions") != ["Deny"]:
+    bindings = [d for d in docs if d.get("kind") == "ValidatingAdmissionPolicyBinding"
+                and d["spec"]["policyName"] == policy["metadata"]["name"]]
+    if len(bindings) != 1 or bindings[0]["spec"].get("validationActions") != ["Deny"]:
         fail(f"{name}: the policy is not bound to deny")
+    check_startup_taint_policy(name, policy, account)
     role_bindings = [d for d in docs if d.get("kind") == "ClusterRoleBinding"
                      and any(s.get("name") == spec["serviceAccountName"] for s in d.get("subjects") or [])]
     if not role_bindings:
@@ -400,6 +571,10 @@ def main():
         docs = [d for d in yaml.safe_load_all(text) if d]
         check_identity_on(name, docs)
         check_startup_taint(name, docs)
+        check_host_network_policy(name, docs)
+        check_probes(name, docs)
+        if name != "helm/non-default":
+            check_server_network_policy(name, docs)
         check_pod_security(name, docs)
         check_no_admin_service(name, docs)
         if not docs:

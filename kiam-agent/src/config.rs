@@ -41,6 +41,9 @@ pub enum Command {
     /// Reads the same flags and `KIAM_*` environment as `run`. Exit code 0: healthy; 1: a
     /// check failed; 2: bad usage.
     Health(Box<HealthArgs>),
+    /// Ask the running agent over its probe socket (the kubelet's exec probes). Exit code 0:
+    /// answered 200; 1: not.
+    Probe(kiam_ops::ProbeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -81,23 +84,7 @@ pub struct PrepareArgs {
     pub port: u16,
 }
 
-pub use kiam_ops::LogFormat;
-
-#[derive(Debug, Args)]
-pub struct LogArgs {
-    /// Log output format.
-    #[arg(
-        long,
-        env = "KIAM_LOG_FORMAT",
-        value_enum,
-        default_value = "text",
-        global = true
-    )]
-    pub log_format: LogFormat,
-    /// Log filter, in `tracing` EnvFilter syntax (e.g. `info,kiam_agent=debug`).
-    #[arg(long, env = "KIAM_LOG", default_value = "info", global = true)]
-    pub log_level: String,
-}
+pub use kiam_ops::{LogArgs, LogFormat};
 
 #[derive(Debug, Args)]
 pub struct PinArgs {
@@ -266,9 +253,14 @@ pub struct ApiArgs {
     )]
     pub token_key_file: PathBuf,
     /// Admin listener: `/metrics`, `/live`, `/ready`. Loopback by default; the manifests
-    /// give the node's address (`status.hostIP`), which Prometheus and the kubelet reach.
+    /// give the node's address (`status.hostIP`), which Prometheus reaches. Each source
+    /// address may hold 4 connections, none for more than a minute.
     #[arg(long, env = "KIAM_ADMIN_LISTEN", default_value = DEFAULT_ADMIN_LISTEN)]
     pub admin_listen: SocketAddr,
+    /// Serve `/live` and `/ready` on this Unix socket too, for the kubelet's exec probes
+    /// (`kiam-agent probe ready`): no pod can reach it, so none can starve the probes.
+    #[arg(long, env = "KIAM_PROBE_SOCKET")]
+    pub probe_socket: Option<PathBuf>,
     /// Connections the metadata listener holds at once, all pods together; more are closed
     /// at once.
     #[arg(long, env = "KIAM_MAX_CONNECTIONS", default_value_t = 4096)]

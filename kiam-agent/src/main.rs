@@ -27,6 +27,7 @@ fn main() -> std::process::ExitCode {
         Command::PrepareNode(args) => {
             mount_bpffs(&args.mount.path).and_then(|()| reserve_port(args.port))
         }
+        Command::Probe(args) => return kiam_ops::probe(&args),
         Command::Health(args) => {
             return match health::run(&args) {
                 Ok(code) => code,
@@ -236,14 +237,21 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 .clone()
                 .refresh(args.bpffs_dir.clone(), args.kernel_metrics_interval),
         );
+        let admin_state = Arc::new(kiam_ops::Admin {
+            metrics: Box::new(move || metrics.encode()),
+            ready: Box::new(move || server_ok.load(std::sync::atomic::Ordering::Relaxed)),
+            not_ready: "not ready: no kiam server reachable\n",
+            health: None,
+        });
+        if let Some(path) = &args.api.probe_socket {
+            let probes = kiam_ops::bind_probe(path)
+                .with_context(|| format!("listening on {} (--probe-socket)", path.display()))?;
+            tokio::spawn(kiam_ops::serve_probes(probes, admin_state.clone()));
+        }
         tokio::spawn(kiam_ops::serve_admin(
             admin,
-            kiam_ops::Admin {
-                metrics: Box::new(move || metrics.encode()),
-                ready: Box::new(move || server_ok.load(std::sync::atomic::Ordering::Relaxed)),
-                not_ready: "not ready: no kiam server reachable\n",
-                health: None,
-            },
+            admin_state,
+            kiam_ops::AdminLimits::default(),
         ));
         tracing::info!(listen = ?net.listen, pin_dir = %args.bpffs_dir.display(), "kiam-agent ready");
         tokio::select! {

@@ -2,21 +2,41 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 
 use crate::policy::{self, BaseArn};
 
-pub use kiam_ops::LogFormat;
-
 /// kiam server: assumes roles for pods and serves the credentials to kiam agents over gRPC
-/// with mutual TLS. The only kiam component that needs `sts:AssumeRole`.
+/// with mutual TLS. The only kiam component that needs `sts:AssumeRole`. Without a
+/// subcommand, runs with the flags below.
 #[derive(Debug, Parser)]
 #[command(
     name = "kiam-server",
     version,
-    after_help = "`kiam-server health [--admin-listen ADDR] [--json]` checks a running server (watches synced, STS reachable): exit code 0 healthy, 1 not."
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
 )]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub log: kiam_ops::LogArgs,
+    #[command(flatten)]
+    pub run: Option<RunArgs>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check a running server (watches synced, STS reachable). Exit code 0: healthy; 1: not.
+    Health(crate::health::HealthArgs),
+    /// Ask the running server over its probe socket (the kubelet's exec probes). Exit code 0:
+    /// answered 200; 1: not.
+    Probe(kiam_ops::ProbeArgs),
+}
+
+/// What the server runs with.
+#[derive(Debug, Args)]
+pub struct RunArgs {
     /// gRPC listen address (mutual TLS).
     #[arg(long, env = "KIAM_SERVER_LISTEN", default_value = "0.0.0.0:8443")]
     pub listen: SocketAddr,
@@ -137,12 +157,10 @@ pub struct Cli {
     /// Name of this server for Kubernetes Events (the downward API's pod name).
     #[arg(long, env = "KIAM_SERVER_NAME", default_value = "kiam-server")]
     pub server_name: String,
-    /// Log output format.
-    #[arg(long, env = "KIAM_LOG_FORMAT", value_enum, default_value = "text")]
-    pub log_format: LogFormat,
-    /// Log filter, in `tracing` EnvFilter syntax.
-    #[arg(long, env = "KIAM_LOG", default_value = "info")]
-    pub log_level: String,
+    /// Serve `/live` and `/ready` on this Unix socket too, for the kubelet's exec probes
+    /// (`kiam-server probe ready`): no pod can reach it, so none can starve the probes.
+    #[arg(long, env = "KIAM_PROBE_SOCKET")]
+    pub probe_socket: Option<PathBuf>,
 }
 
 /// Durations such as `90s`, `15m`, `1h 30m` (humantime syntax).
@@ -191,7 +209,7 @@ pub struct Validated {
     pub min_validity: Duration,
 }
 
-pub fn validate(cli: &Cli) -> Result<Validated, ConfigError> {
+pub fn validate(cli: &RunArgs) -> Result<Validated, ConfigError> {
     let duration = cli.session_duration.as_secs();
     if !(900..=43_200).contains(&duration) {
         return Err(ConfigError::SessionDuration(duration));
@@ -252,7 +270,7 @@ pub fn validate(cli: &Cli) -> Result<Validated, ConfigError> {
 mod tests {
     use super::*;
 
-    fn cli(extra: &[&str]) -> Cli {
+    fn cli(extra: &[&str]) -> RunArgs {
         let mut argv = vec![
             "kiam-server",
             "--tls-cert",
@@ -265,7 +283,20 @@ mod tests {
             "arn:aws:iam::123456789012:role/",
         ];
         argv.extend_from_slice(extra);
-        Cli::try_parse_from(argv).expect("parses")
+        Cli::try_parse_from(argv).expect("parses").run.expect("run")
+    }
+
+    #[test]
+    fn subcommands_need_none_of_the_servers_flags() {
+        let health = Cli::try_parse_from(["kiam-server", "health", "--json"]).expect("parses");
+        assert!(matches!(health.command, Some(Command::Health(h)) if h.json));
+        let probe = Cli::try_parse_from(["kiam-server", "probe", "ready"]).expect("parses");
+        assert!(matches!(probe.command, Some(Command::Probe(p)) if p.what == "ready"));
+        assert!(
+            Cli::try_parse_from(["kiam-server"]).is_err(),
+            "running needs TLS"
+        );
+        assert!(Cli::try_parse_from(["kiam-server", "probe", "sideways"]).is_err());
     }
 
     #[test]
@@ -337,7 +368,9 @@ mod tests {
             "--tls-ca",
             "ca",
         ])
-        .expect("parses");
+        .expect("parses")
+        .run
+        .expect("run");
         assert_eq!(
             validate(&no_base).expect_err("no base"),
             ConfigError::NoBaseArn

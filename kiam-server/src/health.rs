@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use clap::Parser;
+use clap::Args;
 
 #[derive(Debug)]
 pub struct StsHealth {
@@ -101,9 +101,8 @@ impl StsHealth {
 
 /// `kiam-server health`: asks the running server's admin listener. Exit code 0: healthy;
 /// 1: unhealthy or not answering; 2: bad usage.
-#[derive(Debug, Parser)]
-#[command(name = "kiam-server health")]
-pub struct HealthCli {
+#[derive(Debug, Args)]
+pub struct HealthArgs {
     /// The running server's admin listener.
     #[arg(
         long,
@@ -119,7 +118,7 @@ pub struct HealthCli {
 pub const HEALTHY: u8 = 0;
 pub const UNHEALTHY: u8 = 1;
 
-pub async fn check(cli: &HealthCli) -> u8 {
+pub async fn check(cli: &HealthArgs) -> u8 {
     let (status, body) = match kiam_ops::admin_get(cli.admin_listen, "/health").await {
         Ok(answer) => answer,
         Err(error) => {

@@ -9,9 +9,9 @@ use std::{
 };
 
 use anyhow::Context as _;
-use clap::Parser as _;
+use clap::{CommandFactory as _, Parser as _};
 use kiam_server::{
-    config::{self, Cli},
+    config::{self, Cli, Command, RunArgs},
     credentials::{CacheKey, CredentialCache, StsSource},
     decision::{self, Access, Settings},
     events::Events,
@@ -27,21 +27,32 @@ use kiam_server::{
 };
 
 fn main() -> std::process::ExitCode {
-    // `kiam-server health` talks to a running server and takes none of its flags.
-    if std::env::args_os().nth(1).is_some_and(|a| a == "health") {
-        let cli = health::HealthCli::parse_from(std::env::args_os().skip(1));
-        let code = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map(|rt| rt.block_on(health::check(&cli)))
-            .unwrap_or(health::UNHEALTHY);
-        return std::process::ExitCode::from(code);
-    }
     let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Health(args)) => {
+            let code = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map(|rt| rt.block_on(health::check(&args)))
+                .unwrap_or(health::UNHEALTHY);
+            return std::process::ExitCode::from(code);
+        }
+        Some(Command::Probe(args)) => return kiam_ops::probe(&args),
+        None => {}
+    }
+    let Some(run_args) = cli.run else {
+        // clap requires the TLS flags when there is no subcommand: this is only for safety.
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "--tls-cert, --tls-key and --tls-ca are required",
+            )
+            .exit()
+    };
     // The AWS SDK brings aws-lc-rs and tonic ring: with both compiled in, rustls cannot pick a
     // process default by itself (kube's client needs one).
     let _ = rustls::crypto::ring::default_provider().install_default();
-    if let Err(e) = kiam_ops::init_logging(cli.log_format, &cli.log_level) {
+    if let Err(e) = kiam_ops::init_logging(cli.log.log_format, &cli.log.log_level) {
         eprintln!("kiam-server: {e:#}");
         return std::process::ExitCode::from(2);
     }
@@ -49,7 +60,7 @@ fn main() -> std::process::ExitCode {
         .enable_all()
         .build()
         .context("starting the async runtime")
-        .and_then(|rt| rt.block_on(run(cli)));
+        .and_then(|rt| rt.block_on(run(run_args)));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -59,7 +70,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn sts_client(cli: &Cli) -> aws_sdk_sts::Client {
+async fn sts_client(cli: &RunArgs) -> aws_sdk_sts::Client {
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
     if let Some(region) = &cli.sts_region {
         loader = loader.region(aws_config::Region::new(region.clone()));
@@ -84,7 +95,7 @@ async fn sts_client(cli: &Cli) -> aws_sdk_sts::Client {
     aws_sdk_sts::Client::from_conf(builder.build())
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: RunArgs) -> anyhow::Result<()> {
     let validated = config::validate(&cli)?;
     let tls = tls::Reloading::new(tls::Files {
         cert: cli.tls_cert.clone(),
@@ -273,18 +284,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let exposed = metrics.clone();
     let sts_health = Arc::new(health::StsHealth::new(cli.sts_health_interval));
     tokio::spawn(sts_health.clone().probe_forever(sts.clone()));
+    let admin_state = Arc::new(kiam_ops::Admin {
+        metrics: Box::new(move || exposed.encode()),
+        ready: Box::new(move || ready_index.ready()),
+        not_ready: "not ready: the Kubernetes index has not synced, or its watches are failing\n",
+        health: Some(Box::new(move || {
+            let report = sts_health.report(health_index.ready());
+            let body = serde_json::to_string(&report).unwrap_or_default();
+            (report.healthy, body + "\n")
+        })),
+    });
+    if let Some(path) = &cli.probe_socket {
+        let probes = kiam_ops::bind_probe(path)
+            .with_context(|| format!("listening on {} (--probe-socket)", path.display()))?;
+        tokio::spawn(kiam_ops::serve_probes(probes, admin_state.clone()));
+    }
     tokio::spawn(kiam_ops::serve_admin(
         admin,
-        kiam_ops::Admin {
-            metrics: Box::new(move || exposed.encode()),
-            ready: Box::new(move || ready_index.ready()),
-            not_ready: "not ready: the Kubernetes index has not synced, or its watches are failing\n",
-            health: Some(Box::new(move || {
-                let report = sts_health.report(health_index.ready());
-                let body = serde_json::to_string(&report).unwrap_or_default();
-                (report.healthy, body + "\n")
-            })),
-        },
+        admin_state,
+        kiam_ops::AdminLimits::default(),
     ));
 
     kiam_ops::listen::raise_open_files_limit();

@@ -192,6 +192,8 @@ pub struct Node {
     pub agent_ip: Ipv4Addr,
     /// `--log-level` of the agent (debug for the tests; benchmarks log less).
     pub agent_log_level: String,
+    /// `--admin-listen` of the agent, in the node's network namespace.
+    pub agent_admin: std::net::SocketAddr,
     fake_imds: Vec<Child>,
     pod_netns: Vec<String>,
     pods: u32,
@@ -237,6 +239,7 @@ impl Node {
             agent_env: Vec::new(),
             agent_ip: AGENT_IP,
             agent_log_level: "info,kiam_agent=debug".into(),
+            agent_admin: "127.0.0.1:8182".parse().expect("address"),
             fake_imds: Vec::new(),
             pod_netns: Vec::new(),
             pods: 0,
@@ -530,7 +533,7 @@ impl Node {
             "--token-key-file".into(),
             utf8(&self.dir.join("token.key")),
             "--admin-listen".into(),
-            "127.0.0.1:8182".into(),
+            self.agent_admin.to_string(),
         ]
         .into_iter()
         .chain(self.agent_args.iter().cloned())
@@ -590,7 +593,7 @@ impl Node {
     /// The agent's `/metrics` (its admin listener, in the node's network namespace).
     pub fn agent_metrics(&self) -> String {
         crate::stack::in_netns(Some(&self.netns), || {
-            crate::stack::http(8182, "GET", "/metrics", None)
+            crate::stack::http_to(self.agent_admin, "GET", "/metrics", None)
         })
         .1
     }

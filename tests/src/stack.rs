@@ -92,7 +92,22 @@ fn binary(var: &str, default: &str) -> PathBuf {
 
 /// A plain HTTP/1.1 exchange on loopback; returns status and body.
 pub fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    http_to(
+        (std::net::Ipv4Addr::LOCALHOST, port).into(),
+        method,
+        path,
+        body,
+    )
+}
+
+/// [`http`] to any address.
+pub fn http_to(
+    address: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> (u16, String) {
+    let mut stream = TcpStream::connect(address).expect("connect");
     let body = body.map(Value::to_string).unwrap_or_default();
     write!(
         stream,

@@ -178,8 +178,9 @@ fn agent_metrics_follow_real_traffic() {
         value("kiam_agent_kernel_events_total{event=\"denied_unconfigured\"}"),
         0.0
     );
-    assert_eq!(value("kiam_agent_programs_attached"), 6.0);
-    assert_eq!(value("kiam_agent_programs_expected"), 6.0);
+    let programs = kiam_common::program_names::ALL.len() as f64;
+    assert_eq!(value("kiam_agent_programs_attached"), programs);
+    assert_eq!(value("kiam_agent_programs_expected"), programs);
     assert_eq!(value("kiam_agent_kernel_configured"), 1.0);
     assert_eq!(
         value("kiam_agent_map_capacity{map=\"KIAM_CONNECT\"}"),
@@ -278,7 +279,10 @@ fn agent_health_checks_the_agent_its_programs_and_every_server() {
     for line in [
         "ok    agent: ready",
         "ok    configuration: ready",
-        "ok    programs: 6 links attached",
+        &format!(
+            "ok    programs: {} links attached",
+            kiam_common::program_names::ALL.len()
+        ),
         "ok    server 127.0.0.1:8443: ready",
         "ok    server 127.0.0.1:8444: ready",
         "ok    servers: 2 of 2 ready",
@@ -328,7 +332,10 @@ fn agent_health_checks_the_agent_its_programs_and_every_server() {
     let report = text(&gone);
     assert!(report.contains("FAIL  agent: no answer"), "{report}");
     assert!(
-        report.contains("ok    programs: 6 links attached"),
+        report.contains(&format!(
+            "ok    programs: {} links attached",
+            kiam_common::program_names::ALL.len()
+        )),
         "{report}"
     );
 }

@@ -40,13 +40,15 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// Python packages for the tests, in the project's `.venv`: moto as the STS server, and the
 /// AWS CLI and boto3 as real clients.
-/// Also the offline deploy validation: Helm as a library and the Kubernetes schemas.
-const PYTHON_PACKAGES: [&str; 5] = [
+/// Also the offline deploy validation: Helm as a library, the Kubernetes schemas, and a CEL
+/// interpreter for the admission policies.
+const PYTHON_PACKAGES: [&str; 6] = [
     "moto[server]==5.2.1",
     "boto3",
     "awscli",
     "helm-python-sdk",
     "kubernetes-validate",
+    "cel-python==0.5.0",
 ];
 
 /// The project-local virtualenv the tests take moto and the AWS CLI from.
@@ -92,10 +94,10 @@ fn rustup(args: &[&str]) -> Command {
 
 fn python() -> anyhow::Result<()> {
     let venv = venv();
-    let installed = ["bin/moto_server", "bin/aws", "bin/kubernetes-validate"]
-        .iter()
-        .all(|p| venv.join(p).exists());
-    if installed {
+    // The list installed last: a changed list installs again.
+    let stamp = venv.join("kiam-packages");
+    let wanted = PYTHON_PACKAGES.join("\n");
+    if std::fs::read_to_string(&stamp).is_ok_and(|have| have == wanted) {
         eprintln!("setup: {} present", venv.display());
         return Ok(());
     }
@@ -107,6 +109,7 @@ fn python() -> anyhow::Result<()> {
     run(Command::new(venv.join("bin/pip"))
         .args(["install", "--quiet", "--disable-pip-version-check"])
         .args(PYTHON_PACKAGES))?;
+    std::fs::write(&stamp, wanted).with_context(|| format!("writing {}", stamp.display()))?;
     Ok(())
 }
 

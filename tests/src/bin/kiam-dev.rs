@@ -331,8 +331,10 @@ pub fn flags_doc() -> anyhow::Result<String> {
             &["prepare-node", "--help"][..],
         ),
         ("kiam-agent health", &agent, &["health", "--help"][..]),
+        ("kiam-agent probe", &agent, &["probe", "--help"][..]),
         ("kiam-server", &server, &["--help"][..]),
         ("kiam-server health", &server, &["health", "--help"][..]),
+        ("kiam-server probe", &server, &["probe", "--help"][..]),
     ] {
         // A clean environment: clap shows the values of set variables.
         let help = Command::new(bin)

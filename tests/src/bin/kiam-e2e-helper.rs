@@ -96,6 +96,19 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         threads: usize,
     },
+    /// Hold `count` keep-alive connections to `url`, each sending a GET every `every_ms`
+    /// for `seconds`, as a client that means to keep a listener busy would; prints
+    /// `answered <connections answered at least once> held <still answered at the end> of
+    /// <count>`.
+    HoldHttp {
+        url: String,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value_t = 1000)]
+        every_ms: u64,
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
     /// Print this network namespace's IPv4 default gateway (from /proc/net/route).
     Gateway,
     /// Try to listen on `addr`; prints `bound` or `denied: <error>`.
@@ -365,18 +378,61 @@ fn churn(url: &str, run: Duration, threads: usize) -> anyhow::Result<()> {
         .map(|_| {
             let addr = url.addr;
             thread::spawn(move || {
-                let mut made = 0u64;
+                let (mut made, mut refused) = (0u64, 0u64);
                 while Instant::now() < until {
-                    if TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() {
-                        made += 1;
+                    match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+                        Ok(_) => made += 1,
+                        Err(e) if e.raw_os_error() == Some(nix::libc::EPERM) => refused += 1,
+                        Err(_) => {}
                     }
                 }
-                made
+                (made, refused)
             })
         })
         .collect();
-    let made: u64 = workers.into_iter().filter_map(|w| w.join().ok()).sum();
-    println!("{made}");
+    let (made, refused) = workers
+        .into_iter()
+        .filter_map(|w| w.join().ok())
+        .fold((0, 0), |(m, r), (wm, wr)| (m + wm, r + wr));
+    // Connections made, and refused by the kernel (EPERM).
+    println!("{made} {refused}");
+    Ok(())
+}
+
+fn hold_http(url: &str, count: usize, every: Duration, run: Duration) -> anyhow::Result<()> {
+    let url = Arc::new(parse_url(url)?);
+    let until = Instant::now() + run;
+    let request = format!("GET {} HTTP/1.1\r\nHost: {}\r\n\r\n", url.path, url.host);
+    let holders: Vec<_> = (0..count)
+        .map(|_| {
+            let (url, request) = (url.clone(), request.clone());
+            thread::spawn(move || {
+                let (mut answered, mut last_ok) = (false, false);
+                let Ok(mut stream) = TcpStream::connect_timeout(&url.addr, Duration::from_secs(2))
+                else {
+                    return (false, false);
+                };
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                while Instant::now() < until {
+                    let mut buf = [0u8; 4096];
+                    last_ok = stream.write_all(request.as_bytes()).is_ok()
+                        && matches!(stream.read(&mut buf), Ok(n) if n > 0 && buf.starts_with(b"HTTP/1.1 200"));
+                    answered |= last_ok;
+                    if !last_ok {
+                        break;
+                    }
+                    thread::sleep(every);
+                }
+                (answered, last_ok)
+            })
+        })
+        .collect();
+    let results: Vec<(bool, bool)> = holders.into_iter().filter_map(|h| h.join().ok()).collect();
+    println!(
+        "answered {} held {} of {count}",
+        results.iter().filter(|r| r.0).count(),
+        results.iter().filter(|r| r.1).count()
+    );
     Ok(())
 }
 
@@ -665,6 +721,17 @@ fn main() -> anyhow::Result<()> {
         } => get(&url, count, concurrency, half_close, bind_port, timeout_ms),
         Cmd::Bind { addr } => bind(addr),
         Cmd::Gateway => gateway(),
+        Cmd::HoldHttp {
+            url,
+            count,
+            every_ms,
+            seconds,
+        } => hold_http(
+            &url,
+            count,
+            Duration::from_millis(every_ms),
+            Duration::from_secs_f64(seconds),
+        ),
         Cmd::Churn {
             url,
             seconds,
