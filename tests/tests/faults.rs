@@ -4,13 +4,17 @@
 //! under load. Run as root by `cargo xtask test`; without root each prints a loud SKIP.
 
 use std::{
-    process::{Command, Stdio},
+    process::Stdio,
     sync::Mutex,
     time::{Duration, Instant},
 };
 
 use kiam_e2e::{
-    bench::{self, load::Stats},
+    bench::{
+        self,
+        load::Stats,
+        outage::{self, median_fetch, servers_reachable},
+    },
     cluster::{Cluster, NODE_NAME},
     metric,
     node::{HELPER, IMDS, LOAD_TEST_ARGS, Node, Pod, privileged},
@@ -60,14 +64,6 @@ fn finish_load(load: std::process::Child) -> Stats {
     serde_json::from_slice(&out.stdout).expect("stats")
 }
 
-fn signal(pid: u32, signal: &str) {
-    let status = Command::new("kill")
-        .args([&format!("-{signal}"), &pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-}
-
 #[test]
 fn a_frozen_or_killed_server_is_invisible_to_pods() {
     if !privileged("server failover in flight") {
@@ -97,7 +93,7 @@ fn a_frozen_or_killed_server_is_invisible_to_pods() {
                 "server {i} answered nothing before the fault ({b} → {s})"
             );
         }
-        signal(c.servers[victim].pid(), fault);
+        outage::signal(c.servers[victim].pid(), fault).expect("signal");
         let stats = finish_load(load);
         eprintln!("SIG{fault} of a server under load: {stats:?}");
         assert_eq!(stats.errors, 0, "client-visible errors: {stats:?}");
@@ -105,58 +101,10 @@ fn a_frozen_or_killed_server_is_invisible_to_pods() {
         // Within botocore's 1 s timeout, thanks to hedging (150 ms).
         assert!(stats.max_us < 1_000_000.0, "{stats:?}");
         if fault == "STOP" {
-            signal(c.servers[victim].pid(), "CONT");
+            outage::signal(c.servers[victim].pid(), "CONT").expect("signal");
         }
     }
     assert_eq!(c.node.fake_imds_connections(), 0);
-}
-
-/// One credential fetch as the SDKs make it, timed inside the pod: the three calls'
-/// microseconds, and the access key it ended with.
-fn fetch_credentials(node: &Node, pod: &Pod) -> (Vec<(String, String, u64)>, String) {
-    let out = node.run_in(
-        &pod.cgroup,
-        &pod.netns,
-        &[
-            HELPER.as_str(),
-            "fetch-credentials",
-            "http://169.254.169.254",
-        ],
-    );
-    let mut calls = Vec::new();
-    let mut key = String::new();
-    for line in out.lines() {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words.as_slice() {
-            ["key", k] => key = (*k).to_owned(),
-            [step, status, micros] => calls.push((
-                (*step).to_owned(),
-                (*status).to_owned(),
-                micros.parse().expect("microseconds"),
-            )),
-            _ => panic!("unexpected helper output: {out}"),
-        }
-    }
-    (calls, key)
-}
-
-/// The median of `rounds` fetches, each once the pod's role is older than `--role-ttl` (so
-/// every fetch asks the servers, or would): microseconds, and every key served.
-fn median_fetch(node: &Node, pod: &Pod, rounds: usize) -> (u64, Vec<String>) {
-    let mut totals = Vec::new();
-    let mut keys = Vec::new();
-    for _ in 0..rounds {
-        std::thread::sleep(Duration::from_millis(1100));
-        let (calls, key) = fetch_credentials(node, pod);
-        assert!(
-            calls.iter().all(|(_, status, _)| status == "200"),
-            "{calls:?}"
-        );
-        totals.push(calls.iter().map(|(_, _, us)| us).sum::<u64>());
-        keys.push(key);
-    }
-    totals.sort_unstable();
-    (totals[totals.len() / 2], keys)
 }
 
 /// What an SDK sees when every server is frozen (SIGSTOP), then killed: held answers come
@@ -171,22 +119,21 @@ fn with_every_server_frozen_or_killed_a_credential_fetch_takes_at_most_twice_its
     let mut c = Cluster::team(&["--role-ttl", "1s"]);
     let pod = c.pod("a", json!({"iam.amazonaws.com/role": "app-a"}));
     assert!(c.node.served(&pod, "app-a"));
-    let (healthy, keys) = median_fetch(&c.node, &pod, 7);
+    let (healthy, keys) = median_fetch(&c.node, &pod, 7).expect("healthy fetches");
     let held = keys.last().cloned().expect("a key");
-    let reachable =
-        |node: &Node| metric(&node.agent_metrics(), "kiam_agent_servers_reachable").unwrap_or(-1.0);
+    let reachable = servers_reachable;
     for fault in ["STOP", "KILL"] {
         for server in &c.servers {
-            signal(server.pid(), fault);
+            outage::signal(server.pid(), fault).expect("signal");
         }
         // The first fetch after the fault, before the agent has noticed it: one call waits
         // the short --refresh-wait (100 ms), never the request deadline (915 ms a call
         // before), and the others not at all.
         std::thread::sleep(Duration::from_millis(1100));
-        let (calls, key) = fetch_credentials(&c.node, &pod);
+        let (calls, key) = outage::fetch(&c.node, &pod).expect("fetch");
         eprintln!("SIG{fault}, first fetch: {calls:?}");
         assert_eq!(key, held, "{calls:?}");
-        let first: u64 = calls.iter().map(|(_, _, us)| us).sum();
+        let first = outage::total(&calls);
         assert!(first < 2 * healthy + 120_000, "{calls:?}");
         // Once the agent knows no server answers (its last call or health check said so).
         assert!(
@@ -194,7 +141,7 @@ fn with_every_server_frozen_or_killed_a_credential_fetch_takes_at_most_twice_its
             "the agent never noticed: {}",
             c.node.agent_metrics()
         );
-        let (outage, keys) = median_fetch(&c.node, &pod, 7);
+        let (outage, keys) = median_fetch(&c.node, &pod, 7).expect("fetches in the outage");
         eprintln!("SIG{fault}: median fetch {outage} µs, healthy {healthy} µs");
         assert!(keys.iter().all(|k| *k == held), "{keys:?}");
         // Twice the healthy time, with 2 ms for the noise of a shared 2-core machine.
@@ -204,7 +151,7 @@ fn with_every_server_frozen_or_killed_a_credential_fetch_takes_at_most_twice_its
         );
         if fault == "STOP" {
             for server in &c.servers {
-                signal(server.pid(), "CONT");
+                outage::signal(server.pid(), "CONT").expect("signal");
             }
             assert!(
                 poll(Duration::from_secs(15), || reachable(&c.node) >= 1.0),

@@ -12,10 +12,13 @@
 //! 3. [`scale`]: the server with 10,000 and 100,000 realistic pods: memory, time to ready,
 //!    GetCredentials latency from 200 agents, AssumeRole calls counted at moto; and 10,000
 //!    pods every one of which is refused, against the same pods permitted.
+//! 4. [`outage`]: a credential fetch as SDKs make it, with every server frozen and then
+//!    killed, against the same fetch while they are healthy.
 
 pub mod hot;
 pub mod load;
 pub mod ordinary;
+pub mod outage;
 pub mod scale;
 pub mod servers;
 
@@ -42,7 +45,8 @@ pub struct Options {
     pub run: Duration,
     /// Pod counts for the server scale runs.
     pub scale: Vec<usize>,
-    /// Sections to run (`hot`, `ordinary`, `new-pod`, `agent-memory`, `scale`, `refused`).
+    /// Sections to run (`hot`, `ordinary`, `new-pod`, `agent-memory`, `scale`, `refused`,
+    /// `outage`).
     pub only: Vec<String>,
 }
 
@@ -62,6 +66,7 @@ pub struct Report {
     pub agent_memory: Option<hot::AgentMemory>,
     pub server_scale: Vec<scale::Scale>,
     pub refused_pods: Option<scale::Refused>,
+    pub outage: Option<outage::Outage>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -128,6 +133,9 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     if options.wants("refused") {
         report.refused_pods = Some(scale::Refused::run(options, REFUSED_PODS)?);
     }
+    if options.wants("outage") {
+        report.outage = Some(outage::Outage::run(options)?);
+    }
     let path = options.out.join("report.json");
     fs::write(&path, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("writing {}", path.display()))?;
@@ -171,6 +179,9 @@ pub fn table(report: &Report) -> String {
     }
     if let Some(refused) = &report.refused_pods {
         out.push_str(&refused.table());
+    }
+    if let Some(outage) = &report.outage {
+        out.push_str(&outage.table());
     }
     out
 }

@@ -29,7 +29,7 @@ enum Cmd {
         /// Pod counts of the server scale runs.
         #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
         scale: Vec<usize>,
-        /// Only these sections: hot, ordinary, new-pod, agent-memory, scale, refused.
+        /// Only these sections: hot, ordinary, new-pod, agent-memory, scale, refused, outage.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
