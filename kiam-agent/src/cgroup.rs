@@ -26,6 +26,12 @@ pub enum CgroupError {
     )]
     NotCgroup2(PathBuf),
     #[error(
+        "{} is a cgroup v1 hierarchy (a hybrid layout): its cgroup v2 is at {}; leave --cgroup-root unset to find it, or set it there",
+        .given.display(),
+        .unified.display()
+    )]
+    Hybrid { given: PathBuf, unified: PathBuf },
+    #[error(
         "no cgroup v2 file system found at {candidates}; kiam needs cgroup v2 (set --cgroup-root)"
     )]
     NoCgroup2 { candidates: String },
@@ -64,9 +70,14 @@ pub fn is_cgroup2(path: &Path) -> bool {
 /// one.
 pub fn find_root(explicit: Option<&Path>) -> Result<PathBuf, CgroupError> {
     if let Some(path) = explicit {
-        return match is_cgroup2(path) {
-            true => Ok(path.to_owned()),
-            false => Err(CgroupError::NotCgroup2(path.to_owned())),
+        let unified = path.join("unified");
+        return match (is_cgroup2(path), is_cgroup2(&unified)) {
+            (true, _) => Ok(path.to_owned()),
+            (false, true) => Err(CgroupError::Hybrid {
+                given: path.to_owned(),
+                unified,
+            }),
+            (false, false) => Err(CgroupError::NotCgroup2(path.to_owned())),
         };
     }
     CANDIDATE_ROOTS
@@ -192,5 +203,21 @@ mod tests {
     fn explicit_root_that_is_not_cgroup2_is_rejected() {
         let err = find_root(Some(Path::new("/proc"))).expect_err("/proc is not cgroup2");
         assert!(err.to_string().contains("--cgroup-root"), "{err}");
+    }
+
+    #[test]
+    fn a_hybrid_layouts_v1_root_names_its_unified_hierarchy() {
+        // This machine's layout (and a systemd hybrid node's): v1 at /sys/fs/cgroup.
+        let root = Path::new("/sys/fs/cgroup");
+        if is_cgroup2(root) || !is_cgroup2(&root.join("unified")) {
+            eprintln!("SKIPPED: not a hybrid cgroup layout here");
+            return;
+        }
+        let err = find_root(Some(root)).expect_err("v1");
+        assert!(
+            matches!(&err, CgroupError::Hybrid { unified, .. } if unified == Path::new("/sys/fs/cgroup/unified")),
+            "{err}"
+        );
+        assert_eq!(find_root(None).expect("detected"), root.join("unified"));
     }
 }
