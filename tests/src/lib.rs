@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod cluster;
+pub mod lab;
 pub mod node;
 pub mod stack;
 

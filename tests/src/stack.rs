@@ -480,6 +480,8 @@ pub struct Kube {
     child: Child,
     netns: Option<String>,
     pub port: u16,
+    /// Its HTTPS listener, when started with one.
+    pub tls: Option<std::net::SocketAddr>,
     pub kubeconfig: PathBuf,
 }
 
@@ -489,26 +491,65 @@ impl Kube {
     }
 
     pub fn start_in(netns: Option<&str>, dir: &Path) -> Kube {
-        Self::launch(netns, dir, "127.0.0.1:0", 1)
+        Self::launch(netns, dir, "127.0.0.1:0", 1, &[])
     }
 
-    fn launch(netns: Option<&str>, dir: &Path, listen: &str, initial_rv: u64) -> Kube {
+    /// With an HTTPS listener on `address` too, serving `cert` (PEM chain) with `key`.
+    pub fn start_with_tls(
+        netns: Option<&str>,
+        dir: &Path,
+        address: std::net::SocketAddr,
+        cert: &Path,
+        key: &Path,
+    ) -> Kube {
+        let utf8 = |p: &Path| p.to_str().expect("utf-8").to_owned();
+        Self::launch(
+            netns,
+            dir,
+            "127.0.0.1:0",
+            1,
+            &[
+                "--tls-listen".into(),
+                address.to_string(),
+                "--tls-cert".into(),
+                utf8(cert),
+                "--tls-key".into(),
+                utf8(key),
+            ],
+        )
+    }
+
+    fn launch(
+        netns: Option<&str>,
+        dir: &Path,
+        listen: &str,
+        initial_rv: u64,
+        extra: &[String],
+    ) -> Kube {
         let mut child = command(netns, emulator())
             .args(["--listen", listen, "--initial-rv", &initial_rv.to_string()])
+            .args(extra)
             .stdout(Stdio::piped())
             .spawn()
             .expect("start kube-emulator");
         crate::track(&child);
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("read address");
-        let port: u16 = line
-            .trim()
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected emulator output {line:?}"));
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut tls = None;
+        let port: u16 = loop {
+            let mut line = String::new();
+            stdout.read_line(&mut line).expect("read address");
+            match line.trim().split_once(' ') {
+                Some(("tls", address)) => tls = address.parse().ok(),
+                Some(("listening", address)) => {
+                    break address
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| p.parse().ok())
+                        .unwrap_or_else(|| panic!("unexpected emulator output {line:?}"));
+                }
+                _ => panic!("unexpected emulator output {line:?}"),
+            }
+        };
         let kubeconfig = dir.join("kubeconfig");
         fs::write(
             &kubeconfig,
@@ -521,6 +562,7 @@ impl Kube {
             child,
             netns: netns.map(str::to_owned),
             port,
+            tls,
             kubeconfig,
         }
     }
@@ -600,7 +642,7 @@ impl Kube {
             .unwrap_or(Path::new("."))
             .to_owned();
         let listen = format!("127.0.0.1:{}", self.port);
-        let started = Kube::launch(self.netns.as_deref(), &dir, &listen, 1_000_000);
+        let started = Kube::launch(self.netns.as_deref(), &dir, &listen, 1_000_000, &[]);
         // The old value is a dead process; `started` takes its place.
         *self = started;
     }
@@ -831,6 +873,31 @@ pub fn write_dev_pki(dir: &Path, server_names: &[&str], nodes: &[&str]) -> std::
         ExtendedKeyUsagePurpose::ClientAuth,
     );
     write("agent-shared", &shared)
+}
+
+/// Writes the API server's PKI to `dir`: `ca.pem`, and `server.pem`/`server-key.pem` for
+/// `address` and the `kubernetes.default.svc` names (what in-cluster clients verify).
+pub fn write_api_server_pki(dir: &Path, address: std::net::IpAddr) -> std::io::Result<()> {
+    fs::create_dir_all(dir)?;
+    let (ca_params, ca_key, ca_pem) = ca("kubernetes (emulator)");
+    let issuer = Issuer::from_params(&ca_params, &ca_key);
+    let address = address.to_string();
+    let server = leaf(
+        &issuer,
+        "kube-apiserver",
+        &[
+            address.as_str(),
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local",
+        ],
+        &[],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    fs::write(dir.join("ca.pem"), ca_pem)?;
+    fs::write(dir.join("server.pem"), server.cert)?;
+    fs::write(dir.join("server-key.pem"), server.key)
 }
 
 impl Certs {

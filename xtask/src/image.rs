@@ -215,7 +215,7 @@ fn elf_deps(path: &Path) -> anyhow::Result<(Vec<String>, Option<String>)> {
 }
 
 /// Every file the binary needs to start: (path in the image, file on this machine).
-fn runtime_files(binary: &Path, arch: Arch) -> anyhow::Result<Vec<(PathBuf, PathBuf)>> {
+pub fn runtime_files(binary: &Path, arch: Arch) -> anyhow::Result<Vec<(PathBuf, PathBuf)>> {
     let dirs = arch.library_dirs();
     let find = |name: &str| {
         dirs.iter()
@@ -255,7 +255,7 @@ fn runtime_files(binary: &Path, arch: Arch) -> anyhow::Result<Vec<(PathBuf, Path
 }
 
 /// Copies `from` (following symbolic links) to `rootfs` + `inside`.
-fn install(rootfs: &Path, inside: &Path, from: &Path, mode: u32) -> anyhow::Result<()> {
+pub fn install(rootfs: &Path, inside: &Path, from: &Path, mode: u32) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     let to = rootfs.join(inside.strip_prefix("/").unwrap_or(inside));
     if let Some(parent) = to.parent() {
@@ -286,71 +286,92 @@ fn archive_path(component: Component, arch: Arch) -> PathBuf {
 }
 
 fn assemble(component: Component, arch: Arch) -> anyhow::Result<PathBuf> {
-    let work = images_dir()
-        .join("work")
-        .join(format!("{}-{}", component.name, arch.name()));
+    let binary = arch.release_dir().join(component.binary);
+    let entrypoint = Path::new(ENTRYPOINT_DIR).join(component.binary);
+    let mut config = vec![
+        "--os".to_owned(),
+        "linux".to_owned(),
+        "--architecture".to_owned(),
+        arch.name().to_owned(),
+        format!("--config.entrypoint={}", entrypoint.display()),
+        format!("--config.user={}", component.user),
+        "--config.workingdir=/".to_owned(),
+        format!("--config.env=PATH={ENTRYPOINT_DIR}"),
+        format!(
+            "--config.label=org.opencontainers.image.title={}",
+            image_name(component)
+        ),
+        format!("--config.label=org.opencontainers.image.version={VERSION}"),
+        format!(
+            "--config.label=org.opencontainers.image.description={}",
+            component.description
+        ),
+        "--config.label=org.opencontainers.image.licenses=Apache-2.0".to_owned(),
+    ];
+    if let Some(cmd) = component.cmd {
+        config.push(format!("--config.cmd={cmd}"));
+    }
+    assemble_rootfs(
+        &format!("{}-{}", component.name, arch.name()),
+        &archive_path(component, arch),
+        VERSION,
+        &config,
+        |rootfs| {
+            install(rootfs, &entrypoint, &binary, 0o755)?;
+            for (inside, host) in runtime_files(&binary, arch)? {
+                install(rootfs, &inside, &host, 0o755)?;
+            }
+            if component.name == SERVER.name {
+                // STS over HTTPS; the Kubernetes API's CA comes with the service account.
+                install(rootfs, Path::new(CA_BUNDLE), Path::new(CA_BUNDLE), 0o644)
+                    .context("the CA bundle (Debian's ca-certificates)")?;
+            }
+            Ok(())
+        },
+    )
+}
+
+/// An OCI image archive (layout tagged `tag`) of one layer: what `fill` puts into an empty
+/// root file system, with `umoci config` arguments `config`.
+pub fn assemble_rootfs(
+    work_name: &str,
+    archive: &Path,
+    tag: &str,
+    config: &[String],
+    fill: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<PathBuf> {
+    let work = images_dir().join("work").join(work_name);
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work)?;
     let layout = work.join("layout");
     let bundle = work.join("bundle");
-    let image = format!("{}:{VERSION}", layout.display());
+    let image = format!("{}:{tag}", layout.display());
     run(umoci().arg("init").arg("--layout").arg(&layout))?;
     run(umoci().args(["new", "--image", &image]))?;
     run(umoci().args(["unpack", "--image", &image]).arg(&bundle))?;
-    let rootfs = bundle.join("rootfs");
-
-    let binary = arch.release_dir().join(component.binary);
-    let entrypoint = Path::new(ENTRYPOINT_DIR).join(component.binary);
-    install(&rootfs, &entrypoint, &binary, 0o755)?;
-    for (inside, host) in runtime_files(&binary, arch)? {
-        install(&rootfs, &inside, &host, 0o755)?;
-    }
-    if component.name == SERVER.name {
-        // STS over HTTPS; the Kubernetes API's CA comes with the service account.
-        install(&rootfs, Path::new(CA_BUNDLE), Path::new(CA_BUNDLE), 0o644)
-            .context("the CA bundle (Debian's ca-certificates)")?;
-    }
+    fill(&bundle.join("rootfs"))?;
     run(umoci()
         .args(["repack", "--image", &image])
         .arg(&bundle)
         .arg("--no-history"))?;
-    let mut config = umoci();
-    config
+    run(umoci()
         .args(["config", "--image", &image, "--no-history"])
-        .args(["--os", "linux", "--architecture", arch.name()])
-        .arg(format!("--config.entrypoint={}", entrypoint.display()))
-        .arg(format!("--config.user={}", component.user))
-        .arg("--config.workingdir=/")
-        .arg(format!("--config.env=PATH={ENTRYPOINT_DIR}"))
-        .arg(format!(
-            "--config.label=org.opencontainers.image.title={}",
-            image_name(component)
-        ))
-        .arg(format!(
-            "--config.label=org.opencontainers.image.version={VERSION}"
-        ))
-        .arg(format!(
-            "--config.label=org.opencontainers.image.description={}",
-            component.description
-        ))
-        .arg("--config.label=org.opencontainers.image.licenses=Apache-2.0");
-    if let Some(cmd) = component.cmd {
-        config.arg(format!("--config.cmd={cmd}"));
-    }
-    run(&mut config)?;
+        .args(config))?;
     run(umoci().arg("gc").arg("--layout").arg(&layout))?;
-    let archive = archive_path(component, arch);
-    let _ = fs::remove_file(&archive);
+    if let Some(dir) = archive.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    let _ = fs::remove_file(archive);
     run(Command::new("tar")
         .arg("--create")
         .arg("--file")
-        .arg(&archive)
+        .arg(archive)
         .arg("--directory")
         .arg(&layout)
         .arg("--sort=name")
         .arg("."))?;
-    let _ = fs::remove_dir_all(&bundle);
-    Ok(archive)
+    let _ = fs::remove_dir_all(&work);
+    Ok(archive.to_owned())
 }
 
 /// Unpacks the archive (not the work directory: what ships is what is tested) into a runtime

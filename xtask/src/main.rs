@@ -17,6 +17,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 mod image;
+mod lab;
 mod machine;
 mod setup;
 
@@ -81,6 +82,10 @@ enum Cmd {
         /// Architectures (default: both).
         #[arg(long, value_enum, value_delimiter = ',', default_values = ["amd64", "arm64"])]
         arch: Vec<image::Arch>,
+        /// Also the node lab's own images (the sandbox and a workload with real SDKs), from
+        /// the debug binaries.
+        #[arg(long)]
+        lab: bool,
     },
     /// Everything CI runs: setup, build-ebpf, fmt, clippy, unit tests, fuzz smoke, promtool
     /// checks, deploy validation, images (amd64 and arm64), privileged tests.
@@ -290,6 +295,7 @@ fn test(no_setup: bool, e2e_filter: Option<String>, prune: bool) -> anyhow::Resu
     }
     promtool()?;
     image::build(&[image::Arch::Amd64, image::Arch::Arm64])?;
+    lab::images()?;
     prune_target(
         prune,
         &[
@@ -297,6 +303,7 @@ fn test(no_setup: bool, e2e_filter: Option<String>, prune: bool) -> anyhow::Resu
             "aarch64-unknown-linux-gnu",
             "ebpf-aarch64",
             "images/work",
+            "lab",
         ],
     )?;
     run(Command::new(setup::venv().join("bin/python"))
@@ -475,9 +482,14 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Certs { args } => certs(args),
         Cmd::Docs => docs(),
-        Cmd::Image { arch } => {
+        Cmd::Image { arch, lab } => {
             setup::setup()?;
-            image::build(&arch).map(|_| ())
+            image::build(&arch)?;
+            if lab {
+                build_all()?;
+                lab::images()?;
+            }
+            Ok(())
         }
         Cmd::BuildEbpf { variant: false } => build_ebpf(),
         Cmd::BuildEbpf { variant: true } => build_ebpf_variant(),

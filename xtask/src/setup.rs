@@ -13,9 +13,11 @@ use crate::run;
 /// iperf3 for `cargo xtask bench`, prometheus for promtool (rules, alerts and metrics lint);
 /// for `cargo xtask image`: umoci (OCI assembly), runc (running the images), the arm64 cross
 /// toolchain and glibc, qemu-user-static (running arm64 binaries), ca-certificates (the
-/// server image's CA bundle). (kubectl, for rendering the kustomize bases, is not in Debian:
-/// it is checked for, not installed.)
-const APT_PACKAGES: [&str; 15] = [
+/// server image's CA bundle); for the node lab: containerd (with its CRI plugin) and the CNI
+/// plugins, debootstrap (the workload image), protobuf-compiler (the CRI bindings' build).
+/// (kubectl, for rendering the kustomize bases, is not in Debian: it is checked for, not
+/// installed.)
+const APT_PACKAGES: [&str; 19] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "bpftool",
@@ -31,6 +33,10 @@ const APT_PACKAGES: [&str; 15] = [
     "libc6-dev-arm64-cross",
     "qemu-user-static",
     "ca-certificates",
+    "containerd",
+    "containernetworking-plugins",
+    "debootstrap",
+    "protobuf-compiler",
 ];
 /// Disassembles eBPF objects (from llvm-22).
 pub const LLVM_OBJDUMP: &str = "llvm-objdump-22";

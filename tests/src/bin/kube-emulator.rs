@@ -1,8 +1,10 @@
 //! A Kubernetes API server emulator for tests: enough of the real HTTP protocol that kube-rs
 //! clients (the production code, unchanged) list and watch against it.
 //!
-//! - `GET /api/v1/pods`, `/api/v1/namespaces/{ns}/pods`, `/api/v1/namespaces`: lists with
-//!   `metadata.resourceVersion`, `limit`/`continue` pagination; with `watch=true` a chunked
+//! - `GET /api/v1/pods`, `/api/v1/namespaces/{ns}/pods`, `/api/v1/namespaces` (and every
+//!   other stored core resource): lists with `metadata.resourceVersion`, `limit`/`continue`
+//!   pagination, `fieldSelector` on `spec.nodeName`, `metadata.name` and
+//!   `metadata.namespace` (anything else is refused); with `watch=true` a chunked
 //!   stream of `ADDED`/`MODIFIED`/`DELETED` events after the given `resourceVersion`,
 //!   `BOOKMARK` events when `allowWatchBookmarks=true`, closed after `timeoutSeconds`.
 //!   A watch from a compacted `resourceVersion` gets an `ERROR` event with a 410 `Expired`
@@ -21,8 +23,19 @@
 //!   shipped ValidatingAdmissionPolicy `kiam-agent-own-node` (its own node, only the start-up
 //!   taint removed).
 //!
-//! Control API for tests (not Kubernetes): `PUT /_emulator/objects` (a Pod, Namespace or Node, created
-//! or replaced), `GET` and `DELETE /_emulator/objects/{pods|namespaces|nodes}/{namespace or -}/{name}`,
+//! - `GET /api/v1/namespaces/{ns}/{pods|secrets|configmaps|serviceaccounts|services}/{name}`;
+//!   `PATCH .../pods/{name}/status` (merge patch: what the kubelet writes; only `status` is
+//!   taken); `POST .../serviceaccounts/{name}/token` (TokenRequest: a token bound to the pod
+//!   in `boundObjectRef`, which must exist with that UID and run as that account, and to its
+//!   node; audiences default to the API server's).
+//! - With `--tls-listen`, the same API over HTTPS (kube-rs in pods speaks only HTTPS).
+//!
+//! Stored kinds: see [`RESOURCES`] (Pod, Namespace, Node, Secret, ConfigMap, ServiceAccount,
+//! Service, DaemonSet, Deployment, PodDisruptionBudget, NetworkPolicy, RBAC, admission
+//! policies). Nothing acts on the workload kinds: no controllers, no RBAC.
+//!
+//! Control API for tests (not Kubernetes): `PUT /_emulator/objects` (any stored kind, created
+//! or replaced), `GET` and `DELETE /_emulator/objects/{resource}/{namespace or -}/{name}`,
 //! `POST /_emulator/compact` (every older resourceVersion becomes 410),
 //! `POST /_emulator/drop-watches`, `POST /_emulator/bookmark`, `GET /_emulator/events`,
 //! `GET /_emulator/requests` (counts of list, watch and create requests by resource),
@@ -62,31 +75,96 @@ struct Cli {
     /// watches from before it are too old (410 Gone) and must relist.
     #[arg(long, default_value_t = 1)]
     initial_rv: u64,
+    /// Also serve the API over HTTPS here (what pods reach as `KUBERNETES_SERVICE_HOST`;
+    /// kube-rs's in-cluster configuration speaks only HTTPS). Printed as `tls <addr>`.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain of the HTTPS listener.
+    #[arg(long)]
+    tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of the HTTPS listener.
+    #[arg(long)]
+    tls_key: Option<std::path::PathBuf>,
 }
 
+/// The resources the emulator stores: plural, apiVersion, kind, namespaced.
+const RESOURCES: [(&str, &str, &str, bool); 15] = [
+    ("pods", "v1", "Pod", true),
+    ("namespaces", "v1", "Namespace", false),
+    ("nodes", "v1", "Node", false),
+    ("secrets", "v1", "Secret", true),
+    ("configmaps", "v1", "ConfigMap", true),
+    ("serviceaccounts", "v1", "ServiceAccount", true),
+    ("services", "v1", "Service", true),
+    ("daemonsets", "apps/v1", "DaemonSet", true),
+    ("deployments", "apps/v1", "Deployment", true),
+    (
+        "poddisruptionbudgets",
+        "policy/v1",
+        "PodDisruptionBudget",
+        true,
+    ),
+    (
+        "networkpolicies",
+        "networking.k8s.io/v1",
+        "NetworkPolicy",
+        true,
+    ),
+    (
+        "clusterroles",
+        "rbac.authorization.k8s.io/v1",
+        "ClusterRole",
+        false,
+    ),
+    (
+        "clusterrolebindings",
+        "rbac.authorization.k8s.io/v1",
+        "ClusterRoleBinding",
+        false,
+    ),
+    (
+        "validatingadmissionpolicies",
+        "admissionregistration.k8s.io/v1",
+        "ValidatingAdmissionPolicy",
+        false,
+    ),
+    (
+        "validatingadmissionpolicybindings",
+        "admissionregistration.k8s.io/v1",
+        "ValidatingAdmissionPolicyBinding",
+        false,
+    ),
+];
+
+/// One of [`RESOURCES`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-enum Kind {
-    Pod,
-    Namespace,
-    Node,
-}
+struct Kind(usize);
 
 impl Kind {
+    const POD: Self = Self(0);
+    const NAMESPACE: Self = Self(1);
+    const NODE: Self = Self(2);
+
+    /// By plural resource name (`pods`).
     fn of(resource: &str) -> Option<Self> {
-        match resource {
-            "pods" => Some(Self::Pod),
-            "namespaces" => Some(Self::Namespace),
-            "nodes" => Some(Self::Node),
-            _ => None,
-        }
+        RESOURCES.iter().position(|r| r.0 == resource).map(Self)
+    }
+
+    /// By `kind` (`Pod`).
+    fn of_kind(kind: &str) -> Option<Self> {
+        RESOURCES.iter().position(|r| r.2 == kind).map(Self)
+    }
+
+    fn api_version(self) -> &'static str {
+        RESOURCES[self.0].1
     }
 
     fn name(self) -> &'static str {
-        match self {
-            Self::Pod => "Pod",
-            Self::Namespace => "Namespace",
-            Self::Node => "Node",
-        }
+        RESOURCES[self.0].2
+    }
+
+    fn namespaced(self) -> bool {
+        RESOURCES[self.0].3
     }
 }
 
@@ -135,9 +213,9 @@ const API_AUDIENCE: &str = "https://kubernetes.default.svc.cluster.local";
 
 fn key_of(kind: Kind, object: &Value) -> Key {
     let meta = &object["metadata"];
-    let ns = match kind {
-        Kind::Pod => meta["namespace"].as_str().unwrap_or("default"),
-        Kind::Namespace | Kind::Node => "",
+    let ns = match kind.namespaced() {
+        true => meta["namespace"].as_str().unwrap_or("default"),
+        false => "",
     };
     (
         kind,
@@ -163,11 +241,9 @@ impl Emulator {
     }
 
     fn upsert(&self, mut object: Value) -> Result<Value, String> {
-        let kind = match object["kind"].as_str() {
-            Some("Pod") => Kind::Pod,
-            Some("Namespace") => Kind::Namespace,
-            Some("Node") => Kind::Node,
-            other => return Err(format!("unsupported kind {other:?}")),
+        let kind = match object["kind"].as_str().and_then(Kind::of_kind) {
+            Some(kind) => kind,
+            None => return Err(format!("unsupported kind {}", object["kind"])),
         };
         if object["metadata"]["name"].as_str().unwrap_or("").is_empty() {
             return Err("metadata.name is required".into());
@@ -179,7 +255,7 @@ impl Emulator {
         let meta = object["metadata"]
             .as_object_mut()
             .ok_or("metadata must be an object")?;
-        if kind == Kind::Pod && !meta.contains_key("namespace") {
+        if kind.namespaced() && !meta.contains_key("namespace") {
             meta.insert("namespace".into(), json!("default"));
         }
         let uid = match existing.as_ref() {
@@ -196,7 +272,9 @@ impl Emulator {
         meta.insert("resourceVersion".into(), json!(state.rv.to_string()));
         meta.entry("creationTimestamp")
             .or_insert(json!("2026-01-01T00:00:00Z"));
-        object["apiVersion"] = json!("v1");
+        if object["apiVersion"].as_str() != Some(kind.api_version()) {
+            object["apiVersion"] = json!(kind.api_version());
+        }
         state.objects.insert(key, object.clone());
         let event = if existing.is_some() {
             "MODIFIED"
@@ -227,11 +305,11 @@ impl Emulator {
                     "annotations": {"iam.amazonaws.com/permitted": permitted}}});
             state
                 .objects
-                .insert((Kind::Namespace, String::new(), name), object);
+                .insert((Kind::NAMESPACE, String::new(), name), object);
         }
         for mut pod in pods {
             pod["metadata"]["resourceVersion"] = rv.clone();
-            let key = key_of(Kind::Pod, &pod);
+            let key = key_of(Kind::POD, &pod);
             state.objects.insert(key, pod);
         }
         state.compacted = state.rv;
@@ -282,7 +360,13 @@ impl Emulator {
             binding["pod"] = json!({"name": name, "uid": uid});
         }
         if let Some(node) = field("nodeName") {
-            binding["node"] = json!({"name": node, "uid": format!("node-uid-{node}")});
+            let uid = self
+                .lock()
+                .objects
+                .get(&(Kind::NODE, String::new(), node.clone()))
+                .and_then(|n| n["metadata"]["uid"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| format!("node-uid-{node}"));
+            binding["node"] = json!({"name": node, "uid": uid});
         }
         let jti = {
             let mut state = self.lock();
@@ -368,7 +452,7 @@ impl Emulator {
             let alive = self
                 .lock()
                 .objects
-                .get(&(Kind::Pod, namespace.to_owned(), name.to_owned()))
+                .get(&(Kind::POD, namespace.to_owned(), name.to_owned()))
                 .is_some_and(|p| p["metadata"]["uid"] == uid);
             if !alive {
                 return refused(&format!("pod {namespace}/{name} ({uid}) no longer exists"));
@@ -446,7 +530,7 @@ impl Emulator {
             Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
         };
         let mut state = self.lock();
-        let key = (Kind::Node, String::new(), name.to_owned());
+        let key = (Kind::NODE, String::new(), name.to_owned());
         let Some(old) = state.objects.get(&key).cloned() else {
             return status(
                 StatusCode::NOT_FOUND,
@@ -473,8 +557,114 @@ impl Emulator {
         state.rv += 1;
         new["metadata"]["resourceVersion"] = json!(state.rv.to_string());
         state.objects.insert(key, new.clone());
-        self.record(&mut state, Kind::Node, "MODIFIED", new.clone());
+        self.record(&mut state, Kind::NODE, "MODIFIED", new.clone());
         full(StatusCode::OK, new)
+    }
+}
+
+impl Emulator {
+    /// A merge patch of a pod's `status` (what the kubelet writes); the rest of the patch
+    /// is ignored, as the API server's status subresource does.
+    fn patch_pod_status(
+        &self,
+        ns: &str,
+        name: &str,
+        patch: &Value,
+    ) -> Response<BoxBody<Bytes, Infallible>> {
+        let mut state = self.lock();
+        let key = (Kind::POD, ns.to_owned(), name.to_owned());
+        let Some(mut pod) = state.objects.get(&key).cloned() else {
+            return status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                &format!("pods \"{name}\" not found"),
+            );
+        };
+        if !patch["status"].is_null() {
+            merge(&mut pod["status"], &patch["status"]);
+        }
+        state.rv += 1;
+        pod["metadata"]["resourceVersion"] = json!(state.rv.to_string());
+        state.objects.insert(key, pod.clone());
+        self.record(&mut state, Kind::POD, "MODIFIED", pod.clone());
+        full(StatusCode::OK, pod)
+    }
+
+    /// `TokenRequest` for a service account, as the kubelet makes one for a projected
+    /// token: bound to the pod named in `spec.boundObjectRef` (which must exist with that
+    /// UID) and to the node the pod is on.
+    fn token_request(
+        &self,
+        ns: &str,
+        account: &str,
+        mut request: Value,
+    ) -> Response<BoxBody<Bytes, Infallible>> {
+        let spec = &request["spec"];
+        let mut mint = json!({
+            "namespace": ns,
+            "serviceAccount": account,
+            "audiences": match spec["audiences"].as_array() {
+                Some(a) if !a.is_empty() => json!(a),
+                _ => json!([API_AUDIENCE]),
+            },
+            "expirationSeconds": spec["expirationSeconds"].as_i64().unwrap_or(3600),
+        });
+        let bound = &spec["boundObjectRef"];
+        if !bound.is_null() {
+            if bound["kind"] != "Pod" {
+                return status(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    "the emulator binds tokens to pods only",
+                );
+            }
+            let name = bound["name"].as_str().unwrap_or("");
+            let pod = self
+                .lock()
+                .objects
+                .get(&(Kind::POD, ns.to_owned(), name.to_owned()))
+                .cloned();
+            let Some(pod) =
+                pod.filter(|p| bound["uid"].is_null() || p["metadata"]["uid"] == bound["uid"])
+            else {
+                return status(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    &format!("pods \"{name}\" not found"),
+                );
+            };
+            if pod["spec"]["serviceAccountName"]
+                .as_str()
+                .unwrap_or("default")
+                != account
+            {
+                return status(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    &format!("pod {name} does not run as service account {account}"),
+                );
+            }
+            mint["podName"] = json!(name);
+            mint["podUid"] = pod["metadata"]["uid"].clone();
+            if let Some(node) = pod["spec"]["nodeName"].as_str() {
+                mint["nodeName"] = json!(node);
+            }
+        }
+        let expiration = mint["expirationSeconds"].as_i64().unwrap_or(3600);
+        match self.mint(&mint) {
+            Ok(token) => {
+                let expires = jiff::Timestamp::now()
+                    .checked_add(jiff::SignedDuration::from_secs(expiration))
+                    .map(|t| t.to_string())
+                    .unwrap_or_default();
+                request["status"] =
+                    json!({"token": token["token"], "expirationTimestamp": expires});
+                request["kind"] = json!("TokenRequest");
+                request["apiVersion"] = json!("authentication.k8s.io/v1");
+                full(StatusCode::CREATED, request)
+            }
+            Err(e) => status(StatusCode::BAD_REQUEST, "BadRequest", &e),
+        }
     }
 }
 
@@ -539,6 +729,55 @@ fn query(req: &Request<Incoming>) -> HashMap<String, String> {
         .collect()
 }
 
+/// `fieldSelector`: equality on `spec.nodeName` and `metadata.name`/`metadata.namespace`
+/// (the kubelet watches its node's pods with `spec.nodeName=<node>`); anything else is
+/// refused by the caller before listing.
+#[derive(Clone, Default)]
+struct FieldSelector(Vec<(String, String)>);
+
+impl FieldSelector {
+    const SUPPORTED: [&str; 3] = ["spec.nodeName", "metadata.name", "metadata.namespace"];
+
+    fn parse(q: &HashMap<String, String>) -> Self {
+        Self(
+            q.get("fieldSelector")
+                .map(|s| {
+                    s.split(',')
+                        .filter_map(|term| term.split_once('='))
+                        .map(|(k, v)| (k.trim_end_matches('=').to_owned(), v.to_owned()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        )
+    }
+
+    /// The first field this emulator cannot select on.
+    fn unsupported(q: &HashMap<String, String>) -> Option<String> {
+        let terms = q.get("fieldSelector")?;
+        terms
+            .split(',')
+            .filter(|t| !t.is_empty())
+            .find(|term| {
+                term.contains("!=")
+                    || !term
+                        .split_once('=')
+                        .is_some_and(|(k, _)| Self::SUPPORTED.contains(&k.trim_end_matches('=')))
+            })
+            .map(str::to_owned)
+    }
+
+    fn matches(&self, object: &Value) -> bool {
+        self.0.iter().all(|(field, value)| {
+            let found = field
+                .split('.')
+                .fold(object, |v, part| &v[part])
+                .as_str()
+                .unwrap_or("");
+            found == value
+        })
+    }
+}
+
 fn list(
     emu: &Emulator,
     kind: Kind,
@@ -546,10 +785,11 @@ fn list(
     q: &HashMap<String, String>,
 ) -> Response<BoxBody<Bytes, Infallible>> {
     let state = emu.lock();
+    let fields = FieldSelector::parse(q);
     let items: Vec<&Value> = state
         .objects
         .iter()
-        .filter(|((k, n, _), _)| *k == kind && ns.is_none_or(|ns| ns == n))
+        .filter(|((k, n, _), v)| *k == kind && ns.is_none_or(|ns| ns == n) && fields.matches(v))
         .map(|(_, v)| v)
         .collect();
     let offset: usize = q.get("continue").and_then(|c| c.parse().ok()).unwrap_or(0);
@@ -567,7 +807,7 @@ fn list(
     }
     full(
         StatusCode::OK,
-        json!({"kind": format!("{}List", kind.name()), "apiVersion": "v1",
+        json!({"kind": format!("{}List", kind.name()), "apiVersion": kind.api_version(),
                "metadata": metadata, "items": page}),
     )
 }
@@ -595,11 +835,13 @@ fn watch(
         .map(Duration::from_secs)
         .unwrap_or(Duration::from_secs(300));
     let (tx, rx) = mpsc::channel::<Bytes>(1024);
+    let fields = FieldSelector::parse(q);
     let matches = move |change: &Change| {
         change.kind == kind
             && ns
                 .as_deref()
                 .is_none_or(|ns| change.object["metadata"]["namespace"] == ns)
+            && fields.matches(&change.object)
     };
     let emu = emu.clone();
     // Subscribe before reading history so no change falls between the two.
@@ -649,7 +891,8 @@ fn watch(
                     Ok(Live::Bookmark) if bookmarks => {
                         let rv = emu.lock().rv;
                         let event = json!({"type": "BOOKMARK", "object": {"kind": kind.name(),
-                            "apiVersion": "v1", "metadata": {"resourceVersion": rv.to_string()}}});
+                            "apiVersion": kind.api_version(),
+                            "metadata": {"resourceVersion": rv.to_string()}}});
                         if tx.send(line(&event)).await.is_err() {
                             return;
                         }
@@ -707,13 +950,20 @@ async fn handle(
         | (&Method::GET, ["api", "v1", "namespaces", _, resource])
             if Kind::of(resource).is_some() =>
         {
-            let kind = Kind::of(resource).unwrap_or(Kind::Pod);
+            let kind = Kind::of(resource).unwrap_or(Kind::POD);
             let ns = match segments.as_slice() {
                 ["api", "v1", "namespaces", ns, _] => Some((*ns).to_owned()),
                 _ => None,
             };
             let watching = q.get("watch").map(String::as_str) == Some("true")
                 || q.get("watch").map(String::as_str) == Some("1");
+            if let Some(term) = FieldSelector::unsupported(&q) {
+                return Ok(status(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    &format!("the emulator cannot select on {term}"),
+                ));
+            }
             *emu.lock()
                 .requests
                 .entry(format!(
@@ -732,7 +982,7 @@ async fn handle(
             Ok(_) => match emu
                 .lock()
                 .objects
-                .get(&(Kind::Node, String::new(), (*name).to_owned()))
+                .get(&(Kind::NODE, String::new(), (*name).to_owned()))
             {
                 Some(node) => full(StatusCode::OK, node.clone()),
                 None => status(
@@ -761,11 +1011,62 @@ async fn handle(
                 },
             }
         }
+        (&Method::GET, ["api", "v1", "namespaces", ns, resource, name])
+            if Kind::of(resource).is_some_and(|k| k.namespaced() && k.api_version() == "v1") =>
+        {
+            let kind = Kind::of(resource).unwrap_or(Kind::POD);
+            let key = (kind, (*ns).to_owned(), (*name).to_owned());
+            match emu.lock().objects.get(&key) {
+                Some(object) => full(StatusCode::OK, object.clone()),
+                None => status(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    &format!("{resource} \"{name}\" not found"),
+                ),
+            }
+        }
+        (&Method::PATCH, ["api", "v1", "namespaces", ns, "pods", name, "status"]) => {
+            let (ns, name) = ((*ns).to_owned(), (*name).to_owned());
+            let merge_patch = req
+                .headers()
+                .get(hyper::header::CONTENT_TYPE)
+                .is_some_and(|v| {
+                    v.as_bytes() == b"application/merge-patch+json"
+                        || v.as_bytes() == b"application/strategic-merge-patch+json"
+                });
+            match (merge_patch, body_json(req).await) {
+                (false, _) => status(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "UnsupportedMediaType",
+                    "the emulator patches pod status with merge patches only",
+                ),
+                (true, Ok(patch)) => emu.patch_pod_status(&ns, &name, &patch),
+                (true, Err(e)) => status(StatusCode::BAD_REQUEST, "BadRequest", &e),
+            }
+        }
+        (
+            &Method::POST,
+            [
+                "api",
+                "v1",
+                "namespaces",
+                ns,
+                "serviceaccounts",
+                name,
+                "token",
+            ],
+        ) => {
+            let (ns, name) = ((*ns).to_owned(), (*name).to_owned());
+            match body_json(req).await {
+                Ok(request) => emu.token_request(&ns, &name, request),
+                Err(e) => status(StatusCode::BAD_REQUEST, "BadRequest", &e),
+            }
+        }
         (&Method::GET, ["api", "v1", "namespaces", name]) => {
             let state = emu.lock();
             match state
                 .objects
-                .get(&(Kind::Namespace, String::new(), (*name).to_owned()))
+                .get(&(Kind::NAMESPACE, String::new(), (*name).to_owned()))
             {
                 Some(ns) => full(StatusCode::OK, ns.clone()),
                 None => status(StatusCode::NOT_FOUND, "NotFound", "namespace not found"),
@@ -976,15 +1277,60 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await
         .with_context(|| format!("bind {}", cli.listen))?;
+    if let (Some(address), Some(cert), Some(key)) = (cli.tls_listen, &cli.tls_cert, &cli.tls_key) {
+        let acceptor = tls_acceptor(cert, key)?;
+        let tls = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("bind {address}"))?;
+        println!("tls {}", tls.local_addr()?);
+        let emu = emu.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = tls.accept().await else {
+                    continue;
+                };
+                let (emu, acceptor) = (emu.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    if let Ok(stream) = acceptor.accept(stream).await {
+                        serve(emu, stream).await;
+                    }
+                });
+            }
+        });
+    }
     println!("listening {}", listener.local_addr()?);
     loop {
         let (stream, _) = listener.accept().await?;
-        let emu = emu.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| handle(emu.clone(), req));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+        tokio::spawn(serve(emu.clone(), stream));
     }
+}
+
+async fn serve<S>(emu: Arc<Emulator>, stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| handle(emu.clone(), req));
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+}
+
+fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+    let chain = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("reading {}", cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parsing {}", cert.display()))?;
+    let key =
+        PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading {}", key.display()))?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
