@@ -283,10 +283,19 @@ impl Servers {
         *self.backends.write().unwrap_or_else(|e| e.into_inner()) = fresh;
     }
 
+    /// Resolves every `resolve_every`; while no server address is known (the agent came up
+    /// before any server was ready, as on a new cluster), after 1 s, doubling up to it.
     pub async fn resolve_forever(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(self.options.resolve_every);
+        let mut retry = None;
         loop {
-            tick.tick().await;
+            let known = !self
+                .backends
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty();
+            let (wait, next) = next_resolve(known, retry, self.options.resolve_every);
+            retry = next;
+            tokio::time::sleep(wait).await;
             self.resolve().await;
         }
     }
@@ -468,6 +477,21 @@ pub async fn call_backends<B, T: Send + 'static>(
     }
 }
 
+/// How long to wait before resolving the servers again, and the retry delay after that:
+/// `every` while some address is known; otherwise the retry delay (1 s at first), doubled
+/// each time up to `every`.
+pub fn next_resolve(
+    known: bool,
+    retry: Option<Duration>,
+    every: Duration,
+) -> (Duration, Option<Duration>) {
+    if known {
+        return (every, None);
+    }
+    let wait = retry.unwrap_or(Duration::from_secs(1)).min(every);
+    (wait, Some((wait * 2).min(every)))
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
@@ -475,6 +499,23 @@ mod tests {
     use kiam_proto::Refusal;
 
     use super::*;
+
+    #[test]
+    fn an_agent_that_knows_no_server_resolves_again_soon() {
+        let every = Duration::from_secs(30);
+        let s = Duration::from_secs;
+        assert_eq!(next_resolve(true, None, every), (every, None));
+        let mut retry = None;
+        let mut waits = Vec::new();
+        for _ in 0..7 {
+            let (wait, next) = next_resolve(false, retry, every);
+            waits.push(wait);
+            retry = next;
+        }
+        assert_eq!(waits, [s(1), s(2), s(4), s(8), s(16), s(30), s(30)]);
+        // Once an address is known again, the regular period, and the retries start over.
+        assert_eq!(next_resolve(true, retry, every), (every, None));
+    }
 
     /// What each fake backend does when called.
     #[derive(Clone, Copy, Debug)]
