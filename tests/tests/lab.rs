@@ -203,8 +203,7 @@ fn the_agent_killed_or_upgraded_by_the_runtime_never_lets_a_pod_reach_the_node()
     let mut answers = Vec::new();
     let served = kiam_e2e::poll(Duration::from_secs(90), || {
         let answer = lab.get(&pod, listing);
-        let ok = answer == "200 app-a"
-            && lab.pod(&upgraded)["status"]["conditions"][3]["status"] == "True";
+        let ok = answer == "200 app-a" && kiam_e2e::lab::ready(&lab.pod(&upgraded));
         answers.push(answer);
         ok
     });
