@@ -43,8 +43,7 @@ fn the_demo_shows_two_roles_and_leaves_nothing_behind() {
         !String::from_utf8_lossy(&netns.stdout).contains(&id),
         "network namespaces left behind"
     );
-    let cgroup = kiam_e2e::node::cgroup_root().join(format!("kiam-e2e-{id}"));
-    assert!(!cgroup.exists(), "cgroup left behind: {}", cgroup.display());
+    assert_no_cgroups_left(&id);
     assert!(
         !Path::new(&format!("/sys/fs/bpf/kiam-e2e-{id}")).exists(),
         "pins left behind"
@@ -55,6 +54,24 @@ fn the_demo_shows_two_roles_and_leaves_nothing_behind() {
         .expect("ps");
     let running = String::from_utf8_lossy(&ps.stdout);
     assert!(!running.contains(&id), "processes left behind:\n{running}");
+}
+
+/// Neither the unified hierarchy nor any v1 controller's (where runc makes a container's
+/// cgroups too on a hybrid host) keeps a cgroup of demo `id`.
+fn assert_no_cgroups_left(id: &str) {
+    let name = format!("kiam-e2e-{id}");
+    let mut hierarchies = vec![kiam_e2e::node::cgroup_root()];
+    hierarchies.extend(
+        std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path()),
+    );
+    for hierarchy in hierarchies {
+        let left = hierarchy.join(&name);
+        assert!(!left.exists(), "cgroup left behind: {}", left.display());
+    }
 }
 
 /// A fresh machine of this kind has no systemd: nothing mounts bpffs at `/sys/fs/bpf`, and
@@ -140,8 +157,6 @@ fn demo_keep_runs_commands_in_a_pod_and_ends_quietly_on_ctrl_c() {
             "aws",
             "sts",
             "get-caller-identity",
-            "--endpoint-url",
-            kiam_e2e::cluster::STS_URL,
             "--query",
             "Arn",
             "--output",
@@ -157,6 +172,25 @@ fn demo_keep_runs_commands_in_a_pod_and_ends_quietly_on_ctrl_c() {
     let missing = exec("nope", &["true"]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("frontend"));
+    // The command's exit code is the exec's.
+    assert_eq!(
+        exec("backend", &["sh", "-c", "exit 3"]).status.code(),
+        Some(3)
+    );
+    // kiam's own pods too: the agent's status, from inside its container.
+    let agent = seen
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("cargo xtask demo exec "))
+        .and_then(|l| l.strip_suffix(" -- kiam-agent status"))
+        .expect("the agent status line")
+        .to_owned();
+    let status = exec(&agent, &["kiam-agent", "status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success() && text.contains("config: agent") && text.contains("ready=true"),
+        "{text}{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
 
     // Ctrl-C: everything removed, exit 130, no error.
     let _ = Command::new("kill")
@@ -168,12 +202,7 @@ fn demo_keep_runs_commands_in_a_pod_and_ends_quietly_on_ctrl_c() {
     std::io::Read::read_to_string(&mut demo.stderr.take().expect("stderr"), &mut stderr)
         .expect("stderr");
     assert!(!stderr.contains("Error"), "{stderr}");
-    assert!(
-        !kiam_e2e::node::cgroup_root()
-            .join(format!("kiam-e2e-{id}"))
-            .exists(),
-        "cgroup left behind"
-    );
+    assert_no_cgroups_left(&id);
     assert!(
         !kiam_e2e::repo("target/demo/pods.json").exists(),
         "demo state left behind"

@@ -41,8 +41,9 @@ enum Cmd {
         #[arg(long)]
         variant: bool,
     },
-    /// The demo: moto, the API emulator, two servers and the agent on this machine, and the
-    /// AWS CLI in two pods getting two different roles (root, cgroup v2, BPF).
+    /// The demo: kiam from its shipped manifests and images on the node lab (containerd with
+    /// CRI and CNI, a stand-in kubelet, the API emulator, moto as STS), and the AWS CLI in
+    /// two real containers getting two different roles (root, cgroup v2, BPF).
     Demo {
         /// Keep everything running until Ctrl-C.
         #[arg(long)]
@@ -106,11 +107,14 @@ enum Cmd {
 
 #[derive(Debug, Subcommand)]
 enum DemoAction {
-    /// Run a command inside a pod of a running `demo --keep` (its cgroup and network
-    /// namespace), e.g. `cargo xtask demo exec frontend -- aws sts get-caller-identity`.
+    /// Run a command in a pod's container of a running `demo --keep` (CRI ExecSync, as
+    /// `kubectl exec`), e.g. `cargo xtask demo exec frontend -- aws sts get-caller-identity`.
     Exec {
-        /// frontend or backend.
+        /// frontend, backend, or one of kiam's pods (kiam-agent-lab01, ...).
         pod: String,
+        /// The container, when the pod runs more than one.
+        #[arg(long, short)]
+        container: Option<String>,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         command: Vec<String>,
     },
@@ -411,6 +415,9 @@ fn bench(args: Vec<String>) -> anyhow::Result<()> {
 fn demo(keep: bool) -> anyhow::Result<()> {
     setup::setup()?;
     build_all()?;
+    // The node lab runs kiam from its images, and pods from the lab's.
+    image::build(&[image::Arch::Amd64])?;
+    lab::images()?;
     let mut cmd = Command::new(workspace_root().join("target/debug/kiam-dev"));
     cmd.arg("demo");
     if keep {
@@ -431,9 +438,14 @@ fn demo(keep: bool) -> anyhow::Result<()> {
     bail!("the demo failed ({status})")
 }
 
-fn demo_exec(pod: &str, command: &[String]) -> anyhow::Result<()> {
-    let status = Command::new(workspace_root().join("target/debug/kiam-dev"))
-        .args(["demo-exec", pod, "--"])
+fn demo_exec(pod: &str, container: Option<&str>, command: &[String]) -> anyhow::Result<()> {
+    let mut cmd = Command::new(workspace_root().join("target/debug/kiam-dev"));
+    cmd.args(["demo-exec", pod]);
+    if let Some(container) = container {
+        cmd.args(["--container", container]);
+    }
+    let status = cmd
+        .arg("--")
         .args(command)
         .current_dir(workspace_root())
         .status()
@@ -471,9 +483,14 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Setup => setup::setup(),
         Cmd::Demo {
-            action: Some(DemoAction::Exec { pod, command }),
+            action:
+                Some(DemoAction::Exec {
+                    pod,
+                    container,
+                    command,
+                }),
             ..
-        } => demo_exec(&pod, &command),
+        } => demo_exec(&pod, container.as_deref(), &command),
         Cmd::Demo { keep, action: None } => demo(keep),
         Cmd::Bench { args } => bench(args),
         Cmd::Fuzz { seconds, targets } => {

@@ -1,10 +1,10 @@
 //! Developer commands that need the test infrastructure (run through `cargo xtask`):
 //!
-//! - `demo`: the whole product on this machine: moto as STS, the Kubernetes API emulator with
-//!   a namespace permitting two roles and two annotated pods, two kiam servers with generated
-//!   mTLS material, the agent with its eBPF redirect; the real AWS CLI runs inside each demo
-//!   pod (a network namespace and a kubelet-shaped cgroup) and the roles they got are printed
-//!   side by side. Everything is removed on exit and on Ctrl-C.
+//! - `demo`: the whole product on this machine, on the node lab (`kiam_e2e::lab`): containerd
+//!   with CRI and CNI, a stand-in kubelet, the API emulator and moto as STS; kiam from the
+//!   shipped manifests and images; a namespace permitting two roles and two annotated pods,
+//!   real containers in which the AWS CLI runs, and the roles they got printed side by side.
+//!   Everything is removed on exit and on Ctrl-C.
 //! - `certs`: a development CA, server certificate and agent certificates.
 
 use std::{
@@ -15,9 +15,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
+use k8s_cri::v1 as cri;
 use kiam_e2e::{
-    cluster::Cluster,
-    node::{self, Node, Pod},
+    lab::{self, Lab, LabPod},
+    node::Node,
     repo, stack,
 };
 use serde_json::json;
@@ -37,12 +38,14 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
-    /// Run a command inside a pod of a running `demo --keep`: in its cgroup and network
-    /// namespace, with the environment an SDK in a pod has (no credentials but the metadata
-    /// service's) and the test virtualenv's AWS CLI on PATH.
+    /// Run a command in a container of a running `demo --keep` (CRI ExecSync, as `kubectl
+    /// exec` reaches the runtime); prints its output and exits with its code.
     DemoExec {
-        /// The pod: frontend or backend.
+        /// The pod: frontend, backend, or one of kiam's (kiam-agent-lab01, ...).
         pod: String,
+        /// The container, when the pod runs more than one.
+        #[arg(long, short)]
+        container: Option<String>,
         /// The command and its arguments.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         command: Vec<String>,
@@ -69,6 +72,7 @@ enum Cmd {
 }
 
 const ROLES: [(&str, &str); 2] = [("frontend", "app-frontend"), ("backend", "app-backend")];
+const DEMO_NAMESPACE: &str = "demo";
 
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
@@ -85,7 +89,7 @@ fn is_root() -> bool {
 fn preflight() -> anyhow::Result<()> {
     if !is_root() {
         bail!(
-            "the demo needs root (BPF programs, cgroups, network namespaces): run `sudo -E cargo xtask demo`"
+            "the demo needs root (containerd, BPF programs, cgroups, network namespaces): run `sudo -E cargo xtask demo`"
         );
     }
     if !["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
@@ -96,32 +100,26 @@ fn preflight() -> anyhow::Result<()> {
             "no cgroup v2 file system at /sys/fs/cgroup or /sys/fs/cgroup/unified: kiam needs cgroup v2 (boot with systemd.unified_cgroup_hierarchy=1)"
         );
     }
-    for tool in ["ip", "nsenter", "bpftool"] {
+    for tool in ["ip", "nsenter", "bpftool", "kubectl"] {
         if Command::new(tool).arg("--version").output().is_err() {
             bail!("{tool} is missing: run `cargo xtask setup`");
         }
     }
-    for (path, fix) in [
-        (repo(".venv/bin/aws"), "run `cargo xtask setup`"),
-        (
-            kiam_e2e::workspace_bin("kiam-agent"),
-            "run `cargo xtask demo` (it builds everything)",
-        ),
-    ] {
-        if !path.exists() {
-            bail!("{} is missing: {fix}", path.display());
-        }
-    }
-    Ok(())
+    lab::preflight().map_err(|why| anyhow::anyhow!("{why} (`cargo xtask demo` does all of it)"))
 }
 
-/// The ARN the AWS CLI gets inside `pod`.
-fn whoami(cluster: &Cluster, pod: &Pod) -> anyhow::Result<String> {
-    let out = cluster.aws_whoami(pod);
-    match out.status.success() {
-        true => Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned()),
-        false => bail!("{}", String::from_utf8_lossy(&out.stderr).trim()),
-    }
+/// A demo pod: the lab's workload image (the AWS CLI, boto3, the Rust SDK), annotated with
+/// `role`, with the region and moto's STS endpoint in its environment as an operator's pod
+/// would have its region.
+fn demo_pod(lab: &mut Lab, name: &str, role: &str) -> LabPod {
+    let sts = format!("http://{}:{}", lab::NODE_IP, lab.sts.moto_port);
+    lab.create_pod(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": DEMO_NAMESPACE,
+            "annotations": {"iam.amazonaws.com/role": role}},
+        "spec": {"terminationGracePeriodSeconds": 1, "containers": [{"name": "app",
+            "image": lab::workload_image(),
+            "env": [{"name": "AWS_DEFAULT_REGION", "value": "us-east-1"},
+                    {"name": "AWS_ENDPOINT_URL_STS", "value": sts}]}]}}))
 }
 
 fn demo(keep: bool) -> anyhow::Result<()> {
@@ -129,50 +127,84 @@ fn demo(keep: bool) -> anyhow::Result<()> {
     let node = Node::new();
     let id = node.id.clone();
     println!(
-        "Starting demo kiam-e2e-{id}: moto (STS), the Kubernetes API emulator, two kiam servers, the agent …"
+        "Starting demo kiam-e2e-{id}: a node lab (containerd with CRI and CNI, a stand-in kubelet, the API emulator, moto as STS) running kiam from the shipped manifests and images …"
     );
     ctrlc::set_handler(move || {
         eprintln!("\ninterrupted: cleaning up");
         let _ = std::fs::remove_file(demo_state());
-        kiam_e2e::kill_tracked();
-        node::cleanup(&id);
+        lab::cleanup(&id);
         std::process::exit(130);
     })
     .context("installing the Ctrl-C handler")?;
-
-    let mut cluster = Cluster::start(
-        node,
-        "demo",
+    let mut lab = Lab::start_on(node);
+    lab.ensure_namespace(
+        DEMO_NAMESPACE,
         json!({"iam.amazonaws.com/permitted": "app-frontend|app-backend"}),
-        &[],
     );
-    let pods: Vec<(Pod, &str, &str)> = ROLES
+    let pods: Vec<(LabPod, &str)> = ROLES
         .iter()
-        .map(|(name, role)| {
-            let pod = cluster.pod(name, json!({"iam.amazonaws.com/role": role}));
-            (pod, *name, *role)
-        })
+        .map(|(name, role)| (demo_pod(&mut lab, name, role), *role))
         .collect();
-    // The servers prefetch the roles as soon as their watches deliver the pods.
-    std::thread::sleep(Duration::from_millis(500));
-
+    for (pod, _) in &pods {
+        lab.wait_pod_ready(pod, Duration::from_secs(120));
+    }
+    println!();
+    println!("kiam, as the manifests in deploy/kustomize/base deploy it:");
+    for pod in lab.pods() {
+        let namespace = pod["metadata"]["namespace"].as_str().unwrap_or("");
+        if namespace != "kiam" {
+            continue;
+        }
+        println!(
+            "  {namespace}/{:<18} {:<40} {}",
+            pod["metadata"]["name"].as_str().unwrap_or(""),
+            pod["spec"]["containers"][0]["image"].as_str().unwrap_or(""),
+            pod["status"]["podIP"].as_str().unwrap_or(""),
+        );
+    }
     println!();
     println!(
-        "{:<10} {:<14} aws sts get-caller-identity, run inside the pod",
-        "POD", "ANNOTATION"
+        "{:<10} {:<14} {:<14} aws sts get-caller-identity, run in the pod's container",
+        "POD", "ANNOTATION", "CONTAINER"
     );
     let mut arns = Vec::new();
-    for (pod, name, role) in &pods {
-        let arn = whoami(&cluster, pod).with_context(|| format!("the AWS CLI in pod {name}"))?;
-        println!("{name:<10} {role:<14} {arn}");
+    for (pod, role) in &pods {
+        let container = lab.container_id(pod, "app").unwrap_or_default();
+        let (code, out, err) = lab.exec(
+            pod,
+            "app",
+            &[
+                "aws",
+                "sts",
+                "get-caller-identity",
+                "--query",
+                "Arn",
+                "--output",
+                "text",
+            ],
+            Duration::from_secs(60),
+        );
+        if code != 0 {
+            bail!("the AWS CLI in pod {}: {}{}", pod.name, out, err.trim());
+        }
+        let arn = out.trim().to_owned();
+        println!(
+            "{:<10} {role:<14} {:<14} {arn}",
+            pod.name,
+            &container[..container.len().min(12)]
+        );
         arns.push(arn);
     }
     println!();
-    println!("Each pod connected to 169.254.169.254; kiam's eBPF programs sent it to the agent,");
-    println!("which knew the pod from its cgroup and asked the servers for that pod's role.");
+    println!(
+        "Each pod's AWS CLI connected to 169.254.169.254; kiam's eBPF programs sent it to the"
+    );
+    println!(
+        "agent, which knew the pod from its cgroup and asked the servers for that pod's role."
+    );
     println!(
         "Nothing reached the node's metadata service: {} connections.",
-        cluster.node.fake_imds_connections()
+        lab.node.fake_imds_connections()
     );
     if arns.len() != 2 || arns[0] == arns[1] {
         bail!("expected two different assumed roles, got {arns:?}");
@@ -188,49 +220,37 @@ fn demo(keep: bool) -> anyhow::Result<()> {
     }
     println!();
     println!("Inspect the kernel side:");
-    let node = &cluster.node;
-    let tree = node.bpftool_cgroup_tree();
-    println!("  bpftool cgroup tree {}", node.test_cgroup.display());
+    let kubepods = lab.node.test_cgroup.join("kubepods");
+    println!("  bpftool cgroup tree {}", kubepods.display());
+    let tree = Command::new("bpftool")
+        .args(["cgroup", "tree"])
+        .arg(&kubepods)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
     for line in tree
         .lines()
         .filter(|l| l.contains("kiam_") || l.starts_with('/'))
     {
         println!("      {line}");
     }
-    let maps = node
-        .pin_dir
-        .join(format!("maps-v{}", kiam_common::LAYOUT_VERSION));
     println!("  bpftool prog list | grep -A3 kiam_");
-    println!("  bpftool map dump pinned {}/KIAM_CONFIG", maps.display());
-    println!("  bpftool map dump pinned {}/KIAM_STATS", maps.display());
     println!(
-        "  {} status --bpffs-dir {}",
-        node::agent_bin().display(),
-        node.pin_dir.display()
+        "  cargo xtask demo exec {} -- kiam-agent status",
+        lab.agent.name
     );
-    let state: serde_json::Map<String, serde_json::Value> = pods
-        .iter()
-        .map(|(pod, name, _)| {
-            (
-                (*name).to_owned(),
-                json!({
-                    "cgroup": pod.cgroup,
-                    "netns": pod.netns,
-                    "home": cluster.home(),
-                }),
-            )
-        })
-        .collect();
     std::fs::create_dir_all(demo_state().parent().unwrap_or(std::path::Path::new(".")))?;
-    std::fs::write(demo_state(), serde_json::to_vec_pretty(&state)?)?;
+    std::fs::write(
+        demo_state(),
+        serde_json::to_vec_pretty(&json!({"cri": lab.cri_socket()}))?,
+    )?;
     println!();
-    println!("Run commands inside a pod, from another terminal (as root):");
     println!(
-        "  cargo xtask demo exec frontend -- aws sts get-caller-identity --endpoint-url {}",
-        kiam_e2e::cluster::STS_URL
+        "Run commands in a pod's container (CRI ExecSync, as kubectl exec), from another terminal (as root):"
     );
+    println!("  cargo xtask demo exec frontend -- aws sts get-caller-identity");
     println!(
-        "  cargo xtask demo exec backend -- curl -s http://169.254.169.254/latest/meta-data/iam/security-credentials/"
+        "  cargo xtask demo exec backend -- kiam-e2e-helper get http://169.254.169.254/latest/meta-data/iam/security-credentials/"
     );
     println!("\nRunning until Ctrl-C.");
     loop {
@@ -238,54 +258,91 @@ fn demo(keep: bool) -> anyhow::Result<()> {
     }
 }
 
-/// Where a running `demo --keep` says where its pods are.
+/// Where a running `demo --keep` says where its runtime is.
 fn demo_state() -> PathBuf {
-    repo("target/demo/pods.json")
+    repo("target/demo/lab.json")
 }
 
-fn demo_exec(pod: &str, command: &[String]) -> ExitCode {
-    let run = || -> anyhow::Result<ExitCode> {
-        let state: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(demo_state())
-                .context("no demo running: start `sudo -E cargo xtask demo --keep` first")?,
-        )?;
-        let Some(found) = state.get(pod) else {
-            let names: Vec<&String> = state
-                .as_object()
-                .map(|o| o.keys().collect())
-                .unwrap_or_default();
-            bail!("no pod {pod:?} in the demo; its pods: {names:?}");
-        };
-        let field = |key: &str| found[key].as_str().map(str::to_owned).context("demo state");
-        let (cgroup, netns, home) = (field("cgroup")?, field("netns")?, field("home")?);
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c")
-            .arg(format!("echo $$ > '{cgroup}/cgroup.procs' && exec \"$@\""))
-            .arg("sh")
-            .arg("nsenter")
-            .arg(format!("--net=/var/run/netns/{netns}"))
-            .arg("--")
-            .args(command);
-        node::sdk_env(&mut cmd, std::path::Path::new(&home));
-        cmd.env(
-            "PATH",
-            format!(
-                "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                repo(".venv/bin").display()
-            ),
-        );
-        let status = cmd.status().context("running the command in the pod")?;
-        Ok(ExitCode::from(
-            status.code().unwrap_or(1).clamp(0, 255) as u8
-        ))
-    };
-    match run() {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("kiam-dev: {e:#}");
-            ExitCode::FAILURE
+/// `command` in `pod`'s container (`container`, or its only running one) through the demo
+/// runtime's CRI ExecSync: its output, then its exit code.
+fn demo_exec(pod: &str, container: Option<&str>, command: &[String]) -> anyhow::Result<ExitCode> {
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(demo_state())
+            .context("no demo running: start `sudo -E cargo xtask demo --keep` first")?,
+    )?;
+    let socket = state["cri"].as_str().context("demo state: no CRI socket")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("unix://{socket}"))?
+            .connect()
+            .await
+            .context("the demo's containerd (is `cargo xtask demo --keep` still running?)")?;
+        let mut cri = cri::runtime_service_client::RuntimeServiceClient::new(channel);
+        let running = cri
+            .list_containers(cri::ListContainersRequest {
+                filter: Some(cri::ContainerFilter {
+                    state: Some(cri::ContainerStateValue {
+                        state: cri::ContainerState::ContainerRunning as i32,
+                    }),
+                    ..Default::default()
+                }),
+            })
+            .await?
+            .into_inner()
+            .containers;
+        let label = |c: &cri::Container, key: &str| c.labels.get(key).cloned().unwrap_or_default();
+        let in_pod: Vec<&cri::Container> = running
+            .iter()
+            .filter(|c| label(c, "io.kubernetes.pod.name") == pod)
+            .collect();
+        if in_pod.is_empty() {
+            let mut pods: Vec<String> = running
+                .iter()
+                .map(|c| label(c, "io.kubernetes.pod.name"))
+                .collect();
+            pods.sort();
+            pods.dedup();
+            bail!(
+                "no running pod {pod:?} in the demo; its pods: {}",
+                pods.join(", ")
+            );
         }
-    }
+        let names: Vec<String> = in_pod
+            .iter()
+            .map(|c| label(c, "io.kubernetes.container.name"))
+            .collect();
+        let chosen = match container {
+            Some(name) => in_pod
+                .iter()
+                .find(|c| label(c, "io.kubernetes.container.name") == name)
+                .with_context(|| {
+                    format!(
+                        "pod {pod} has no running container {name:?}; it has {}",
+                        names.join(", ")
+                    )
+                })?,
+            None if in_pod.len() == 1 => &in_pod[0],
+            None => bail!(
+                "pod {pod} runs several containers ({}): name one with --container",
+                names.join(", ")
+            ),
+        };
+        let answer = cri
+            .exec_sync(cri::ExecSyncRequest {
+                container_id: chosen.id.clone(),
+                cmd: command.to_vec(),
+                timeout: 600,
+            })
+            .await
+            .context("CRI ExecSync")?
+            .into_inner();
+        use std::io::Write as _;
+        std::io::stdout().write_all(&answer.stdout)?;
+        std::io::stderr().write_all(&answer.stderr)?;
+        Ok(ExitCode::from(answer.exit_code.clamp(0, 255) as u8))
+    })
 }
 
 fn certs(out: PathBuf, server_names: Vec<String>, nodes: Vec<String>) -> anyhow::Result<()> {
@@ -358,7 +415,14 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Cmd::FlagsDoc => flags_doc().map(|doc| print!("{doc}")),
         Cmd::Demo { keep } => demo(keep),
-        Cmd::DemoExec { pod, command } => return demo_exec(&pod, &command),
+        Cmd::DemoExec {
+            pod,
+            container,
+            command,
+        } => match demo_exec(&pod, container.as_deref(), &command) {
+            Ok(code) => return code,
+            Err(e) => Err(e),
+        },
         Cmd::Certs {
             out,
             server_names,

@@ -1054,37 +1054,7 @@ impl Kubelet {
             podspec::qos_class(&run.pod),
             run.uid(),
         );
-        remove_pod_cgroup(parent.trim_start_matches('/'));
-    }
-}
-
-/// Removes `relative` (and what is below it) from every cgroup hierarchy: the unified one
-/// and, on a hybrid or v1 host, each controller's.
-fn remove_pod_cgroup(relative: &str) {
-    let root = Path::new("/sys/fs/cgroup");
-    let mut trees = vec![root.join(relative)];
-    if let Ok(mounts) = std::fs::read_dir(root) {
-        trees.extend(mounts.flatten().map(|m| m.path().join(relative)));
-    }
-    for tree in trees.into_iter().filter(|t| t.is_dir()) {
-        let mut dirs = Vec::new();
-        let mut stack = vec![tree];
-        while let Some(dir) = stack.pop() {
-            if let Ok(entries) = std::fs::read_dir(&dir) {
-                stack.extend(
-                    entries
-                        .flatten()
-                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                        .map(|e| e.path()),
-                );
-            }
-            dirs.push(dir);
-        }
-        for dir in dirs.iter().rev() {
-            if let Err(e) = std::fs::remove_dir(dir) {
-                eprintln!("kiam-lab-kubelet: removing cgroup {}: {e}", dir.display());
-            }
-        }
+        kiam_e2e::lab::remove_cgroup_everywhere(Path::new(parent.trim_start_matches('/')));
     }
 }
 

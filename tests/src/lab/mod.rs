@@ -108,6 +108,11 @@ fn image_archives() -> Vec<(String, PathBuf)> {
     ]
 }
 
+/// The workload image's reference (real SDKs; idle until exec'd into).
+pub fn workload_image() -> String {
+    format!("{WORKLOAD_IMAGE}:{IMAGE_TAG}")
+}
+
 /// A pod of the lab, as the API has it.
 #[derive(Debug, Clone)]
 pub struct LabPod {
@@ -149,10 +154,15 @@ impl Lab {
     /// Starts the node (containerd, the kubelet stand-in) and kiam from the shipped
     /// manifests, and waits until the agent and both servers are ready.
     pub fn start() -> Lab {
+        Lab::start_on(Node::new())
+    }
+
+    /// [`Lab::start`] on a node made by the caller (who then knows its id, for
+    /// [`cleanup`]).
+    pub fn start_on(node: Node) -> Lab {
         if let Err(why) = preflight() {
             panic!("{why}");
         }
-        let node = Node::new();
         let dir = node.dir.join("lab");
         for sub in ["pki", "api", "cni", "ipam", "root", "state", "kubelet"] {
             fs::create_dir_all(dir.join(sub)).expect("lab dirs");
@@ -206,7 +216,8 @@ impl Lab {
         )
     }
 
-    fn socket(&self) -> PathBuf {
+    /// The node's containerd CRI socket.
+    pub fn cri_socket(&self) -> PathBuf {
         self.dir.join("containerd.sock")
     }
 
@@ -256,7 +267,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 "#,
             root = d.join("root").display(),
             state = d.join("state").display(),
-            sock = self.socket().display(),
+            sock = self.cri_socket().display(),
             opt = d.join("opt").display(),
             cni = d.join("cni").display(),
             restrict_oom = !has_sys_resource(),
@@ -301,7 +312,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             .expect("start containerd");
         crate::track(&child);
         self.containerd = Some(child);
-        let socket = self.socket();
+        let socket = self.cri_socket();
         assert!(
             crate::poll(Duration::from_secs(20), || socket.exists()),
             "containerd did not start: {}",
@@ -324,7 +335,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         for (name, archive) in image_archives() {
             sh(Command::new("ctr")
                 .arg("--address")
-                .arg(self.socket())
+                .arg(self.cri_socket())
                 .args(["-n", "k8s.io", "images", "import", "--base-name", &name])
                 .arg(&archive));
         }
@@ -349,7 +360,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             .arg("--kubeconfig")
             .arg(&kubeconfig)
             .arg("--cri-socket")
-            .arg(self.socket())
+            .arg(self.cri_socket())
             .arg("--root-dir")
             .arg(self.dir.join("kubelet"))
             .args(["--cgroup-root", &self.cgroup_root()])
@@ -586,7 +597,7 @@ patches:
         self.create_pod(json!({"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": namespace, "annotations": annotations},
             "spec": {"terminationGracePeriodSeconds": 1, "containers": [{"name": "app",
-                "image": format!("{WORKLOAD_IMAGE}:{IMAGE_TAG}")}]}}))
+                "image": workload_image()}]}}))
     }
 
     /// The pod as the API has it now.
@@ -605,7 +616,8 @@ patches:
         })
     }
 
-    fn pods(&self) -> Vec<Value> {
+    /// Every pod the API has.
+    pub fn pods(&self) -> Vec<Value> {
         let (_, body) = self.api("GET", "/api/v1/pods");
         serde_json::from_str::<Value>(&body)
             .ok()
@@ -733,7 +745,7 @@ patches:
     pub fn tag_image(&self, from: &str, to: &str) {
         sh(Command::new("ctr")
             .arg("--address")
-            .arg(self.socket())
+            .arg(self.cri_socket())
             .args(["-n", "k8s.io", "images", "tag", from, to]));
     }
 
@@ -862,17 +874,16 @@ fn secret_object(namespace: &str, name: &str, data: &[(&str, Vec<u8>)]) -> Value
         "metadata": {"name": name, "namespace": namespace}, "data": data})
 }
 
-/// Removes a cgroup tree in every cgroup v1 hierarchy (runc makes pods' cgroups in each
-/// controller's hierarchy too on a hybrid host).
-fn remove_v1_cgroups(relative: &Path) {
-    let Ok(mounts) = fs::read_dir("/sys/fs/cgroup") else {
-        return;
-    };
-    for mount in mounts.flatten() {
-        let tree = mount.path().join(relative);
-        if mount.file_name() == "unified" || !tree.is_dir() {
-            continue;
-        }
+/// Removes `relative` (and what is below it) from every cgroup hierarchy: the unified one
+/// and, on a hybrid or v1 host, each controller's, where runc makes a container's cgroups
+/// too. A directory still busy (its processes dying) is retried for a second.
+pub fn remove_cgroup_everywhere(relative: &Path) {
+    let root = Path::new("/sys/fs/cgroup");
+    let mut trees = vec![root.join(relative)];
+    if let Ok(mounts) = fs::read_dir(root) {
+        trees.extend(mounts.flatten().map(|m| m.path().join(relative)));
+    }
+    for tree in trees.into_iter().filter(|t| t.is_dir()) {
         let mut dirs = Vec::new();
         let mut stack = vec![tree];
         while let Some(dir) = stack.pop() {
@@ -886,11 +897,16 @@ fn remove_v1_cgroups(relative: &Path) {
             dirs.push(dir);
         }
         for dir in dirs.iter().rev() {
+            let mut result = fs::remove_dir(dir);
             for _ in 0..50 {
-                if fs::remove_dir(dir).is_ok() {
+                if result.is_ok() {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(20));
+                result = fs::remove_dir(dir);
+            }
+            if let Err(e) = result {
+                eprintln!("removing cgroup {}: {e}", dir.display());
             }
         }
     }
@@ -898,29 +914,43 @@ fn remove_v1_cgroups(relative: &Path) {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        if let Some(mut kubelet) = self.kubelet.take() {
-            let _ = kubelet.kill();
-            let _ = kubelet.wait();
+        for child in [self.kubelet.take(), self.containerd.take()]
+            .into_iter()
+            .flatten()
+        {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
         }
-        // Every process of the node (containerd, its shims, the pods) is in the test cgroup.
-        let _ = fs::write(self.node.test_cgroup.join("cgroup.kill"), "1");
-        if let Some(mut containerd) = self.containerd.take() {
-            let _ = containerd.kill();
-            let _ = containerd.wait();
-        }
-        std::thread::sleep(Duration::from_millis(300));
-        let relative = self
-            .node
-            .test_cgroup
-            .strip_prefix(&self.node.cgroup_root)
-            .map(Path::to_owned)
-            .unwrap_or_default();
-        remove_v1_cgroups(&relative);
-        // The node's mount namespace died with its processes; containerd's files remain.
-        let _ = Command::new("umount")
-            .args(["--recursive", "--lazy"])
-            .arg(self.dir.join("root"))
-            .output();
-        let _ = fs::remove_dir_all(&self.dir);
+        teardown(&self.node.test_cgroup, &self.node.cgroup_root, &self.dir);
     }
+}
+
+/// What a lab leaves behind once its own processes are gone: every process in the node's
+/// test cgroup (the shims, the pods) killed, its cgroups in every hierarchy, containerd's
+/// mounts and files.
+fn teardown(test_cgroup: &Path, cgroup_root: &Path, dir: &Path) {
+    let _ = fs::write(test_cgroup.join("cgroup.kill"), "1");
+    std::thread::sleep(Duration::from_millis(300));
+    let relative = test_cgroup
+        .strip_prefix(cgroup_root)
+        .map(Path::to_owned)
+        .unwrap_or_default();
+    remove_cgroup_everywhere(&relative);
+    // The node's mount namespace died with its processes; containerd's files remain.
+    let _ = Command::new("umount")
+        .args(["--recursive", "--lazy"])
+        .arg(dir.join("root"))
+        .output();
+    let _ = fs::remove_dir_all(dir);
+}
+
+/// Removes the lab of node `id` from a process that cannot drop its [`Lab`] (Ctrl-C in the
+/// demo): every tracked process, then what [`Drop`] removes, then the node.
+pub fn cleanup(id: &str) {
+    crate::kill_tracked();
+    let test_cgroup = crate::node::cgroup_root().join(format!("kiam-e2e-{id}"));
+    let dir = std::env::temp_dir().join(format!("kiam-e2e-{id}/lab"));
+    teardown(&test_cgroup, &crate::node::cgroup_root(), &dir);
+    crate::node::cleanup(id);
 }
