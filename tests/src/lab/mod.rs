@@ -31,13 +31,14 @@ use crate::{
 };
 
 /// Where the lab stands in for a cluster service, and how. Listed here and in the README.
-pub const SUBSTITUTIONS: [&str; 6] = [
+pub const SUBSTITUTIONS: [&str; 7] = [
     "kubelet: kiam-lab-kubelet (CRI calls as the kubelet makes them; refuses what it does not support)",
     "kube-apiserver: the API emulator (real list/watch, TokenRequest, TokenReview, pod status; no RBAC); its ServiceAccount admission (the kube-api-access volume) is done by the lab when it creates pods",
     "scheduler and controllers: the lab makes the DaemonSet's and the Deployment's pods from their templates, bound to the node",
     "cluster DNS (CoreDNS): the kubelet stand-in answers at the --cluster-dns address, for the kiam-server Service only (its ready pods)",
     "IRSA (the EKS pod identity webhook): the servers get moto's endpoint, a region and static credentials as environment variables (a kustomize patch)",
     "kubelet --cgroup-root: the node's test cgroup, so the agent is told --attach-cgroup <test cgroup>/kubepods (a kustomize patch)",
+    "containerd restrict_oom_score_adj: on where the machine's root lacks CAP_SYS_RESOURCE (as in this VM), which a node's root has; containers then cannot lower their OOM score",
 ];
 
 const IMAGE_TAG: &str = env!("CARGO_PKG_VERSION");
@@ -953,4 +954,20 @@ pub fn cleanup(id: &str) {
     let dir = std::env::temp_dir().join(format!("kiam-e2e-{id}/lab"));
     teardown(&test_cgroup, &crate::node::cgroup_root(), &dir);
     crate::node::cleanup(id);
+}
+
+#[cfg(test)]
+mod tests {
+    /// Each substitution is a row of the README's table, by the name before its colon.
+    #[test]
+    fn every_substitution_is_in_the_readmes_table() {
+        let readme = std::fs::read_to_string(crate::repo("README.md")).expect("README");
+        for substitution in super::SUBSTITUTIONS {
+            let (part, _) = substitution.split_once(':').expect("`part: how`");
+            assert!(
+                readme.contains(&format!("\n| {part} | ")),
+                "README's node lab table lacks {part:?}"
+            );
+        }
+    }
 }
