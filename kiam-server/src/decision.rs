@@ -21,6 +21,7 @@ use std::sync::Arc;
 use tonic::Code;
 
 use crate::{
+    containers::{ANNOTATION_CONTAINER_ROLES, ContainerKind, ContainerRole, RolesError},
     credentials::{CacheKey, StsError},
     index::{Index, PodInfo},
     policy::{
@@ -53,6 +54,8 @@ pub enum RoleSource {
     Annotation,
     /// `--default-role`, for a pod without an annotation.
     Default,
+    /// The caller's container's entry in the pod's container-roles annotation.
+    Container,
 }
 
 impl RoleSource {
@@ -60,6 +63,15 @@ impl RoleSource {
         match self {
             Self::Annotation => "annotation",
             Self::Default => "default",
+            Self::Container => "container-roles",
+        }
+    }
+
+    /// Whose role it is: the pod's (every container not listed) or one container's.
+    pub fn scope(self) -> &'static str {
+        match self {
+            Self::Annotation | Self::Default => "pod",
+            Self::Container => "container",
         }
     }
 }
@@ -82,6 +94,8 @@ pub enum Access {
 pub struct Decision {
     pub pod: Arc<PodInfo>,
     pub access: Access,
+    /// The caller's container's name, when the pod has per-container roles and knows it.
+    pub container: Option<String>,
 }
 
 impl Decision {
@@ -177,6 +191,24 @@ pub enum Refusal {
         "namespace {namespace} already uses {max} distinct sessions (role, external id, session name): the limit (--max-sessions-per-namespace)"
     )]
     TooManySessions { namespace: String, max: usize },
+    #[error(
+        "pod {pod} has per-container roles, and its status does not list container {id} yet (the kubelet reports it shortly after starting it)"
+    )]
+    UnknownContainer { pod: String, id: String },
+    #[error("pod {pod}, container {container}: {why}")]
+    ContainerNoRole {
+        pod: String,
+        container: String,
+        why: String,
+    },
+    #[error(
+        "pod {0} has per-container roles, and the caller is in no container of it (the pod's own cgroup): only containers can be told apart"
+    )]
+    NotInContainer(String),
+    #[error(
+        "pod {pod}: the {ANNOTATION_CONTAINER_ROLES} annotation is malformed ({error}), so none of its containers gets anything"
+    )]
+    ContainerRolesInvalid { pod: String, error: RolesError },
 }
 
 impl Refusal {
@@ -207,6 +239,9 @@ impl Refusal {
             Self::AgentTokenReviewUnavailable(_) => Reason::AgentTokenReviewUnavailable,
             Self::AgentTokenNoNode(_) => Reason::AgentTokenNoNode,
             Self::TooManySessions { .. } => Reason::TooManySessions,
+            Self::UnknownContainer { .. } => Reason::ContainerNotKnown,
+            Self::ContainerNoRole { .. } | Self::NotInContainer(_) => Reason::ContainerNoRole,
+            Self::ContainerRolesInvalid { .. } => Reason::ContainerRolesInvalid,
             Self::Sts { error, .. } => match error {
                 StsError::Denied(_) => Reason::StsDenied,
                 StsError::Invalid(_) => Reason::StsInvalid,
@@ -219,14 +254,18 @@ impl Refusal {
 
     pub fn code(&self) -> Code {
         match self.reason() {
-            Reason::BadRequest | Reason::RoleInvalid => Code::InvalidArgument,
+            Reason::BadRequest | Reason::RoleInvalid | Reason::ContainerRolesInvalid => {
+                Code::InvalidArgument
+            }
             Reason::IndexNotSynced
             | Reason::StsUnavailable
             | Reason::AgentTokenReviewUnavailable => Code::Unavailable,
             Reason::PodNotKnown
             | Reason::PodCompleted
             | Reason::NoRoleAnnotation
-            | Reason::OtherRole => Code::NotFound,
+            | Reason::OtherRole
+            | Reason::ContainerNotKnown
+            | Reason::ContainerNoRole => Code::NotFound,
             Reason::NodeMetadataPassthrough | Reason::StsInvalid => Code::FailedPrecondition,
             Reason::TooManySessions => Code::ResourceExhausted,
             Reason::AgentIdentityMissing
@@ -265,13 +304,111 @@ pub fn pod_label(pod: &PodInfo) -> String {
     format!("{}/{}", pod.namespace, pod.name)
 }
 
-/// What `pod` may have, given its namespace's rules (none when the namespace is unknown).
-/// Everything but the node check: prefetch and refresh use this for every pod.
+/// What `pod` may have, given its namespace's rules (none when the namespace is unknown),
+/// for a container the pod's container-roles annotation does not list (or a pod without
+/// one). Everything but the node check: prefetch and refresh use this for every pod.
 pub fn decide_pod(
     settings: &Settings,
     pod: &PodInfo,
     rules: Option<&NamespaceRules>,
 ) -> Result<Access, Refusal> {
+    if let Some(access) = prelude(settings, pod)? {
+        return Ok(access);
+    }
+    pod_role(settings, pod, rules)
+}
+
+/// What the caller in container `container_id` of `pod` may have: its entry in the pod's
+/// container-roles annotation, or the pod's role when it is not listed (or the pod has no
+/// such annotation).
+pub fn decide_container(
+    settings: &Settings,
+    pod: &PodInfo,
+    rules: Option<&NamespaceRules>,
+    container_id: Option<&str>,
+) -> Result<Access, Refusal> {
+    let Some(containers) = &pod.containers else {
+        return decide_pod(settings, pod, rules);
+    };
+    if let Some(access) = prelude(settings, pod)? {
+        return Ok(access);
+    }
+    let roles = containers
+        .roles
+        .as_ref()
+        .map_err(|error| Refusal::ContainerRolesInvalid {
+            pod: pod_label(pod),
+            error: error.clone(),
+        })?;
+    let Some(id) = container_id.filter(|id| !id.is_empty()) else {
+        return Err(Refusal::NotInContainer(pod_label(pod)));
+    };
+    let Some((name, kind)) = containers.container(id) else {
+        return Err(Refusal::UnknownContainer {
+            pod: pod_label(pod),
+            id: id.get(..12).unwrap_or(id).to_owned(),
+        });
+    };
+    let no_role = |why: String| Refusal::ContainerNoRole {
+        pod: pod_label(pod),
+        container: name.to_owned(),
+        why,
+    };
+    match roles.0.get(name) {
+        Some(Some(role)) => container_role(settings, pod, rules, name, role),
+        Some(None) => Err(no_role(format!(
+            "listed in {ANNOTATION_CONTAINER_ROLES} with no role"
+        ))),
+        None if kind == ContainerKind::Ephemeral => Err(no_role(format!(
+            "an ephemeral container gets nothing unless {ANNOTATION_CONTAINER_ROLES} lists it"
+        ))),
+        None => pod_role(settings, pod, rules),
+    }
+}
+
+/// Every access some container of `pod` may have (prefetch and refresh): the pod's own role
+/// and each listed container's. For a pod with per-container roles, the pod's own is left
+/// out when it has none (its containers may all be listed).
+pub fn decide_every(
+    settings: &Settings,
+    pod: &PodInfo,
+    rules: Option<&NamespaceRules>,
+) -> Vec<Result<Access, Refusal>> {
+    let Some(containers) = &pod.containers else {
+        return vec![decide_pod(settings, pod, rules)];
+    };
+    match prelude(settings, pod) {
+        Ok(Some(access)) => return vec![Ok(access)],
+        Err(refusal) => return vec![Err(refusal)],
+        Ok(None) => {}
+    }
+    let roles = match &containers.roles {
+        Ok(roles) => roles,
+        Err(error) => {
+            return vec![Err(Refusal::ContainerRolesInvalid {
+                pod: pod_label(pod),
+                error: error.clone(),
+            })];
+        }
+    };
+    let mut every: Vec<Result<Access, Refusal>> = roles
+        .0
+        .iter()
+        .filter_map(|(name, role)| {
+            role.as_ref()
+                .map(|role| container_role(settings, pod, rules, name, role))
+        })
+        .collect();
+    match pod_role(settings, pod, rules) {
+        Err(Refusal::NoRole { .. } | Refusal::DefaultRoleNotPermitted { .. }) => {}
+        own => every.push(own),
+    }
+    every
+}
+
+/// The checks before any role: completed pods get nothing; the operator's pass-through
+/// rules; static pods. `Some` is the whole answer.
+fn prelude(settings: &Settings, pod: &PodInfo) -> Result<Option<Access>, Refusal> {
     if pod.completed() {
         return Err(Refusal::Completed(pod_label(pod)));
     }
@@ -285,13 +422,22 @@ pub fn decide_pod(
     if passed_through {
         // Static pods too (kube-proxy, etcd, a self-managed control plane): selected like
         // any pod, by namespace, service account and host network.
-        return Ok(Access::PassThrough);
+        return Ok(Some(Access::PassThrough));
     }
     // The kubelet creates a mirror pod for each static pod, in any namespace and with any
     // annotation the node's manifest says: trusting it would let a node pick roles.
     if pod.mirror.is_some() {
         return Err(Refusal::Mirror(pod_label(pod)));
     }
+    Ok(None)
+}
+
+/// The pod's own role: its role annotation, or `--default-role`.
+fn pod_role(
+    settings: &Settings,
+    pod: &PodInfo,
+    rules: Option<&NamespaceRules>,
+) -> Result<Access, Refusal> {
     let (value, source) = match (
         pod.annotations.get(&settings.role_annotation),
         &settings.default_role,
@@ -306,16 +452,74 @@ pub fn decide_pod(
         }
     };
     let forbidden = |denied| match source {
-        RoleSource::Annotation => Refusal::Forbidden {
-            pod: pod_label(pod),
-            denied,
-        },
         RoleSource::Default => Refusal::DefaultRoleNotPermitted {
             pod: pod_label(pod),
             annotation: settings.role_annotation.clone(),
             denied,
         },
+        _ => Refusal::Forbidden {
+            pod: pod_label(pod),
+            denied,
+        },
     };
+    role_access(
+        settings,
+        pod,
+        rules,
+        Asked {
+            value,
+            source,
+            external_id: pod.annotations.get(ANNOTATION_EXTERNAL_ID),
+            session_name: pod.annotations.get(ANNOTATION_SESSION_NAME),
+        },
+        forbidden,
+    )
+}
+
+/// A listed container's role: checked against the namespace's rule exactly like a pod's.
+fn container_role(
+    settings: &Settings,
+    pod: &PodInfo,
+    rules: Option<&NamespaceRules>,
+    name: &str,
+    role: &ContainerRole,
+) -> Result<Access, Refusal> {
+    let forbidden = |denied| Refusal::Forbidden {
+        pod: format!("{} container {name}", pod_label(pod)),
+        denied,
+    };
+    role_access(
+        settings,
+        pod,
+        rules,
+        Asked {
+            value: &role.role,
+            source: RoleSource::Container,
+            external_id: role.external_id.as_ref(),
+            session_name: role.session_name.as_ref(),
+        },
+        forbidden,
+    )
+}
+
+/// A role as a pod or container asks for it.
+struct Asked<'a> {
+    value: &'a String,
+    source: RoleSource,
+    external_id: Option<&'a String>,
+    session_name: Option<&'a String>,
+}
+
+/// `asked`, resolved against the base ARN and checked against the namespace's rule, with
+/// its credential cache key.
+fn role_access(
+    settings: &Settings,
+    pod: &PodInfo,
+    rules: Option<&NamespaceRules>,
+    asked: Asked<'_>,
+    forbidden: impl Fn(Denied) -> Refusal,
+) -> Result<Access, Refusal> {
+    let value = asked.value;
     let role = settings.base.resolve(value).map_err(|e| {
         forbidden(Denied::BadRole {
             value: value.clone(),
@@ -329,12 +533,12 @@ pub fn decide_pod(
     })?;
     rules
         .check(&pod.namespace, &role, &settings.base)
-        .map_err(forbidden)?;
-    let session = pod
-        .annotations
-        .get(ANNOTATION_SESSION_NAME)
+        .map_err(&forbidden)?;
+    let session = asked
+        .session_name
         .map(|s| session_name(s))
         .unwrap_or_else(|| session_name(&settings.default_session_name));
+    let service_account = pod.service_account.as_deref().unwrap_or("default");
     let tags = match settings.session_tags {
         true => vec![
             ("kiam-namespace".to_owned(), pod.namespace.clone()),
@@ -347,29 +551,34 @@ pub fn decide_pod(
     };
     let key = CacheKey {
         role_arn: role.arn.clone(),
-        external_id: pod.annotations.get(ANNOTATION_EXTERNAL_ID).cloned(),
+        external_id: asked.external_id.cloned(),
         session_name: session,
         tags,
     };
-    Ok(Access::Role { role, key, source })
+    Ok(Access::Role {
+        role,
+        key,
+        source: asked.source,
+    })
 }
 
-/// What a pod of the index may have, without the node check (prefetch and refresh).
-pub fn decide_indexed(
+/// Every access some container of a pod of the index may have (prefetch and refresh).
+pub fn decide_every_indexed(
     index: &Index,
     settings: &Settings,
     pod: &PodInfo,
-) -> Result<Access, Refusal> {
-    decide_pod(settings, pod, index.namespace(&pod.namespace).as_deref())
+) -> Vec<Result<Access, Refusal>> {
+    decide_every(settings, pod, index.namespace(&pod.namespace).as_deref())
 }
 
 /// The full decision for an agent whose node is `node` (proven, not claimed) asking about
-/// the pod with this UID.
+/// the pod with this UID, for a caller in container `container_id` (as its cgroup names it).
 pub fn decide(
     index: &Index,
     settings: &Settings,
     uid: &str,
     node: &str,
+    container_id: Option<&str>,
 ) -> Result<Decision, Refusal> {
     if !index.synced() {
         return Err(Refusal::IndexNotSynced);
@@ -385,8 +594,23 @@ pub fn decide(
             asked: node.to_owned(),
         });
     }
-    let access = decide_indexed(index, settings, &pod)?;
-    Ok(Decision { pod, access })
+    let access = decide_container(
+        settings,
+        &pod,
+        index.namespace(&pod.namespace).as_deref(),
+        container_id,
+    )?;
+    let container = pod
+        .containers
+        .as_ref()
+        .zip(container_id)
+        .and_then(|(containers, id)| containers.container(id))
+        .map(|(name, _)| name.to_owned());
+    Ok(Decision {
+        pod,
+        access,
+        container,
+    })
 }
 
 /// The static pod an agent knows by `hash` (its cgroup's UID, the kubelet's config hash),
@@ -439,6 +663,7 @@ mod tests {
             service_account: None,
             host_network: false,
             mirror: None,
+            containers: None,
             annotations: annotations
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -448,6 +673,165 @@ mod tests {
 
     fn rules() -> NamespaceRules {
         NamespaceRules::parse(Some("app|team/.*"), None)
+    }
+
+    /// A pod with per-container roles `annotation` whose status reports these
+    /// (name, ID, kind) containers.
+    fn pod_with_containers(
+        annotation: &str,
+        annotations: &[(&str, &str)],
+        containers: &[(&str, &str, &str)],
+    ) -> PodInfo {
+        let mut status = serde_json::json!({});
+        for (name, id, list) in containers {
+            let entries = status[*list]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .chain([
+                    serde_json::json!({"name": name, "containerID": format!("containerd://{id}")}),
+                ])
+                .collect::<Vec<_>>();
+            status[*list] = serde_json::json!(entries);
+        }
+        let mut p = pod("uid-c", "team", annotations);
+        p.containers = Some(Box::new(crate::containers::PodContainers::new(
+            annotation,
+            &serde_json::json!({}),
+            &status,
+        )));
+        p
+    }
+
+    #[test]
+    fn decisions_for_containers() {
+        let s = settings();
+        let rules = rules();
+        let app = "containerStatuses";
+        let annotated = pod_with_containers(
+            r#"{"app": "team/app", "envoy": null, "bad": "other",
+                "shipper": {"role": "team/logs", "externalId": "x-1", "sessionName": "ship"}}"#,
+            &[(ANNOTATION_ROLE, "app"), (ANNOTATION_EXTERNAL_ID, "pod-x")],
+            &[
+                ("app", "aaa", app),
+                ("envoy", "bbb", app),
+                ("shipper", "ccc", app),
+                ("plain", "ddd", app),
+                ("debugger", "eee", "ephemeralContainerStatuses"),
+                ("bad", "fff", app),
+                ("setup", "ggg", "initContainerStatuses"),
+            ],
+        );
+        let decide = |p: &PodInfo, id: Option<&str>| decide_container(&s, p, Some(&rules), id);
+        let role_of = |p: &PodInfo, id: Option<&str>| match decide(p, id) {
+            Ok(Access::Role { role, key, source }) => (listed_name(&role).to_owned(), key, source),
+            other => panic!("{id:?}: a role, not {other:?}"),
+        };
+        let reason = |p: &PodInfo, id: Option<&str>| decide(p, id).expect_err("refused").reason();
+
+        // Listed: its own role, external ID and session name; the pod's are not inherited.
+        let (name, key, source) = role_of(&annotated, Some("aaa"));
+        assert_eq!((name.as_str(), source), ("app", RoleSource::Container));
+        assert_eq!(key.role_arn, "arn:aws:iam::123456789012:role/team/app");
+        assert_eq!(key.external_id, None);
+        assert_eq!(source.scope(), "container");
+        let (name, key, _) = role_of(&annotated, Some("ccc"));
+        assert_eq!(name, "logs");
+        assert_eq!(key.external_id.as_deref(), Some("x-1"));
+        assert_eq!(key.session_name, "ship");
+        // Not listed: the pod's role, as before, init containers too.
+        for id in ["ddd", "ggg"] {
+            let (name, key, source) = role_of(&annotated, Some(id));
+            assert_eq!((name.as_str(), source), ("app", RoleSource::Annotation));
+            assert_eq!(key.external_id.as_deref(), Some("pod-x"));
+            assert_eq!(source.scope(), "pod");
+        }
+        // Listed with no role; an ephemeral container not listed; a caller in no container.
+        assert_eq!(reason(&annotated, Some("bbb")), Reason::ContainerNoRole);
+        assert_eq!(reason(&annotated, Some("eee")), Reason::ContainerNoRole);
+        assert_eq!(reason(&annotated, None), Reason::ContainerNoRole);
+        assert_eq!(reason(&annotated, Some("")), Reason::ContainerNoRole);
+        // A container's role passes the namespace's rule like a pod's, and says which.
+        let refused = decide(&annotated, Some("fff")).expect_err("not permitted");
+        assert_eq!(refused.reason(), Reason::RoleNotPermitted);
+        assert!(
+            refused.to_string().contains("team/uid-c container bad"),
+            "{refused}"
+        );
+        // Not (yet) in the status: like an unknown pod, retried by the agent.
+        let unknown = decide(&annotated, Some("zzz")).expect_err("not known");
+        assert_eq!(unknown.reason(), Reason::ContainerNotKnown);
+        assert_eq!(unknown.code(), Code::NotFound);
+
+        // A container not listed in a pod without a role of its own gets nothing.
+        let only_listed = pod_with_containers(
+            r#"{"app": "team/app"}"#,
+            &[],
+            &[("app", "aaa", app), ("side", "bbb", app)],
+        );
+        assert_eq!(role_of(&only_listed, Some("aaa")).0, "app");
+        assert_eq!(reason(&only_listed, Some("bbb")), Reason::NoRoleAnnotation);
+
+        // A malformed annotation: nothing for any container, the pod's role no fallback.
+        let malformed = pod_with_containers(
+            r#"{"app": "team/app","#,
+            &[(ANNOTATION_ROLE, "app")],
+            &[("app", "aaa", app), ("plain", "ddd", app)],
+        );
+        for id in [Some("aaa"), Some("ddd"), None] {
+            let refused = decide(&malformed, id).expect_err("malformed");
+            assert_eq!(refused.reason(), Reason::ContainerRolesInvalid);
+            assert!(
+                refused.to_string().contains(ANNOTATION_CONTAINER_ROLES),
+                "{refused}"
+            );
+        }
+
+        // Without the annotation the container plays no part.
+        let plain = pod("p", "team", &[(ANNOTATION_ROLE, "app")]);
+        assert_eq!(role_of(&plain, Some("anything")).0, "app");
+        assert_eq!(role_of(&plain, None).0, "app");
+
+        // The operator's pass-through rule comes first, as for any pod.
+        let mut system = pod_with_containers(r#"{"app": "team/app"}"#, &[], &[("app", "aaa", app)]);
+        system.namespace = "kube-system".into();
+        system.host_network = true;
+        assert_eq!(decide(&system, Some("aaa")), Ok(Access::PassThrough));
+    }
+
+    #[test]
+    fn every_role_a_pods_containers_may_have_is_prefetched_once() {
+        let s = settings();
+        let rules = rules();
+        let keys = |p: &PodInfo| -> Vec<String> {
+            decide_every(&s, p, Some(&rules))
+                .into_iter()
+                .map(|d| match d {
+                    Ok(Access::Role { role, .. }) => listed_name(&role).to_owned(),
+                    Ok(Access::PassThrough) => "passthrough".into(),
+                    Err(refusal) => refusal.label().to_owned(),
+                })
+                .collect()
+        };
+        let app = "containerStatuses";
+        // Listed roles (whether or not their containers have started), then the pod's own.
+        let annotated = pod_with_containers(
+            r#"{"app": "team/app", "envoy": null, "bad": "other", "shipper": "team/logs"}"#,
+            &[(ANNOTATION_ROLE, "app")],
+            &[("app", "aaa", app)],
+        );
+        assert_eq!(
+            keys(&annotated),
+            ["app", "ROLE_NOT_PERMITTED", "logs", "app"]
+        );
+        // No role of its own: only the listed ones, and no refusal for the missing one.
+        let only = pod_with_containers(r#"{"app": "team/app"}"#, &[], &[]);
+        assert_eq!(keys(&only), ["app"]);
+        let malformed = pod_with_containers("[]", &[(ANNOTATION_ROLE, "app")], &[]);
+        assert_eq!(keys(&malformed), ["CONTAINER_ROLES_INVALID"]);
+        let plain = pod("p", "team", &[(ANNOTATION_ROLE, "app")]);
+        assert_eq!(keys(&plain), ["app"]);
     }
 
     #[test]
@@ -548,12 +932,12 @@ mod tests {
         index.replace_namespaces(Vec::new());
         let s = settings();
         let hash = "36b6d6be73b1065af369b3985edafa09";
-        let decision = decide(&index, &s, hash, "node-1").expect("known by its hash");
+        let decision = decide(&index, &s, hash, "node-1", None).expect("known by its hash");
         assert_eq!(decision.access, Access::PassThrough);
         assert_eq!(decision.pod.uid, "mirror-uid");
         // Only on its own node.
         assert_eq!(
-            decide(&index, &s, hash, "node-2")
+            decide(&index, &s, hash, "node-2", None)
                 .expect_err("other node")
                 .reason(),
             Reason::PodOnOtherNode
@@ -563,7 +947,7 @@ mod tests {
             mirror("mirror-uid", "kube-system"),
             mirror("forged", "team"),
         ]);
-        let refusal = decide(&index, &s, hash, "node-1").expect_err("ambiguous");
+        let refusal = decide(&index, &s, hash, "node-1", None).expect_err("ambiguous");
         assert_eq!(refusal.reason(), Reason::MirrorPod);
         assert!(
             refusal.to_string().contains("claimed by 2 pods"),
@@ -571,7 +955,7 @@ mod tests {
         );
         // An unknown hash is an unknown pod.
         assert_eq!(
-            decide(&index, &s, &hash.replace('3', "4"), "node-1")
+            decide(&index, &s, &hash.replace('3', "4"), "node-1", None)
                 .expect_err("unknown")
                 .reason(),
             Reason::PodNotKnown
@@ -611,6 +995,7 @@ mod tests {
         let decision = Decision {
             pod: Arc::new(system),
             access: Access::PassThrough,
+            container: None,
         };
         assert_eq!(
             decision.role().expect_err("no role").reason(),

@@ -142,6 +142,7 @@ impl Events {
             Reason::NamespaceRuleInvalid => "IAMNamespaceRuleInvalid",
             Reason::RoleNotPermitted => "IAMRoleForbidden",
             Reason::TooManySessions => "IAMSessionLimit",
+            Reason::ContainerRolesInvalid => "IAMContainerRolesInvalid",
             Reason::StsDenied | Reason::StsUnavailable | Reason::StsInvalid => {
                 "IAMAssumeRoleFailed"
             }
@@ -197,6 +198,7 @@ mod tests {
             service_account: None,
             host_network: false,
             mirror: None,
+            containers: None,
             annotations: BTreeMap::new(),
         }
     }

@@ -28,7 +28,10 @@ use kube::{
     runtime::{WatchStreamExt as _, watcher},
 };
 
-use crate::policy::{ANNOTATION_ALLOWED_ROLES, ANNOTATION_PERMITTED, NamespaceRules};
+use crate::{
+    containers::{ANNOTATION_CONTAINER_ROLES, PodContainers},
+    policy::{ANNOTATION_ALLOWED_ROLES, ANNOTATION_PERMITTED, NamespaceRules},
+};
 
 /// What kiam keeps of a pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,6 +50,9 @@ pub struct PodInfo {
     pub mirror: Option<String>,
     /// The annotations kiam reads (role, external id, session name), by key.
     pub annotations: BTreeMap<String, String>,
+    /// Per-container roles and the container IDs they need: only for pods with the
+    /// container-roles annotation (boxed: the other pods pay one pointer).
+    pub containers: Option<Box<PodContainers>>,
 }
 
 impl PodInfo {
@@ -249,6 +255,13 @@ impl Index {
             host_network: obj.data["spec"]["hostNetwork"].as_bool().unwrap_or(false),
             mirror: annotation(obj, ANNOTATION_MIRROR),
             annotations,
+            containers: annotation(obj, ANNOTATION_CONTAINER_ROLES).map(|raw| {
+                Box::new(PodContainers::new(
+                    &raw,
+                    &obj.data["spec"],
+                    &obj.data["status"],
+                ))
+            }),
         })
     }
 

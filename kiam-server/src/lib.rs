@@ -2,12 +2,13 @@
 //!
 //! Layers, kept apart: [`policy`] (annotations, ARNs, namespace and pass-through rules, no
 //! Kubernetes or AWS types), [`decision`] (what a pod may have: pure, typed refusals),
-//! [`index`] (kube-rs watchers, pods by UID), [`credentials`] (STS and the cache),
+//! [`containers`] (per-container roles), [`index`] (kube-rs watchers, pods by UID), [`credentials`] (STS and the cache),
 //! [`identity`] (which node an agent proved: tokens reviewed, certificates),
 //! [`service`] (the thin gRPC layer), [`events`] (Kubernetes Events), [`tls`] (mutual TLS),
 //! [`metrics`].
 
 pub mod config;
+pub mod containers;
 pub mod credentials;
 pub mod decision;
 pub mod events;

@@ -190,22 +190,25 @@ async fn run(cli: RunArgs) -> anyhow::Result<()> {
             let Some(index) = index_ref.upgrade() else {
                 return;
             };
-            let admitted = decision::decide_indexed(&index, &settings, pod).and_then(|access| {
-                match &access {
-                    Access::Role { key, .. } => sessions.admit(&pod.namespace, key),
-                    Access::PassThrough => Ok(()),
+            // The pod's role and, with per-container roles, each listed container's.
+            for decided in decision::decide_every_indexed(&index, &settings, pod) {
+                let admitted = decided.and_then(|access| {
+                    match &access {
+                        Access::Role { key, .. } => sessions.admit(&pod.namespace, key),
+                        Access::PassThrough => Ok(()),
+                    }
+                    .map(|()| access)
+                });
+                match admitted {
+                    Ok(Access::Role { key, .. }) => {
+                        match prefetch_tx.try_send(key) {
+                            Ok(()) => metrics.prefetch_queued.inc(),
+                            Err(_) => metrics.prefetch_dropped.inc(),
+                        };
+                    }
+                    Ok(Access::PassThrough) => {}
+                    Err(refusal) => events.refusal(pod, &refusal),
                 }
-                .map(|()| access)
-            });
-            match admitted {
-                Ok(Access::Role { key, .. }) => {
-                    match prefetch_tx.try_send(key) {
-                        Ok(()) => metrics.prefetch_queued.inc(),
-                        Err(_) => metrics.prefetch_dropped.inc(),
-                    };
-                }
-                Ok(Access::PassThrough) => {}
-                Err(refusal) => events.refusal(pod, &refusal),
             }
         }));
     }
@@ -247,13 +250,13 @@ async fn run(cli: RunArgs) -> anyhow::Result<()> {
                 // kept and refreshed.
                 let mut by_namespace: HashMap<String, HashSet<CacheKey>> = HashMap::new();
                 for pod in &pods {
-                    if let Ok(Access::Role { key, .. }) =
-                        decision::decide_indexed(&index, &settings, pod)
-                    {
-                        by_namespace
-                            .entry(pod.namespace.clone())
-                            .or_default()
-                            .insert(key);
+                    for decided in decision::decide_every_indexed(&index, &settings, pod) {
+                        if let Ok(Access::Role { key, .. }) = decided {
+                            by_namespace
+                                .entry(pod.namespace.clone())
+                                .or_default()
+                                .insert(key);
+                        }
                     }
                 }
                 sessions.retain(&by_namespace);

@@ -28,8 +28,10 @@ pub struct ReasonLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServedLabels {
-    /// `annotation`, or `default` for `--default-role`.
+    /// `annotation`, `default` for `--default-role`, or `container-roles`.
     pub role_source: &'static str,
+    /// Whose role: `pod` (the pod's own, for every container not listed) or `container`.
+    pub scope: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

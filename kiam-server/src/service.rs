@@ -13,7 +13,7 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::{
     credentials::{CredentialCache, StsError},
-    decision::{self, Access, Decision, Refusal, Settings, listed_name},
+    decision::{self, Access, Decision, Refusal, RoleSource, Settings, listed_name},
     events::Events,
     identity::AgentAuth,
     index::Index,
@@ -77,6 +77,7 @@ impl KiamService {
         request: &Request<T>,
         uid: &str,
         node: &str,
+        container_id: &str,
     ) -> Result<Decision, Status> {
         let decided = async {
             if uid.is_empty() || node.is_empty() {
@@ -99,7 +100,8 @@ impl KiamService {
                 )
                 .await?;
             proven.check(node)?;
-            let decision = decision::decide(&self.index, &self.settings, uid, node)?;
+            let container = Some(container_id).filter(|id| !id.is_empty());
+            let decision = decision::decide(&self.index, &self.settings, uid, node, container)?;
             if let Access::Role { key, .. } = &decision.access {
                 self.sessions.admit(&decision.pod.namespace, key)?;
             }
@@ -164,7 +166,7 @@ impl Kiam for KiamService {
     ) -> Result<Response<GetPodRoleResponse>, Status> {
         let r = request.get_ref();
         let result = self
-            .decide_for(&request, &r.pod_uid, &r.node_name)
+            .decide_for(&request, &r.pod_uid, &r.node_name, &r.container_id)
             .await
             .map(|d| {
                 let mut response = GetPodRoleResponse {
@@ -173,9 +175,12 @@ impl Kiam for KiamService {
                     ..GetPodRoleResponse::default()
                 };
                 match &d.access {
-                    Access::Role { role, .. } => {
+                    Access::Role { role, source, .. } => {
                         response.role_name = listed_name(role).to_owned();
                         response.role_arn = role.arn.clone();
+                        if *source == RoleSource::Container {
+                            response.container_name = d.container.clone().unwrap_or_default();
+                        }
                     }
                     Access::PassThrough => {
                         tracing::debug!(pod_uid = %d.pod.uid, namespace = %d.pod.namespace, pod = %d.pod.name, "node metadata pass-through");
@@ -194,7 +199,9 @@ impl Kiam for KiamService {
     ) -> Result<Response<ProtoCredentials>, Status> {
         let result = async {
             let r = request.get_ref();
-            let decision = self.decide_for(&request, &r.pod_uid, &r.node_name).await?;
+            let decision = self
+                .decide_for(&request, &r.pod_uid, &r.node_name, &r.container_id)
+                .await?;
             let (role, key) = decision
                 .role()
                 .map_err(|refusal| self.refuse(&r.pod_uid, &refusal))?;
@@ -232,10 +239,11 @@ impl Kiam for KiamService {
                     .served
                     .get_or_create(&ServedLabels {
                         role_source: source.label(),
+                        scope: source.scope(),
                     })
                     .inc();
             }
-            tracing::debug!(pod_uid = %decision.pod.uid, role = %role, "credentials served");
+            tracing::debug!(pod_uid = %decision.pod.uid, container_id = %r.container_id, role = %role, "credentials served");
             Ok(Response::new(ProtoCredentials {
                 access_key_id: creds.access_key_id.clone(),
                 secret_access_key: creds.secret_access_key.clone(),
