@@ -177,9 +177,13 @@ fn try_elsewhere(status: &Status) -> bool {
     )
 }
 
-/// The startup race: the servers have not seen the pod yet.
+/// The startup race: the servers have not seen the pod yet, or (per-container roles) the
+/// kubelet has not reported the caller's container yet.
 fn not_known_yet(status: &Status) -> bool {
-    reason_of(status) == Reason::PodNotKnown
+    matches!(
+        reason_of(status),
+        Reason::PodNotKnown | Reason::ContainerNotKnown
+    )
 }
 
 impl Servers {

@@ -59,6 +59,26 @@ pub struct PodCgroup {
     pub runtime: Option<Runtime>,
 }
 
+impl PodCgroup {
+    /// What the agent keys a caller's answers, credentials and IMDSv2 tokens by:
+    /// `<pod uid>/<container id>`, or the pod UID alone for a caller in the pod's cgroup but
+    /// no container's. Neither part ever holds a `/`.
+    pub fn subject(&self) -> String {
+        match &self.container_id {
+            Some(container) => format!("{}/{container}", self.pod_uid),
+            None => self.pod_uid.clone(),
+        }
+    }
+}
+
+/// A [`PodCgroup::subject`]'s pod UID and container ID.
+pub fn split_subject(subject: &str) -> (&str, Option<&str>) {
+    match subject.split_once('/') {
+        Some((pod, container)) => (pod, Some(container)),
+        None => (subject, None),
+    }
+}
+
 /// Why a path is not a pod's cgroup.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ParseError {
@@ -314,6 +334,24 @@ mod tests {
             container_id: container.map(|(c, _)| c.to_owned()),
             runtime: container.map(|(_, r)| r),
         })
+    }
+
+    #[test]
+    fn a_subject_is_the_pod_and_its_container_and_splits_back() {
+        let uid = "0f6a8c2e-3b1d-4e5f-9a7b-1c2d3e4f5a6b";
+        let cid = "c".repeat(64);
+        let mut pod = PodCgroup {
+            pod_uid: uid.into(),
+            static_pod: false,
+            qos: QosClass::Burstable,
+            container_id: Some(cid.clone()),
+            runtime: Some(Runtime::Containerd),
+        };
+        assert_eq!(pod.subject(), format!("{uid}/{cid}"));
+        assert_eq!(split_subject(&pod.subject()), (uid, Some(cid.as_str())));
+        pod.container_id = None;
+        assert_eq!(pod.subject(), uid);
+        assert_eq!(split_subject(uid), (uid, None));
     }
 
     #[test]

@@ -28,7 +28,7 @@ use tonic::{Code, Status};
 
 use crate::{
     forward::Forwarder,
-    metrics::{Metrics, RouteLabels},
+    metrics::{Metrics, RouteLabels, ScopeLabels},
     resolver::Caller,
     route::{self, Route},
     token::{MAX_TTL, Tokens},
@@ -178,6 +178,9 @@ impl Imds {
 
     async fn route(&self, request: Request<Bytes>, caller: &Caller) -> (&'static str, Reply) {
         let pod = caller.pod().pod_uid.as_str();
+        // Answers, credentials and tokens are the caller's container's (its role may not be
+        // the pod's); rates stay the pod's.
+        let subject = caller.subject();
         let route = match route::classify(request.uri().path()) {
             Ok(route) => route,
             Err(error) => {
@@ -189,7 +192,7 @@ impl Imds {
         };
         let deadline = self.upstream.deadline();
         // One answer per request, cached across requests: what the pod may have.
-        let access = self.upstream.access(pod, deadline).await;
+        let access = self.upstream.access(subject, deadline).await;
         if let (Ok(Access::PassThrough), Some(forwarder)) = (&access, &self.forwarder) {
             if !self.forward_rate.allows(pod) {
                 return ("passthrough", too_often());
@@ -199,12 +202,12 @@ impl Imds {
         }
         let (method, headers) = (request.method(), request.headers());
         if route == Route::Token {
-            return ("token", self.token(method, headers, pod));
+            return ("token", self.token(method, headers, subject));
         }
         if !matches!(*method, Method::GET | Method::HEAD) {
             return ("other", method_not_allowed("GET, HEAD"));
         }
-        if let Some(refusal) = self.check_token(headers, pod) {
+        if let Some(refusal) = self.check_token(headers, subject) {
             return ("token", refusal);
         }
         let role = || match &access {
@@ -230,7 +233,7 @@ impl Imds {
                         StatusCode::NOT_FOUND,
                         format!("kiam: this pod's role is {}, not {asked}\n", role.name),
                     ),
-                    Ok(role) => match self.upstream.credentials(pod, &role, deadline).await {
+                    Ok(role) => match self.upstream.credentials(subject, &role, deadline).await {
                         Ok(creds) => {
                             let now = std::time::SystemTime::now()
                                 .duration_since(std::time::UNIX_EPOCH)
@@ -239,6 +242,12 @@ impl Imds {
                             self.metrics
                                 .credentials_remaining
                                 .observe((creds.expiration_unix - now).max(0) as f64);
+                            self.metrics
+                                .credentials_served
+                                .get_or_create(&ScopeLabels {
+                                    scope: role.scope(),
+                                })
+                                .inc();
                             reply(StatusCode::OK, "application/json", document(&creds))
                         }
                         Err(status) => from_status(&status),
@@ -272,11 +281,11 @@ impl Imds {
     }
 
     /// The refusal of a request whose token is not acceptable, if it is not.
-    fn check_token(&self, headers: &HeaderMap, pod: &str) -> Option<Reply> {
+    fn check_token(&self, headers: &HeaderMap, subject: &str) -> Option<Reply> {
         let unauthorized =
             |why: &str| Some(text(StatusCode::UNAUTHORIZED, format!("kiam: {why}\n")));
         match headers.get(TOKEN_HEADER).map(|v| v.to_str()) {
-            Some(Ok(token)) => match self.tokens.check(token, pod) {
+            Some(Ok(token)) => match self.tokens.check(token, subject) {
                 Ok(()) => None,
                 Err(error) => unauthorized(&error.to_string()),
             },
@@ -286,7 +295,7 @@ impl Imds {
         }
     }
 
-    fn token(&self, method: &Method, headers: &HeaderMap, pod: &str) -> Reply {
+    fn token(&self, method: &Method, headers: &HeaderMap, subject: &str) -> Reply {
         if *method != Method::PUT {
             return method_not_allowed("PUT");
         }
@@ -309,7 +318,7 @@ impl Imds {
         };
         let mut response = text(
             StatusCode::OK,
-            self.tokens.issue(pod, Duration::from_secs(ttl)),
+            self.tokens.issue(subject, Duration::from_secs(ttl)),
         );
         if let Ok(value) = HeaderValue::from_str(&ttl.to_string()) {
             response.headers_mut().insert(TTL_HEADER, value);
@@ -394,13 +403,42 @@ mod tests {
     use crate::identity::{PodCgroup, QosClass};
 
     fn caller(uid: &str) -> Caller {
+        in_container(uid, None)
+    }
+
+    fn in_container(uid: &str, container: Option<&str>) -> Caller {
         Caller::for_pod(PodCgroup {
             pod_uid: uid.into(),
             static_pod: false,
             qos: QosClass::BestEffort,
-            container_id: None,
+            container_id: container.map(str::to_owned),
             runtime: None,
         })
+    }
+
+    /// A token is bound to the container that fetched it: containers of one pod may hold
+    /// different roles, so another container of the same pod cannot use it.
+    #[tokio::test]
+    async fn a_token_from_one_container_is_refused_in_another() {
+        let api = imds(true);
+        let (app, sidecar) = (
+            in_container("pod-a", Some(&"a".repeat(64))),
+            in_container("pod-a", Some(&"b".repeat(64))),
+        );
+        let put = request(Method::PUT, "/latest/api/token", &[(TTL_HEADER, "60")]);
+        let token = body(api.handle(put, &app).await).await;
+        let path = "/latest/meta-data/iam/";
+        let with = |t: &str| request(Method::GET, path, &[(TOKEN_HEADER, t)]);
+        assert_eq!(
+            api.handle(with(&token), &app).await.status(),
+            StatusCode::OK
+        );
+        let other = api.handle(with(&token), &sidecar).await;
+        assert_eq!(other.status(), StatusCode::UNAUTHORIZED);
+        assert!(body(other).await.contains("another pod or container"));
+        // Nor in the pod's own cgroup, outside any container.
+        let outside = api.handle(with(&token), &caller("pod-a")).await;
+        assert_eq!(outside.status(), StatusCode::UNAUTHORIZED);
     }
 
     fn imds(require_v2: bool) -> Imds {

@@ -190,8 +190,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                     if pruned > 0 {
                         tracing::debug!(pruned, "forgot removed cgroups");
                     }
-                    let alive = resolver.pods();
-                    upstream.prune(|uid| alive.contains(uid));
+                    let alive = resolver.subjects();
+                    upstream.prune(|subject| alive.contains(subject));
                 }
             });
         }

@@ -33,6 +33,12 @@ pub struct RouteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScopeLabels {
+    /// `pod` (the pod's role) or `container` (a container's own, per-container roles).
+    pub scope: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusedLabels {
     pub reason: &'static str,
 }
@@ -47,6 +53,8 @@ pub struct Metrics {
     registry: Registry,
     pub requests: Family<RouteLabels, Counter>,
     pub refused_connections: Family<RefusedLabels, Counter>,
+    /// Credentials served, by whose role they were.
+    pub credentials_served: Family<ScopeLabels, Counter>,
     /// What served credentials had left, in seconds.
     pub credentials_remaining: Histogram,
     /// 1 when `/ready` answers 200.
@@ -65,6 +73,12 @@ impl Default for Metrics {
             "imds_requests",
             "Metadata requests by route and HTTP status",
             requests.clone(),
+        );
+        let credentials_served = Family::<ScopeLabels, Counter>::default();
+        registry.register(
+            "credentials_served",
+            "Credentials served, by scope: the pod's role, or a container's own",
+            credentials_served.clone(),
         );
         let refused_connections = Family::<RefusedLabels, Counter>::default();
         registry.register(
@@ -102,6 +116,7 @@ impl Default for Metrics {
             registry,
             requests,
             refused_connections,
+            credentials_served,
             credentials_remaining,
             ready,
             servers_reachable,

@@ -201,6 +201,15 @@ fn walk_for(root: &Path, id: u64) -> Result<Found, String> {
 pub struct CachedCgroup {
     path: String,
     pod: Result<PodCgroup, ParseError>,
+    /// The pod's [`PodCgroup::subject`], made once per cgroup.
+    subject: String,
+}
+
+impl CachedCgroup {
+    fn new(path: String, pod: Result<PodCgroup, ParseError>) -> Self {
+        let subject = pod.as_ref().map(PodCgroup::subject).unwrap_or_default();
+        Self { path, pod, subject }
+    }
 }
 
 /// The identity of a connection's caller.
@@ -225,15 +234,18 @@ impl Caller {
         &self.cgroup.path
     }
 
+    /// What the caller's answers, credentials and tokens are kept under: its pod and
+    /// container ([`PodCgroup::subject`]).
+    pub fn subject(&self) -> &str {
+        &self.cgroup.subject
+    }
+
     /// A caller not resolved from a connection (tests and fuzzing of the API).
     pub fn for_pod(pod: PodCgroup) -> Self {
         Self {
             cgroup_id: 1,
             pid: 1,
-            cgroup: Arc::new(CachedCgroup {
-                path: "/kubepods".into(),
-                pod: Ok(pod),
-            }),
+            cgroup: Arc::new(CachedCgroup::new("/kubepods".into(), Ok(pod))),
         }
     }
 }
@@ -424,7 +436,7 @@ impl<S: RecordSource> Resolver<S> {
                     }
                 })?;
                 let pod = identity::parse_cgroup_path(&rel);
-                let entry = Arc::new(CachedCgroup { path: rel, pod });
+                let entry = Arc::new(CachedCgroup::new(rel, pod));
                 self.remember(id, entry.clone());
                 Ok(entry)
             }
@@ -451,12 +463,15 @@ impl<S: RecordSource> Resolver<S> {
         before - cache.len()
     }
 
-    /// UIDs of the pods whose cgroups the cache holds (after [`Self::prune`]: that exist).
-    pub fn pods(&self) -> HashSet<String> {
+    /// The subjects (pod and container) whose cgroups the cache holds (after
+    /// [`Self::prune`]: that exist). A restarted container's previous one is gone with its
+    /// cgroup.
+    pub fn subjects(&self) -> HashSet<String> {
         let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
         cache
             .values()
-            .filter_map(|entry| entry.pod.as_ref().ok().map(|p| p.pod_uid.clone()))
+            .filter(|entry| entry.pod.is_ok())
+            .map(|entry| entry.subject.clone())
             .collect()
     }
 }
@@ -602,7 +617,7 @@ mod tests {
         );
         // ...and pruning forgets it.
         assert_eq!(resolver.prune(), 1);
-        assert!(resolver.pods().is_empty());
+        assert!(resolver.subjects().is_empty());
     }
 
     #[tokio::test]
@@ -722,10 +737,10 @@ mod tests {
         let mut resolver = Resolver::new(records(&[]), walker(dir.path()), dir.path().to_owned());
         resolver.max_cached = 3;
         let entry = |path: &str| {
-            Arc::new(CachedCgroup {
-                path: path.into(),
-                pod: identity::parse_cgroup_path(path),
-            })
+            Arc::new(CachedCgroup::new(
+                path.into(),
+                identity::parse_cgroup_path(path),
+            ))
         };
         let live_path = cgroup::relative_path(dir.path(), &container).expect("relative");
         resolver.remember(live, entry(&live_path));

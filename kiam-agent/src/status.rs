@@ -11,24 +11,30 @@ pub use kiam_ops::admin_get;
 
 /// Sums `kiam_agent_imds_requests_total` by its `route` label.
 pub fn requests_by_route(metrics: &str) -> BTreeMap<String, u64> {
-    let mut routes = BTreeMap::new();
+    sum_by(metrics, "kiam_agent_imds_requests_total", "route")
+}
+
+/// Sums the counter `name` by its label `label`.
+fn sum_by(metrics: &str, name: &str, label: &str) -> BTreeMap<String, u64> {
+    let mut sums = BTreeMap::new();
+    let (prefix, key) = (format!("{name}{{"), format!("{label}=\""));
     for line in metrics.lines() {
-        let Some(rest) = line.strip_prefix("kiam_agent_imds_requests_total{") else {
+        let Some(rest) = line.strip_prefix(prefix.as_str()) else {
             continue;
         };
         let Some((labels, value)) = rest.split_once("} ") else {
             continue;
         };
-        let route = labels
+        let found = labels
             .split(',')
-            .find_map(|l| l.strip_prefix("route=\""))
+            .find_map(|l| l.strip_prefix(key.as_str()))
             .map(|r| r.trim_end_matches('"'));
         let value = value.trim().parse::<f64>().ok();
-        if let (Some(route), Some(value)) = (route, value) {
-            *routes.entry(route.to_owned()).or_default() += value as u64;
+        if let (Some(found), Some(value)) = (found, value) {
+            *sums.entry(found.to_owned()).or_default() += value as u64;
         }
     }
-    routes
+    sums
 }
 
 #[derive(serde::Serialize)]
@@ -37,6 +43,9 @@ struct Report {
     pins: pins::Status,
     /// `None` when the agent's admin listener did not answer.
     requests_by_route: Option<BTreeMap<String, u64>>,
+    /// Credentials served by scope: `pod` (the pod's role) or `container` (a container's
+    /// own); `None` as above.
+    credentials_by_scope: Option<BTreeMap<String, u64>>,
 }
 
 pub fn show(args: &StatusArgs) -> anyhow::Result<()> {
@@ -53,14 +62,18 @@ pub fn show(args: &StatusArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     let metrics = runtime.block_on(admin_get(args.admin_listen, "/metrics"));
-    let requests_by_route = match &metrics {
-        Ok((200, text)) => Some(requests_by_route(text)),
-        _ => None,
+    let (requests_by_route, credentials_by_scope) = match &metrics {
+        Ok((200, text)) => (
+            Some(requests_by_route(text)),
+            Some(sum_by(text, "kiam_agent_credentials_served_total", "scope")),
+        ),
+        _ => (None, None),
     };
     if args.json {
         let report = Report {
             pins,
             requests_by_route,
+            credentials_by_scope,
         };
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
@@ -101,6 +114,9 @@ pub fn show(args: &StatusArgs) -> anyhow::Result<()> {
             for (route, count) in routes {
                 println!("  requests {route:<20} {count}");
             }
+            for (scope, count) in credentials_by_scope.unwrap_or_default() {
+                println!("  credentials served ({scope} roles) {count}");
+            }
         }
         (None, Ok((status, _))) => {
             println!("agent at {}: /metrics answered {status}", args.admin_listen)
@@ -126,6 +142,8 @@ kiam_agent_imds_requests_total{route=\"passthrough\",status=\"200\"} 3
 kiam_agent_imds_requests_total{route=\"passthrough\",status=\"401\"} 1
 kiam_agent_imds_requests_total{route=\"credentials\",status=\"200\"} 12
 kiam_agent_refused_connections_total{reason=\"no_record\"} 2
+kiam_agent_credentials_served_total{scope=\"pod\"} 5
+kiam_agent_credentials_served_total{scope=\"container\"} 7
 # EOF
 ";
         let routes = requests_by_route(text);
@@ -133,5 +151,8 @@ kiam_agent_refused_connections_total{reason=\"no_record\"} 2
         assert_eq!(routes.get("credentials"), Some(&12));
         assert_eq!(routes.len(), 2);
         assert!(requests_by_route("").is_empty());
+        let scopes = sum_by(text, "kiam_agent_credentials_served_total", "scope");
+        assert_eq!(scopes.get("pod"), Some(&5));
+        assert_eq!(scopes.get("container"), Some(&7));
     }
 }

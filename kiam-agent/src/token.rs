@@ -1,9 +1,10 @@
 //! IMDSv2 session tokens, issued and checked by the agent itself.
 //!
-//! A token is `<payload>.<tag>`: the payload holds the expiry and a digest of the UID of the
-//! pod that asked (so every token has the same short length, whatever the UID), the tag is
-//! HMAC-SHA256 over it with the agent's key. A token is only accepted from the pod it
-//! was issued to, before its expiry. The key is kept in a file (created on first start, mode
+//! A token is `<payload>.<tag>`: the payload holds the expiry and a digest of the subject
+//! that asked, its pod UID and container ID ([`crate::identity::PodCgroup::subject`]; so
+//! every token has the same short length), the tag is HMAC-SHA256 over it with the agent's
+//! key. A token is only accepted from the container it was issued to, before its expiry:
+//! containers of one pod may hold different roles. The key is kept in a file (created on first start, mode
 //! 0600) so tokens survive agent restarts, as SDKs cache them for up to six hours.
 
 use std::{
@@ -46,17 +47,17 @@ pub enum TokenError {
     BadSignature,
     #[error("token expired")]
     Expired,
-    #[error("token was issued to another pod")]
+    #[error("token was issued to another pod or container")]
     OtherPod,
 }
 
-/// Bytes of a pod UID's digest in a token.
+/// Bytes of a subject's digest in a token.
 const DIGEST_LEN: usize = 16;
 
-/// Which pod a token is for: the start of SHA-256 of its UID.
-fn pod_digest(pod_uid: &str) -> [u8; DIGEST_LEN] {
+/// Which pod and container a token is for: the start of SHA-256 of its subject.
+fn subject_digest(subject: &str) -> [u8; DIGEST_LEN] {
     use sha2::Digest as _;
-    let digest = Sha256::digest(pod_uid.as_bytes());
+    let digest = Sha256::digest(subject.as_bytes());
     let mut out = [0u8; DIGEST_LEN];
     out.copy_from_slice(&digest[..DIGEST_LEN]);
     out
@@ -114,8 +115,8 @@ impl Tokens {
         mac.finalize().into_bytes().to_vec()
     }
 
-    /// A token for `pod_uid` valid for `ttl` (1 to 21600 seconds, checked by the caller).
-    pub fn issue(&self, pod_uid: &str, ttl: Duration) -> String {
+    /// A token for `subject` valid for `ttl` (1 to 21600 seconds, checked by the caller).
+    pub fn issue(&self, subject: &str, ttl: Duration) -> String {
         // Rounded up: a token never lives shorter than asked.
         let expiry = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -123,13 +124,13 @@ impl Tokens {
             .unwrap_or(ttl)
             .as_secs_f64()
             .ceil() as u64;
-        self.issue_until(pod_uid, expiry)
+        self.issue_until(subject, expiry)
     }
 
-    /// A token for `pod_uid` that expires at `expiry` (Unix seconds).
-    fn issue_until(&self, pod_uid: &str, expiry: u64) -> String {
+    /// A token for `subject` that expires at `expiry` (Unix seconds).
+    fn issue_until(&self, subject: &str, expiry: u64) -> String {
         let mut payload = expiry.to_be_bytes().to_vec();
-        payload.extend_from_slice(&pod_digest(pod_uid));
+        payload.extend_from_slice(&subject_digest(subject));
         format!(
             "{}.{}",
             URL_SAFE_NO_PAD.encode(&payload),
@@ -137,8 +138,8 @@ impl Tokens {
         )
     }
 
-    /// Checks a token presented by `pod_uid`.
-    pub fn check(&self, token: &str, pod_uid: &str) -> Result<(), TokenError> {
+    /// Checks a token presented by `subject`.
+    pub fn check(&self, token: &str, subject: &str) -> Result<(), TokenError> {
         if token.len() > MAX_TOKEN_LEN {
             return Err(TokenError::Malformed);
         }
@@ -162,7 +163,7 @@ impl Tokens {
         if now >= expiry {
             return Err(TokenError::Expired);
         }
-        if uid != pod_digest(pod_uid) {
+        if uid != subject_digest(subject) {
             return Err(TokenError::OtherPod);
         }
         Ok(())

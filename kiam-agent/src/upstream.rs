@@ -1,9 +1,12 @@
 //! What the agent knows about pods' roles and credentials, asked from the servers and cached
-//! per pod UID, so a request for credentials the agent holds needs no gRPC, and a server
-//! outage or roll-out is invisible to pods while the held credentials stay valid.
+//! per caller (pod and container), so a request for credentials the agent holds needs no
+//! gRPC, and a server outage or roll-out is invisible to pods while the held credentials stay
+//! valid.
 //!
-//! - Entries are keyed by pod UID (never shared between pods) and credentials are only served
-//!   with at least the minimum validity left.
+//! - Entries are keyed by the caller's subject, `<pod uid>/<container id>` (or the pod UID
+//!   alone for a caller in no container; [`crate::identity::PodCgroup::subject`]): never
+//!   shared between pods, nor between containers, whose roles may differ. Credentials are
+//!   only served with at least the minimum validity left.
 //! - A pod's answer (its role, or the node's metadata service) is trusted for `--role-ttl`,
 //!   then asked again. A request that finds its pod's answer past that waits at most
 //!   `--refresh-wait` for the servers' fresh one, and not at all while the servers are known
@@ -41,6 +44,8 @@ use kiam_proto::{
 };
 use tokio::time::Instant;
 use tonic::Status;
+
+use crate::identity::split_subject;
 
 /// The kiam servers, as the cache sees them.
 pub trait RoleServer: Send + Sync + 'static {
@@ -87,6 +92,19 @@ pub struct Role {
     /// Listed under `iam/security-credentials/`.
     pub name: String,
     pub arn: String,
+    /// The caller's container, when the role is that container's own (per-container roles)
+    /// rather than the pod's.
+    pub container: Option<String>,
+}
+
+impl Role {
+    /// `container` for a container's own role, `pod` for the pod's.
+    pub fn scope(&self) -> &'static str {
+        match self.container {
+            Some(_) => "container",
+            None => "pod",
+        }
+    }
 }
 
 /// What a pod may have.
@@ -183,7 +201,10 @@ fn about_the_pod(status: &Status) -> bool {
         | Reason::NamespaceRuleInvalid
         | Reason::OtherRole
         | Reason::NodeMetadataPassthrough
-        | Reason::TooManySessions => true,
+        | Reason::TooManySessions
+        | Reason::ContainerNotKnown
+        | Reason::ContainerNoRole
+        | Reason::ContainerRolesInvalid => true,
         Reason::Unspecified
         | Reason::IndexNotSynced
         | Reason::AgentIdentityMissing
@@ -202,7 +223,11 @@ fn about_the_pod(status: &Status) -> bool {
 
 /// A refusal worth remembering: the servers looked at the pod and said no.
 fn definite(status: &Status) -> bool {
-    about_the_pod(status) && reason_of(status) != Reason::PodNotKnown
+    about_the_pod(status)
+        && !matches!(
+            reason_of(status),
+            Reason::PodNotKnown | Reason::ContainerNotKnown
+        )
 }
 
 /// Waits for `flight` until `until`; the call itself goes on in the background.
@@ -253,12 +278,12 @@ impl Upstream {
     /// What the pod may have; a cached answer while fresh, or while no server answers.
     pub async fn access(
         self: &Arc<Self>,
-        pod_uid: &str,
+        subject: &str,
         deadline: Instant,
     ) -> Result<Access, Status> {
         let cached = {
             let roles = self.roles.read().unwrap_or_else(|e| e.into_inner());
-            roles.get(pod_uid).map(|e| match &e.outcome {
+            roles.get(subject).map(|e| match &e.outcome {
                 Outcome::Access(access) => (
                     Ok(access.clone()),
                     e.fetched.elapsed() < self.settings.role_ttl,
@@ -275,7 +300,7 @@ impl Upstream {
             _ => None,
         };
         let servers = self.servers()?.clone();
-        let (flight, new) = self.role_flight(pod_uid);
+        let (flight, new) = self.role_flight(subject);
         let Some(held) = held else {
             return wait(flight, deadline).await.unwrap_or_else(|| Err(late()));
         };
@@ -291,15 +316,15 @@ impl Upstream {
         }
     }
 
-    /// The call asking the servers about `pod_uid`: the one in flight, or a new one (then
+    /// The call asking the servers about `subject`: the one in flight, or a new one (then
     /// `true`). It runs to its end in the background whoever waits for it, and records its
     /// answer.
-    fn role_flight(self: &Arc<Self>, pod_uid: &str) -> (Flight<Access>, bool) {
+    fn role_flight(self: &Arc<Self>, subject: &str) -> (Flight<Access>, bool) {
         let mut flights = self.role_flights.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(flight) = flights.get(pod_uid) {
+        if let Some(flight) = flights.get(subject) {
             return (flight.clone(), false);
         }
-        let (this, uid) = (self.clone(), pod_uid.to_owned());
+        let (this, uid) = (self.clone(), subject.to_owned());
         let flight = async move {
             let answer = this.ask_role(&uid).await;
             this.role_flights
@@ -310,19 +335,21 @@ impl Upstream {
         }
         .boxed()
         .shared();
-        flights.insert(pod_uid.to_owned(), flight.clone());
+        flights.insert(subject.to_owned(), flight.clone());
         tokio::spawn(flight.clone());
         (flight, true)
     }
 
-    async fn ask_role(&self, pod_uid: &str) -> Result<Access, Status> {
+    async fn ask_role(&self, subject: &str) -> Result<Access, Status> {
+        let (pod, container) = split_subject(subject);
         let request = GetPodRoleRequest {
-            pod_uid: pod_uid.to_owned(),
+            pod_uid: pod.to_owned(),
             node_name: self.settings.node.clone(),
+            container_id: container.unwrap_or_default().to_owned(),
         };
         let previous = {
             let roles = self.roles.read().unwrap_or_else(|e| e.into_inner());
-            match roles.get(pod_uid).map(|e| &e.outcome) {
+            match roles.get(subject).map(|e| &e.outcome) {
                 Some(Outcome::Access(access)) => Some(access.clone()),
                 _ => None,
             }
@@ -338,30 +365,31 @@ impl Upstream {
                     false => Access::Role(Arc::new(Role {
                         name: answer.role_name,
                         arn: answer.role_arn,
+                        container: Some(answer.container_name).filter(|c| !c.is_empty()),
                     })),
                 };
                 if previous.as_ref().is_some_and(|old| *old != access) {
                     // The annotation changed: nothing held for the old role may be served.
-                    self.forget_creds(pod_uid);
+                    self.forget_creds(subject);
                 }
-                self.remember(pod_uid, Outcome::Access(access.clone()));
+                self.remember(subject, Outcome::Access(access.clone()));
                 Ok(access)
             }
             Err(status) if !about_the_pod(&status) => previous.ok_or(status),
             Err(status) => {
                 // The servers said no (deleted, forbidden, no annotation): nothing held for
                 // this pod may be served any more.
-                self.forget_creds(pod_uid);
+                self.forget_creds(subject);
                 match definite(&status) {
-                    true => self.remember(pod_uid, Outcome::Refused(status.clone())),
-                    false => self.forget_role(pod_uid),
+                    true => self.remember(subject, Outcome::Refused(status.clone())),
+                    false => self.forget_role(subject),
                 }
                 Err(status)
             }
         }
     }
 
-    fn remember(&self, pod_uid: &str, outcome: Outcome) {
+    fn remember(&self, subject: &str, outcome: Outcome) {
         let entry = Entry {
             outcome,
             fetched: Instant::now(),
@@ -369,35 +397,35 @@ impl Upstream {
         self.roles
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(pod_uid.to_owned(), entry);
+            .insert(subject.to_owned(), entry);
     }
 
-    fn forget_role(&self, pod_uid: &str) {
+    fn forget_role(&self, subject: &str) {
         self.roles
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(pod_uid);
+            .remove(subject);
     }
 
-    fn forget_creds(&self, pod_uid: &str) {
+    fn forget_creds(&self, subject: &str) {
         self.creds
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(pod_uid);
+            .remove(subject);
     }
 
-    fn cached_creds(&self, pod_uid: &str, arn: &str) -> Option<Arc<Creds>> {
+    fn cached_creds(&self, subject: &str, arn: &str) -> Option<Arc<Creds>> {
         let creds = self.creds.read().unwrap_or_else(|e| e.into_inner());
-        match creds.get(pod_uid) {
+        match creds.get(subject) {
             Some((for_arn, creds)) if for_arn == arn => Some(creds.clone()),
             _ => None,
         }
     }
 
-    /// The call fetching credentials for `role` of `pod_uid`: the one in flight, or a new
+    /// The call fetching credentials for `role` of `subject`: the one in flight, or a new
     /// one, run to its end in the background.
-    fn creds_flight(self: &Arc<Self>, pod_uid: &str, role: &Role) -> Flight<Arc<Creds>> {
-        let key = (pod_uid.to_owned(), role.arn.clone());
+    fn creds_flight(self: &Arc<Self>, subject: &str, role: &Role) -> Flight<Arc<Creds>> {
+        let key = (subject.to_owned(), role.arn.clone());
         let mut flights = self.creds_flights.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(flight) = flights.get(&key) {
             return flight.clone();
@@ -418,24 +446,26 @@ impl Upstream {
         flight
     }
 
-    async fn fetch(&self, pod_uid: &str, role: &Role) -> Result<Arc<Creds>, Status> {
+    async fn fetch(&self, subject: &str, role: &Role) -> Result<Arc<Creds>, Status> {
+        let (pod, container) = split_subject(subject);
         let request = GetCredentialsRequest {
-            pod_uid: pod_uid.to_owned(),
+            pod_uid: pod.to_owned(),
             node_name: self.settings.node.clone(),
             role_name: role.name.clone(),
+            container_id: container.unwrap_or_default().to_owned(),
         };
         let answer = self.servers()?.credentials(request, self.deadline()).await;
         let answer = match answer {
             Ok(answer) => answer,
             Err(status) => {
-                tracing::warn!(pod_uid, role = %role.arn, error = %status.message(), "fetching credentials failed");
+                tracing::warn!(subject, role = %role.arn, error = %status.message(), "fetching credentials failed");
                 return Err(status);
             }
         };
         if answer.role_arn != role.arn {
             // The pod's role changed between the two calls: the next request starts over.
-            self.forget_creds(pod_uid);
-            self.forget_role(pod_uid);
+            self.forget_creds(subject);
+            self.forget_role(subject);
             return Err(Status::unavailable(format!(
                 "the pod's role changed to {} while asking; retry",
                 answer.role_arn
@@ -452,7 +482,7 @@ impl Upstream {
         self.creds
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(pod_uid.to_owned(), (role.arn.clone(), creds.clone()));
+            .insert(subject.to_owned(), (role.arn.clone(), creds.clone()));
         Ok(creds)
     }
 
@@ -474,25 +504,25 @@ impl Upstream {
     /// minimum validity left.
     pub async fn credentials(
         self: &Arc<Self>,
-        pod_uid: &str,
+        subject: &str,
         current: &Role,
         deadline: Instant,
     ) -> Result<Arc<Creds>, Status> {
-        if let Some(creds) = self.cached_creds(pod_uid, &current.arn) {
+        if let Some(creds) = self.cached_creds(subject, &current.arn) {
             let left = self.remaining(&creds);
             if left >= self.settings.min_validity + REFRESH_MARGIN {
                 return Ok(creds);
             }
             if left >= self.settings.min_validity {
-                if self.claim_refresh(&(pod_uid.to_owned(), current.arn.clone())) {
+                if self.claim_refresh(&(subject.to_owned(), current.arn.clone())) {
                     // Runs to its end in the background; the held credentials are served.
-                    drop(self.creds_flight(pod_uid, current));
+                    drop(self.creds_flight(subject, current));
                 }
                 return Ok(creds);
             }
         }
         self.servers()?;
-        let creds = wait(self.creds_flight(pod_uid, current), deadline)
+        let creds = wait(self.creds_flight(subject, current), deadline)
             .await
             .unwrap_or_else(|| Err(late()))?;
         match self.remaining(&creds) {
@@ -691,6 +721,7 @@ mod tests {
             let role = Role {
                 name: role.into(),
                 arn: format!("arn:aws:iam::123456789012:role/{role}"),
+                container: None,
             };
             self.upstream
                 .credentials("pod", &role, self.upstream.deadline())
