@@ -332,6 +332,7 @@ async fn twenty_thousand_random_tokens_cost_no_review_and_never_disturb_an_agent
     let ask = |uid: &str| kiam_proto::GetPodRoleRequest {
         pod_uid: uid.to_owned(),
         node_name: "node-1".into(),
+        container_id: String::new(),
     };
     assert!(
         kiam_e2e::stack::eventually_async(Duration::from_secs(15), || {

@@ -243,6 +243,7 @@ async fn an_api_server_restart_is_recovered_without_a_restart_and_deletions_are_
         pod_uid: uid.into(),
         node_name: NODE_NAME.into(),
         role_name: role.into(),
+        container_id: String::new(),
     };
     for (uid, role) in [(&kept, "app-kept"), (&gone, "app-gone")] {
         let mut ok = false;

@@ -24,12 +24,17 @@ fn sts_endpoint(lab: &Lab) -> String {
 }
 
 /// `aws sts get-caller-identity` (the AWS CLI, botocore's metadata provider) and the Rust
-/// SDK inside `pod`'s container: the ARNs they print.
+/// SDK inside `pod`'s `app` container: the ARNs they print.
 fn caller_identities(lab: &Lab, pod: &LabPod) -> (String, String) {
+    caller_identities_in(lab, pod, "app")
+}
+
+/// [`caller_identities`] in `container` of `pod`.
+fn caller_identities_in(lab: &Lab, pod: &LabPod, container: &str) -> (String, String) {
     let endpoint = sts_endpoint(lab);
     let (code, cli, err) = lab.exec(
         pod,
-        "app",
+        container,
         &[
             "env",
             "AWS_DEFAULT_REGION=us-east-1",
@@ -47,7 +52,7 @@ fn caller_identities(lab: &Lab, pod: &LabPod) -> (String, String) {
     assert_eq!(code, 0, "aws: {cli}{err}\n{}", lab.diagnostics());
     let (code, rust, err) = lab.exec(
         pod,
-        "app",
+        container,
         &["kiam-e2e-sdk", &endpoint],
         Duration::from_secs(60),
     );
@@ -247,5 +252,75 @@ fn fifty_pods_started_at_once_each_get_their_role_on_the_first_request() {
     for (pod, role) in &pods {
         assert_eq!(lab.get(pod, listing), format!("200 {role}"), "{}", pod.name);
     }
+    assert_eq!(lab.node.fake_imds_connections(), 0);
+}
+
+/// Per-container roles on real containers: the app container gets the pod's role, its
+/// sidecar the role the container-roles annotation gives it, a third container listed with
+/// no role nothing; each checked at STS. A token fetched in one container is refused in
+/// another, and a restarted sidecar (a new container ID, reported by the kubelet after it
+/// starts) gets its own role again, never the pod's.
+#[test]
+fn containers_of_one_pod_get_their_own_roles_and_tokens() {
+    if !privileged("node lab: per-container roles") {
+        return;
+    }
+    let mut lab = lab_with_team();
+    let container = |name: &str| json!({"name": name, "image": kiam_e2e::lab::workload_image()});
+    let pod = lab.create_pod(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "two", "namespace": TEAM, "annotations": {
+            "iam.amazonaws.com/role": "app-a",
+            "iam.amazonaws.com/container-roles": r#"{"sidecar": "app-b", "quiet": null}"#}},
+        "spec": {"terminationGracePeriodSeconds": 1,
+            "containers": [container("app"), container("sidecar"), container("quiet")]}}));
+    lab.wait_pod_ready(&pod, Duration::from_secs(90));
+    for (name, role) in [("app", "app-a"), ("sidecar", "app-b")] {
+        let (cli, rust) = caller_identities_in(&lab, &pod, name);
+        let arn = format!("arn:aws:sts::123456789012:assumed-role/{role}/");
+        assert!(cli.starts_with(&arn), "{name}: {cli}");
+        assert!(rust.starts_with(&arn), "{name}: {rust}");
+    }
+    let listing = "http://169.254.169.254/latest/meta-data/iam/security-credentials/";
+    let quiet = lab.request_in(&pod, "quiet", listing, "GET", &[]);
+    assert!(
+        quiet.starts_with("404") && quiet.contains("container quiet"),
+        "{quiet}"
+    );
+
+    // IMDSv2: a token is its container's.
+    let token = lab.request_in(
+        &pod,
+        "app",
+        "http://169.254.169.254/latest/api/token",
+        "PUT",
+        &["X-aws-ec2-metadata-token-ttl-seconds: 60"],
+    );
+    let token = token.strip_prefix("200 ").expect("a token").to_owned();
+    let header = format!("X-aws-ec2-metadata-token: {token}");
+    assert_eq!(
+        lab.request_in(&pod, "app", listing, "GET", &[&header]),
+        "200 app-a"
+    );
+    let elsewhere = lab.request_in(&pod, "sidecar", listing, "GET", &[&header]);
+    assert!(elsewhere.starts_with("401"), "{elsewhere}");
+
+    // The sidecar restarted: a new container ID, the same role, never the pod's.
+    let before = lab.container_id(&pod, "sidecar").expect("sidecar");
+    lab.stop_container(&pod, "sidecar", Duration::ZERO);
+    let mut answers = Vec::new();
+    let restarted = kiam_e2e::poll(Duration::from_secs(60), || {
+        if lab
+            .container_id(&pod, "sidecar")
+            .is_none_or(|id| id == before)
+        {
+            return false;
+        }
+        let answer = lab.request_in(&pod, "sidecar", listing, "GET", &[]);
+        let served = answer == "200 app-b";
+        answers.push(answer);
+        served
+    });
+    assert!(restarted, "{answers:?}\n{}", lab.diagnostics());
+    assert!(answers.iter().all(|a| !a.contains("app-a")), "{answers:?}");
     assert_eq!(lab.node.fake_imds_connections(), 0);
 }

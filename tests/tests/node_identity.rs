@@ -76,6 +76,7 @@ fn role_request(uid: &str, node: &str) -> GetPodRoleRequest {
     GetPodRoleRequest {
         pod_uid: uid.into(),
         node_name: node.into(),
+        container_id: String::new(),
     }
 }
 
@@ -84,6 +85,7 @@ fn creds_request(uid: &str, node: &str) -> GetCredentialsRequest {
         pod_uid: uid.into(),
         node_name: node.into(),
         role_name: "app-web".into(),
+        container_id: String::new(),
     }
 }
 

@@ -166,6 +166,7 @@ async fn pods_choosing_unique_session_names_cost_at_most_the_bound() {
             pod_uid: uid.clone(),
             node_name: "node-1".into(),
             role_name: "app-x".into(),
+            container_id: String::new(),
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {

@@ -352,3 +352,66 @@ fn a_pod_the_servers_do_not_know_yet_gets_a_clear_error_within_the_sdk_timeout()
     }
     assert_eq!(served, "200 app-early");
 }
+
+/// A pod with per-container roles whose container the kubelet has not reported yet (no
+/// `containerID` in its status): the first request waits within the SDK's timeout for the
+/// status, then gets the container's role, and is never answered with the pod's. A second
+/// container of the pod that the annotation does not list gets the pod's role.
+#[test]
+fn a_container_not_yet_in_the_status_waits_and_never_gets_the_pods_role() {
+    if !privileged("per-container roles: a container not reported yet") {
+        return;
+    }
+    let mut c = cluster(&[]);
+    let pod = c.node.add_pod();
+    // A second container of the same pod: its own cgroup beside the first.
+    let sidecar_id = "5".repeat(64);
+    let sidecar = pod
+        .cgroup
+        .with_file_name(format!("cri-containerd-{sidecar_id}.scope"));
+    std::fs::create_dir_all(&sidecar).expect("sidecar cgroup");
+    let put = |statuses: serde_json::Value| {
+        c.kube.put(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "two", "namespace": "team", "uid": pod.uid,
+                "annotations": {"iam.amazonaws.com/role": "app-pod",
+                                "iam.amazonaws.com/container-roles": r#"{"app": "app-container"}"#}},
+            "spec": {"nodeName": kiam_e2e::cluster::NODE_NAME,
+                     "containers": [{"name": "app", "image": "app"}, {"name": "sidecar", "image": "app"}]},
+            "status": {"phase": "Running", "containerStatuses": statuses}}));
+    };
+    put(json!([]));
+    // Until the status lists it: "not known yet", never the pod's role.
+    let mut line = String::new();
+    for _ in 0..100 {
+        line = c.helper(&pod, &["get", CREDS]);
+        assert!(!line.contains("app-pod"), "{line}");
+        if line.contains("does not list container") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(line.starts_with("404 "), "{line}");
+    // The kubelet reports both containers while a request waits.
+    let report = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            std::thread::sleep(Duration::from_millis(300));
+            put(json!([
+                {"name": "app", "containerID": format!("containerd://{}", pod.container_id)},
+                {"name": "sidecar", "containerID": format!("containerd://{sidecar_id}")}
+            ]));
+        });
+        let started = std::time::Instant::now();
+        let line = c.helper(&pod, &["get", CREDS]);
+        (line, started.elapsed())
+    });
+    assert_eq!(report.0, "200 app-container", "{}", c.node.agent_log());
+    assert!(
+        report.1 < Duration::from_secs(1),
+        "answered after {:?}",
+        report.1
+    );
+    let unlisted = c
+        .node
+        .run_in(&sidecar, &pod.netns, &[HELPER.as_str(), "get", CREDS]);
+    assert_eq!(unlisted.trim(), "200 app-pod");
+}

@@ -59,6 +59,7 @@ fn creds_request(uid: &str, node: &str, role: &str) -> GetCredentialsRequest {
         pod_uid: uid.into(),
         node_name: node.into(),
         role_name: role.into(),
+        container_id: String::new(),
     }
 }
 
@@ -70,6 +71,7 @@ async fn wait_known(client: &mut AgentClient, uid: &str) {
             .get_pod_role(GetPodRoleRequest {
                 pod_uid: uid.into(),
                 node_name: "node-1".into(),
+                container_id: String::new(),
             })
             .await;
         match status {
@@ -104,6 +106,7 @@ async fn a_permitted_pod_is_prefetched_and_served_with_enough_validity() {
         .get_pod_role(GetPodRoleRequest {
             pod_uid: uid.clone(),
             node_name: "node-1".into(),
+            container_id: String::new(),
         })
         .await
         .expect("role")
@@ -467,6 +470,7 @@ async fn session_tags_autodetected_base_and_a_gateway_role() {
         .get_pod_role(GetPodRoleRequest {
             pod_uid: a.clone(),
             node_name: "node-1".into(),
+            container_id: String::new(),
         })
         .await
         .expect("role")
@@ -541,6 +545,7 @@ async fn kube2iam_migration_default_role_and_allowed_roles_globs() {
     let ask = |uid: &str| GetPodRoleRequest {
         pod_uid: uid.into(),
         node_name: "node-1".into(),
+        container_id: String::new(),
     };
 
     // An unannotated pod where the namespace permits the default role gets it.

@@ -371,6 +371,7 @@ fn agents_load(
                     pod_uid: ClusterShape::uid(i),
                     node_name: shape.node(n),
                     role_name: shape.role(i),
+                    container_id: String::new(),
                 };
                 if client.get_credentials(first).await.is_err() {
                     *errors.lock().unwrap_or_else(|e| e.into_inner()) += 1;
@@ -387,6 +388,7 @@ fn agents_load(
                         pod_uid: ClusterShape::uid(i),
                         node_name: shape.node(n),
                         role_name: shape.role(i),
+                        container_id: String::new(),
                     };
                     let t = Instant::now();
                     match client.get_credentials(request).await {

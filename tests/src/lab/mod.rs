@@ -716,7 +716,7 @@ patches:
         );
     }
 
-    /// `kiam-e2e-helper get <url>` in the pod's container: `<status> <body>`.
+    /// `kiam-e2e-helper get <url>` in the pod's `app` container: `<status> <body>`.
     pub fn get(&self, pod: &LabPod, url: &str) -> String {
         let (_, out, err) = self.exec(
             pod,
@@ -724,6 +724,23 @@ patches:
             &["kiam-e2e-helper", "get", url],
             Duration::from_secs(30),
         );
+        format!("{}{}", out.trim(), err.trim())
+    }
+
+    /// `kiam-e2e-helper request` in `container` of the pod: `<status> <body>`.
+    pub fn request_in(
+        &self,
+        pod: &LabPod,
+        container: &str,
+        url: &str,
+        method: &str,
+        headers: &[&str],
+    ) -> String {
+        let mut cmd = vec!["kiam-e2e-helper", "request", url, "--method", method];
+        for header in headers {
+            cmd.extend(["--header", header]);
+        }
+        let (_, out, err) = self.exec(pod, container, &cmd, Duration::from_secs(30));
         format!("{}{}", out.trim(), err.trim())
     }
 
