@@ -5,7 +5,7 @@ use std::{os::unix::fs::PermissionsExt as _, path::Path, process::Command};
 use kiam_e2e::{node::privileged, workspace_bin};
 
 #[test]
-fn the_demo_shows_two_roles_and_leaves_nothing_behind() {
+fn the_demo_shows_each_containers_role_and_leaves_nothing_behind() {
     if !privileged("demo") {
         return;
     }
@@ -19,12 +19,19 @@ fn the_demo_shows_two_roles_and_leaves_nothing_behind() {
         "{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for role in ["app-frontend", "app-backend"] {
+    for role in ["app-frontend", "app-backend", "app-shop", "app-envoy"] {
         assert!(
             text.contains(&format!("arn:aws:sts::123456789012:assumed-role/{role}/")),
             "{text}"
         );
     }
+    // The sidecar's line: its own role, from the container-roles annotation.
+    assert!(
+        text.lines().any(|l| l.starts_with("shop/envoy")
+            && l.contains("container-roles: app-envoy")
+            && l.contains("assumed-role/app-envoy/")),
+        "{text}"
+    );
     // What it inspected is gone by now: it says how to keep it instead.
     assert!(!text.contains("bpftool cgroup tree"), "{text}");
     assert!(text.contains("cargo xtask demo --keep"), "{text}");

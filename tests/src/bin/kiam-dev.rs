@@ -71,7 +71,24 @@ enum Cmd {
     },
 }
 
-const ROLES: [(&str, &str); 2] = [("frontend", "app-frontend"), ("backend", "app-backend")];
+/// A demo pod: its name, its role annotation, and its containers, each with the role the
+/// container-roles annotation gives it, if any. `shop` runs an envoy sidecar with a role of
+/// its own.
+type DemoPod = (
+    &'static str,
+    &'static str,
+    &'static [(&'static str, Option<&'static str>)],
+);
+
+const PODS: [DemoPod; 3] = [
+    ("frontend", "app-frontend", &[("app", None)]),
+    ("backend", "app-backend", &[("app", None)]),
+    (
+        "shop",
+        "app-shop",
+        &[("app", None), ("envoy", Some("app-envoy"))],
+    ),
+];
 const DEMO_NAMESPACE: &str = "demo";
 
 fn is_root() -> bool {
@@ -108,18 +125,31 @@ fn preflight() -> anyhow::Result<()> {
     lab::preflight().map_err(|why| anyhow::anyhow!("{why} (`cargo xtask demo` does all of it)"))
 }
 
-/// A demo pod: the lab's workload image (the AWS CLI, boto3, the Rust SDK), annotated with
-/// `role`, with the region and moto's STS endpoint in its environment as an operator's pod
-/// would have its region.
-fn demo_pod(lab: &mut Lab, name: &str, role: &str) -> LabPod {
+/// A demo pod's containers from the lab's workload image (the AWS CLI, boto3, the Rust SDK),
+/// with the region and moto's STS endpoint in their environment as an operator's pod would
+/// have its region.
+fn demo_pod(lab: &mut Lab, (name, role, containers): DemoPod) -> LabPod {
     let sts = format!("http://{}:{}", lab::NODE_IP, lab.sts.moto_port);
+    let mut annotations = json!({"iam.amazonaws.com/role": role});
+    let own: serde_json::Map<String, serde_json::Value> = containers
+        .iter()
+        .filter_map(|(container, own)| own.map(|role| ((*container).to_owned(), json!(role))))
+        .collect();
+    if !own.is_empty() {
+        annotations["iam.amazonaws.com/container-roles"] =
+            json!(serde_json::Value::Object(own).to_string());
+    }
+    let containers: Vec<serde_json::Value> = containers
+        .iter()
+        .map(|(container, _)| {
+            json!({"name": container, "image": lab::workload_image(),
+                "env": [{"name": "AWS_DEFAULT_REGION", "value": "us-east-1"},
+                        {"name": "AWS_ENDPOINT_URL_STS", "value": sts}]})
+        })
+        .collect();
     lab.create_pod(json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": DEMO_NAMESPACE,
-            "annotations": {"iam.amazonaws.com/role": role}},
-        "spec": {"terminationGracePeriodSeconds": 1, "containers": [{"name": "app",
-            "image": lab::workload_image(),
-            "env": [{"name": "AWS_DEFAULT_REGION", "value": "us-east-1"},
-                    {"name": "AWS_ENDPOINT_URL_STS", "value": sts}]}]}}))
+        "metadata": {"name": name, "namespace": DEMO_NAMESPACE, "annotations": annotations},
+        "spec": {"terminationGracePeriodSeconds": 1, "containers": containers}}))
 }
 
 fn demo(keep: bool) -> anyhow::Result<()> {
@@ -139,13 +169,13 @@ fn demo(keep: bool) -> anyhow::Result<()> {
     let mut lab = Lab::start_on(node);
     lab.ensure_namespace(
         DEMO_NAMESPACE,
-        json!({"iam.amazonaws.com/permitted": "app-frontend|app-backend"}),
+        json!({"iam.amazonaws.com/permitted": "app-(frontend|backend|shop|envoy)"}),
     );
-    let pods: Vec<(LabPod, &str)> = ROLES
+    let pods: Vec<(LabPod, DemoPod)> = PODS
         .iter()
-        .map(|(name, role)| (demo_pod(&mut lab, name, role), *role))
+        .map(|demo| (demo_pod(&mut lab, *demo), *demo))
         .collect();
-    for (pod, _) in &pods {
+    for (pod, ..) in &pods {
         lab.wait_pod_ready(pod, Duration::from_secs(120));
     }
     println!();
@@ -164,50 +194,63 @@ fn demo(keep: bool) -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "{:<10} {:<14} {:<14} aws sts get-caller-identity, run in the pod's container",
-        "POD", "ANNOTATION", "CONTAINER"
+        "{:<14} {:<27} {:<14} aws sts get-caller-identity, run in the container",
+        "POD/CONTAINER", "ANNOTATIONS", "CONTAINER ID"
     );
     let mut arns = Vec::new();
-    for (pod, role) in &pods {
-        let container = lab.container_id(pod, "app").unwrap_or_default();
-        let (code, out, err) = lab.exec(
-            pod,
-            "app",
-            &[
-                "aws",
-                "sts",
-                "get-caller-identity",
-                "--query",
-                "Arn",
-                "--output",
-                "text",
-            ],
-            Duration::from_secs(60),
-        );
-        if code != 0 {
-            bail!("the AWS CLI in pod {}: {}{}", pod.name, out, err.trim());
+    for (pod, (_, role, containers)) in &pods {
+        for (container, own) in *containers {
+            let id = lab.container_id(pod, container).unwrap_or_default();
+            let (code, out, err) = lab.exec(
+                pod,
+                container,
+                &[
+                    "aws",
+                    "sts",
+                    "get-caller-identity",
+                    "--query",
+                    "Arn",
+                    "--output",
+                    "text",
+                ],
+                Duration::from_secs(60),
+            );
+            if code != 0 {
+                bail!(
+                    "the AWS CLI in {}/{container}: {}{}",
+                    pod.name,
+                    out,
+                    err.trim()
+                );
+            }
+            let arn = out.trim().to_owned();
+            // Whose role the container gets: its own, or the pod's.
+            let annotation = match own {
+                Some(own) => format!("container-roles: {own}"),
+                None => format!("role: {role}"),
+            };
+            println!(
+                "{:<14} {annotation:<27} {:<14} {arn}",
+                format!("{}/{container}", pod.name),
+                &id[..id.len().min(12)]
+            );
+            arns.push(arn);
         }
-        let arn = out.trim().to_owned();
-        println!(
-            "{:<10} {role:<14} {:<14} {arn}",
-            pod.name,
-            &container[..container.len().min(12)]
-        );
-        arns.push(arn);
     }
     println!();
     println!(
-        "Each pod's AWS CLI connected to 169.254.169.254; kiam's eBPF programs sent it to the"
+        "Each container's AWS CLI connected to 169.254.169.254; kiam's eBPF programs sent it to"
     );
-    println!(
-        "agent, which knew the pod from its cgroup and asked the servers for that pod's role."
-    );
+    println!("the agent, which knew the pod and container from the caller's cgroup and asked the");
+    println!("servers for that container's role: the pod's, or its own where the pod's");
+    println!("iam.amazonaws.com/container-roles annotation lists it (shop's envoy sidecar).");
     println!(
         "Nothing reached the node's metadata service: {} connections.",
         lab.node.fake_imds_connections()
     );
-    if arns.len() != 2 || arns[0] == arns[1] {
-        bail!("expected two different assumed roles, got {arns:?}");
+    let distinct: std::collections::HashSet<&String> = arns.iter().collect();
+    if arns.len() != 4 || distinct.len() != 4 {
+        bail!("expected four different assumed roles, got {arns:?}");
     }
     if !keep {
         println!();
