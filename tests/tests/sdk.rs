@@ -356,7 +356,8 @@ fn a_pod_the_servers_do_not_know_yet_gets_a_clear_error_within_the_sdk_timeout()
 /// A pod with per-container roles whose container the kubelet has not reported yet (no
 /// `containerID` in its status): the first request waits within the SDK's timeout for the
 /// status, then gets the container's role, and is never answered with the pod's. A second
-/// container of the pod that the annotation does not list gets the pod's role.
+/// container of the pod that the annotation does not list gets the pod's role, and a
+/// connection made in one container and used from the other keeps its maker's identity.
 #[test]
 fn a_container_not_yet_in_the_status_waits_and_never_gets_the_pods_role() {
     if !privileged("per-container roles: a container not reported yet") {
@@ -414,4 +415,19 @@ fn a_container_not_yet_in_the_status_waits_and_never_gets_the_pods_role() {
         .node
         .run_in(&sidecar, &pod.netns, &[HELPER.as_str(), "get", CREDS]);
     assert_eq!(unlisted.trim(), "200 app-pod");
+    // A connection keeps its connector's identity whoever sends on it: made in one
+    // container, then used from a process in the other, each way.
+    let moved = |from: &std::path::Path, to: &std::path::Path| {
+        let to = to.to_str().expect("utf-8");
+        c.node
+            .run_in(
+                from,
+                &pod.netns,
+                &[HELPER.as_str(), "connect-then-move", CREDS, "--to", to],
+            )
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(moved(&pod.cgroup, &sidecar), "200 app-container");
+    assert_eq!(moved(&sidecar, &pod.cgroup), "200 app-pod");
 }

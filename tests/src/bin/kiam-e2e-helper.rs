@@ -66,6 +66,14 @@ enum Cmd {
     },
     /// Connect, send a request and close at once without reading; print own pid first.
     SendAndClose { url: String },
+    /// Connect to `url`, then move this process into the cgroup `to` (another container's),
+    /// then send a GET on the connection made before: prints `<status> <body>`. What
+    /// identity a connection carries: its connector's, or whoever sends on it.
+    ConnectThenMove {
+        url: String,
+        #[arg(long)]
+        to: std::path::PathBuf,
+    },
     /// Open `count` connections to `url` and hold them: every other one sends half a
     /// request head, the rest nothing. Prints `held <open> of <count>` once they are open,
     /// then holds them for `hold_ms`.
@@ -211,6 +219,24 @@ fn request_with(url: &Url, method: &str, headers: &[String]) -> String {
 fn one_request(url: &str, method: &str, headers: &[String]) -> anyhow::Result<()> {
     let (status, body) = exchange(url, method, headers)?;
     println!("{status} {}", body.replace('\n', " "));
+    Ok(())
+}
+
+fn connect_then_move(url: &str, to: &std::path::Path) -> anyhow::Result<()> {
+    let url = parse_url(url)?;
+    let mut stream = TcpStream::connect_timeout(&url.addr, Duration::from_secs(5))?;
+    std::fs::write(to.join("cgroup.procs"), std::process::id().to_string())?;
+    let now = std::fs::read_to_string("/proc/self/cgroup")?;
+    let leaf = to.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    anyhow::ensure!(now.trim_end().ends_with(leaf), "not moved: {now}");
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(request_with(&url, "GET", &[]).as_bytes())?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let status = text.split_whitespace().nth(1).unwrap_or("?");
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    println!("{status} {}", body.trim().replace('\n', " "));
     Ok(())
 }
 
@@ -749,6 +775,7 @@ fn main() -> anyhow::Result<()> {
         } => one_request(&url, &method, &headers),
         Cmd::Spoof { from, url, hold_ms } => spoof(from, &url, Duration::from_millis(hold_ms)),
         Cmd::SendAndClose { url } => send_and_close(&url),
+        Cmd::ConnectThenMove { url, to } => connect_then_move(&url, &to),
         Cmd::FetchCredentials { base } => fetch_credentials(&base),
         Cmd::Flood {
             url,
