@@ -416,6 +416,25 @@ mod tests {
         })
     }
 
+    /// What a pod reads for each gRPC code a server refuses with (the server's
+    /// `refusal::code_of` gives every reason one of these).
+    #[test]
+    fn refusals_become_http_statuses() {
+        for (code, http) in [
+            (Code::NotFound, StatusCode::NOT_FOUND),
+            (Code::PermissionDenied, StatusCode::FORBIDDEN),
+            (Code::Unauthenticated, StatusCode::FORBIDDEN),
+            (Code::InvalidArgument, StatusCode::UNPROCESSABLE_ENTITY),
+            (Code::FailedPrecondition, StatusCode::UNPROCESSABLE_ENTITY),
+            (Code::ResourceExhausted, StatusCode::TOO_MANY_REQUESTS),
+            (Code::Unavailable, StatusCode::SERVICE_UNAVAILABLE),
+            (Code::DeadlineExceeded, StatusCode::SERVICE_UNAVAILABLE),
+        ] {
+            let reply = from_status(&Status::new(code, "why"));
+            assert_eq!(reply.status(), http, "{code:?}");
+        }
+    }
+
     /// A token is bound to the container that fetched it: containers of one pod may hold
     /// different roles, so another container of the same pod cannot use it.
     #[tokio::test]

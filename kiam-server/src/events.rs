@@ -19,10 +19,10 @@ use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use tokio::sync::mpsc;
 
 use crate::{
-    decision::Refusal,
     index::PodInfo,
     metrics::{Metrics, ResultLabels},
     proto::Reason,
+    refusal::Refusal,
 };
 
 /// How often one pod may get an Event for one reason.

@@ -40,7 +40,7 @@ use futures::{
 use sha2::{Digest as _, Sha256};
 use tokio::time::Instant;
 
-use crate::{decision::Refusal, index::Index};
+use crate::{index::Index, refusal::Refusal};
 
 /// The review extra that names the node a token's pod runs on (Kubernetes ≥ 1.30).
 pub const EXTRA_NODE_NAME: &str = "authentication.kubernetes.io/node-name";

@@ -1,7 +1,8 @@
 //! kiam-server: the only kiam component allowed to assume roles.
 //!
 //! Layers, kept apart: [`policy`] (annotations, ARNs, namespace and pass-through rules, no
-//! Kubernetes or AWS types), [`decision`] (what a pod may have: pure, typed refusals),
+//! Kubernetes or AWS types), [`decision`] (what a pod may have: pure), [`refusal`] (why not:
+//! typed reasons, codes, labels),
 //! [`containers`] (per-container roles), [`index`] (kube-rs watchers, pods by UID), [`credentials`] (STS and the cache),
 //! [`identity`] (which node an agent proved: tokens reviewed, certificates),
 //! [`service`] (the thin gRPC layer), [`events`] (Kubernetes Events), [`tls`] (mutual TLS),
@@ -17,6 +18,7 @@ pub mod identity;
 pub mod index;
 pub mod metrics;
 pub mod policy;
+pub mod refusal;
 pub mod service;
 pub mod sessions;
 pub mod tls;

@@ -10,7 +10,7 @@ use std::{
     sync::Mutex,
 };
 
-use crate::{credentials::CacheKey, decision::Refusal};
+use crate::{credentials::CacheKey, refusal::Refusal};
 
 pub struct SessionBudget {
     max: usize,
