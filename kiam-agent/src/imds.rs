@@ -235,10 +235,7 @@ impl Imds {
                     ),
                     Ok(role) => match self.upstream.credentials(subject, &role, deadline).await {
                         Ok(creds) => {
-                            let now = std::time::SystemTime::now()
-                                .duration_since(std::time::UNIX_EPOCH)
-                                .map(|d| d.as_secs() as i64)
-                                .unwrap_or(0);
+                            let now = kiam_ops::unix_now();
                             self.metrics
                                 .credentials_remaining
                                 .observe((creds.expiration_unix - now).max(0) as f64);

@@ -156,10 +156,7 @@ impl Tokens {
             .map_err(|_| TokenError::BadSignature)?;
         let (expiry, uid) = payload.split_at_checked(8).ok_or(TokenError::Malformed)?;
         let expiry = u64::from_be_bytes(expiry.try_into().map_err(|_| TokenError::Malformed)?);
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(u64::MAX);
+        let now = u64::try_from(kiam_ops::unix_now()).unwrap_or(0);
         if now >= expiry {
             return Err(TokenError::Expired);
         }

@@ -30,7 +30,7 @@
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex, OnceLock, RwLock},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use futures::{
@@ -80,10 +80,7 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now_unix(&self) -> i64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0)
+        kiam_ops::unix_now()
     }
 }
 

@@ -29,7 +29,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
@@ -37,6 +37,7 @@ use futures::{
     FutureExt as _,
     future::{BoxFuture, Shared},
 };
+use kiam_ops::unix_now;
 use sha2::{Digest as _, Sha256};
 use tokio::time::Instant;
 
@@ -210,13 +211,6 @@ impl Drop for Slot<'_> {
 fn claims(token: &str) -> Option<serde_json::Value> {
     let payload = token.split('.').nth(1)?;
     serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).ok()?).ok()
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 fn audiences_of(claims: &serde_json::Value) -> Vec<String> {

@@ -4,10 +4,7 @@
 //! credentials from the cache, and turns refusals into statuses with a typed reason (and an
 //! Event on the pod where its owner must see it). Every refusal is counted by reason.
 
-use std::{
-    sync::Arc,
-    time::{Duration, UNIX_EPOCH},
-};
+use std::{sync::Arc, time::Duration};
 
 use tonic::{Code, Request, Response, Status};
 
@@ -229,11 +226,7 @@ impl Kiam for KiamService {
                 };
                 self.refuse(&r.pod_uid, &refusal)
             })?;
-            let secs = |t: std::time::SystemTime| {
-                t.duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_secs() as i64)
-                    .unwrap_or(0)
-            };
+            let secs = kiam_ops::unix_seconds;
             if let Access::Role { source, .. } = &decision.access {
                 self.metrics
                     .served

@@ -1,6 +1,7 @@
 //! What kiam-agent and kiam-server share to be operable: logging set-up ([`logging`]:
 //! `--log-format`, `--log-level`), the admin listener and the probe socket ([`admin`]),
-//! listeners one client cannot exhaust ([`listen`]) and waiting for a stop signal.
+//! listeners one client cannot exhaust ([`listen`]), waiting for a stop signal, and the wall
+//! clock in Unix seconds.
 
 pub mod admin;
 pub mod listen;
@@ -25,5 +26,30 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+/// `t` in whole seconds since the Unix epoch (0 for a time before it).
+pub fn unix_seconds(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Now, in whole seconds since the Unix epoch.
+pub fn unix_now() -> i64 {
+    unix_seconds(std::time::SystemTime::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn unix_seconds_truncate_and_floor_at_the_epoch() {
+        let t = UNIX_EPOCH + Duration::from_millis(1_700_000_000_999);
+        assert_eq!(super::unix_seconds(t), 1_700_000_000);
+        assert_eq!(super::unix_seconds(UNIX_EPOCH - Duration::from_secs(5)), 0);
+        assert!(super::unix_now() > 1_700_000_000);
     }
 }
