@@ -259,15 +259,7 @@ async fn run(cli: RunArgs) -> anyhow::Result<()> {
                         }
                     }
                 }
-                sessions.retain(&by_namespace);
-                let in_use: HashSet<CacheKey> = by_namespace
-                    .iter()
-                    .flat_map(|(namespace, keys)| {
-                        keys.iter()
-                            .filter(|key| sessions.admit(namespace, key).is_ok())
-                            .cloned()
-                    })
-                    .collect();
+                let in_use = sessions.keys_in_use(&by_namespace);
                 for flight in cache.maintain(&in_use) {
                     tokio::spawn(async move {
                         let _ = flight.await;

@@ -42,6 +42,27 @@ impl SessionBudget {
         Ok(())
     }
 
+    /// The keys to keep and refresh, given the keys each namespace's pods use: first the
+    /// places of keys no longer used are freed, then each namespace keeps the keys its budget
+    /// admits. Keys holding a place keep it; free places go to the others in the keys' own
+    /// order, so which keys a full namespace keeps never depends on hashing.
+    pub fn keys_in_use(&self, used: &HashMap<String, HashSet<CacheKey>>) -> HashSet<CacheKey> {
+        self.retain(used);
+        let mut namespaces: Vec<(&String, &HashSet<CacheKey>)> = used.iter().collect();
+        namespaces.sort_by_key(|(namespace, _)| *namespace);
+        let mut in_use = HashSet::new();
+        for (namespace, keys) in namespaces {
+            let mut keys: Vec<&CacheKey> = keys.iter().collect();
+            keys.sort();
+            for key in keys {
+                if self.admit(namespace, key).is_ok() {
+                    in_use.insert(key.clone());
+                }
+            }
+        }
+        in_use
+    }
+
     /// Frees the places of keys no pod of their namespace uses any more.
     pub fn retain(&self, in_use: &HashMap<String, HashSet<CacheKey>>) {
         let mut admitted = self.admitted.lock().unwrap_or_else(|e| e.into_inner());
@@ -90,5 +111,38 @@ mod tests {
             budget.admit("other", &key("d")).is_ok(),
             "other: nothing in use, all free"
         );
+    }
+
+    #[test]
+    fn keys_in_use_are_those_the_budget_admits_whatever_the_hash_order() {
+        let used = |keys: &[&str]| {
+            HashMap::from([(
+                "team".to_owned(),
+                keys.iter().map(|k| key(k)).collect::<HashSet<_>>(),
+            )])
+        };
+        // Free places go to the keys in their order, whatever order the set yields.
+        for order in [["c", "a", "b"], ["b", "c", "a"], ["a", "b", "c"]] {
+            let budget = SessionBudget::new(2);
+            assert_eq!(
+                budget.keys_in_use(&used(&order)),
+                HashSet::from([key("a"), key("b")]),
+                "{order:?}"
+            );
+        }
+        // A key holding its place keeps it against one that sorts first.
+        let budget = SessionBudget::new(2);
+        budget.admit("team", &key("y")).expect("free");
+        budget.admit("team", &key("z")).expect("free");
+        assert_eq!(
+            budget.keys_in_use(&used(&["a", "y", "z"])),
+            HashSet::from([key("y"), key("z")])
+        );
+        // Once "y" is no longer used, "a" takes its place.
+        assert_eq!(
+            budget.keys_in_use(&used(&["a", "z"])),
+            HashSet::from([key("a"), key("z")])
+        );
+        assert!(budget.keys_in_use(&HashMap::new()).is_empty());
     }
 }
