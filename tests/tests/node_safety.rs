@@ -31,21 +31,12 @@ fn helper(node: &Node, pod: &Pod, args: &[&str]) -> String {
     node.run_in(&pod.cgroup, &pod.netns, &cmd).trim().to_owned()
 }
 
-fn cluster(agent_args: &[&str]) -> Cluster {
-    Cluster::start(
-        Node::new(),
-        "team",
-        json!({"iam.amazonaws.com/permitted": "app-.*"}),
-        agent_args,
-    )
-}
-
 #[test]
 fn host_network_system_pods_get_the_nodes_metadata_verbatim_and_nobody_else_does() {
     if !privileged("node metadata pass-through") {
         return;
     }
-    let mut c = cluster(&["--role-ttl", "1s"]);
+    let mut c = Cluster::team(&["--role-ttl", "1s"]);
     // aws-node: a host-network pod in kube-system, selected by the default policy.
     let system = c.node.add_host_network_pod();
     let mut object = PodObject::new("kube-system", "aws-node-x", NODE_NAME);
@@ -214,7 +205,7 @@ fn credential_and_identity_paths_never_reach_the_node_whatever_the_allow_list() 
     if !privileged("credential paths") {
         return;
     }
-    let mut c = cluster(&["--allow-route-regexp", ".*"]);
+    let mut c = Cluster::team(&["--allow-route-regexp", ".*"]);
     let a = c.pod("a", json!({"iam.amazonaws.com/role": "app-a"}));
     let listing = format!("{META}/latest/meta-data/iam/security-credentials/");
     assert!(poll(Duration::from_secs(10), || helper(
@@ -303,7 +294,7 @@ fn static_pods_are_known_by_their_config_hash_and_only_ever_passed_through() {
     if !privileged("static pods") {
         return;
     }
-    let mut c = cluster(&[]);
+    let mut c = Cluster::team(&[]);
     let mirror_of = |pod: &Pod, namespace: &'static str, name: &'static str| {
         let mut object = PodObject::new(namespace, name, NODE_NAME);
         object.host_network = true;

@@ -7,22 +7,13 @@ use std::{process::Output, time::Duration};
 
 use kiam_e2e::{
     cluster::{Cluster, STS_URL},
-    node::{HELPER, Node, Pod, privileged},
+    node::{HELPER, Pod, privileged},
     repo,
 };
 use serde_json::json;
 
 const SDK: &str = env!("CARGO_BIN_EXE_kiam-e2e-sdk");
 const CREDS: &str = "http://169.254.169.254/latest/meta-data/iam/security-credentials/";
-
-fn cluster(agent_args: &[&str]) -> Cluster {
-    Cluster::start(
-        Node::new(),
-        "team",
-        json!({"iam.amazonaws.com/permitted": "app-.*"}),
-        agent_args,
-    )
-}
 
 /// What the tests do inside pods.
 trait InPods {
@@ -87,7 +78,7 @@ fn real_aws_sdks_in_two_pods_get_their_own_roles() {
     if !privileged("real SDKs") {
         return;
     }
-    let mut c = cluster(&[]);
+    let mut c = Cluster::team(&[]);
     let a = c.pod("a", role("app-a"));
     let b = c.pod("b", role("app-b"));
     c.wait_served(&a, "app-a");
@@ -157,7 +148,7 @@ fn pods_without_a_permitted_role_get_a_clear_error_and_an_event() {
     if !privileged("refusals") {
         return;
     }
-    let mut c = cluster(&[]);
+    let mut c = Cluster::team(&[]);
     let plain = c.pod("plain", json!({}));
     let sneaky = c.pod("sneaky", role("admin"));
     let out = c.aws_whoami(&plain);
@@ -198,7 +189,7 @@ fn only_allow_listed_paths_reach_the_real_metadata_service() {
     if !privileged("allow list") {
         return;
     }
-    let mut c = cluster(&[]);
+    let mut c = Cluster::team(&[]);
     let a = c.pod("a", role("app-a"));
     let region = "http://169.254.169.254/latest/meta-data/placement/region";
     assert_eq!(c.helper(&a, &["get", region]), "200 real-imds");
@@ -224,7 +215,7 @@ fn imds_v2_tokens_are_bound_to_the_pod_and_checked() {
     if !privileged("tokens") {
         return;
     }
-    let mut c = cluster(&[]);
+    let mut c = Cluster::team(&[]);
     let a = c.pod("a", role("app-a"));
     let b = c.pod("b", role("app-b"));
     c.wait_served(&a, "app-a");
@@ -279,7 +270,7 @@ fn a_server_dying_mid_run_is_invisible_and_an_outage_serves_cached_credentials()
         return;
     }
     // Ask the servers for the role on (nearly) every request, so the run exercises them.
-    let mut c = cluster(&["--role-ttl", "1ms"]);
+    let mut c = Cluster::team(&["--role-ttl", "1ms"]);
     let a = c.pod("a", role("app-a"));
     c.wait_served(&a, "app-a");
     let url = format!("{CREDS}app-a");
@@ -320,7 +311,7 @@ fn a_pod_the_servers_do_not_know_yet_gets_a_clear_error_within_the_sdk_timeout()
     if !privileged("startup race") {
         return;
     }
-    let mut c = cluster(&[]);
+    let mut c = Cluster::team(&[]);
     // The pod runs (cgroup, network) but the API server has not told kiam about it yet.
     let early = c.node.add_pod();
     let started = std::time::Instant::now();
@@ -363,7 +354,7 @@ fn a_container_not_yet_in_the_status_waits_and_never_gets_the_pods_role() {
     if !privileged("per-container roles: a container not reported yet") {
         return;
     }
-    let mut c = cluster(&[]);
+    let mut c = Cluster::team(&[]);
     let pod = c.node.add_pod();
     // A second container of the same pod: its own cgroup beside the first.
     let sidecar_id = "5".repeat(64);
