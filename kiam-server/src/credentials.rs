@@ -495,14 +495,24 @@ mod tests {
 
     #[tokio::test]
     async fn never_serves_less_than_min_validity_and_refreshes_ahead() {
-        // 40 minutes of life, 30 of minimum validity: refresh below 35 minutes, i.e. at once.
-        let (cache, calls, _) = new_cache(Duration::from_secs(2400));
+        // 2 s above the 30-minute minimum: refreshed below 30 min + 1 s, i.e. a second after
+        // they are issued.
+        let (cache, calls, _) = new_cache(Duration::from_secs(1802));
         let first = cache.get(&key("a")).await.expect("ok");
-        assert!(first.remaining() >= Duration::from_secs(1800));
         let in_use = HashSet::from([key("a")]);
-        // 40 minutes left, refresh below 35: nothing due yet.
-        assert!(cache.maintain(&in_use).is_empty());
+        assert!(cache.maintain(&in_use).is_empty(), "not due yet");
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        // Due: refreshed ahead, while the held ones could still be served.
+        let flights = cache.maintain(&in_use);
+        assert_eq!(flights.len(), 1);
+        for flight in flights {
+            flight.await.expect("refreshed");
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        let refreshed = cache.get(&key("a")).await.expect("ok");
+        assert_ne!(refreshed.access_key_id, first.access_key_id);
+        assert!(refreshed.remaining() > Duration::from_secs(1801));
 
         // Credentials that are already below the minimum are never served: the call fails
         // with TooShort, whatever the source says.
@@ -521,16 +531,20 @@ mod tests {
         let held = cache.get(&key("a")).await.expect("first");
         tokio::time::sleep(Duration::from_millis(1100)).await;
         *fail.lock().expect("lock") = Some(StsError::Throttled("slow down".into()));
-        // Due for refresh, the refresh fails: the held credentials are still served.
-        let again = cache.get(&key("a")).await.expect("still valid");
-        assert_eq!(again.access_key_id, held.access_key_id);
-        for flight in cache.maintain(&HashSet::from([key("a")])) {
+        // Due for refresh, and the refresh fails.
+        let flights = cache.maintain(&HashSet::from([key("a")]));
+        assert_eq!(flights.len(), 1);
+        for flight in flights {
             assert!(flight.await.is_err());
         }
-        assert!(calls.load(Ordering::SeqCst) >= 2);
-        // Without anything held, the caller gets STS's reason.
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        // The held credentials, still above the minimum, are served meanwhile.
+        let again = cache.get(&key("a")).await.expect("still valid");
+        assert_eq!(again.access_key_id, held.access_key_id);
+        // Once they are below it, the caller gets STS's reason, never them.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
         assert_eq!(
-            cache.get(&key("b")).await.expect_err("no credentials"),
+            cache.get(&key("a")).await.expect_err("no longer servable"),
             StsError::Throttled("slow down".into())
         );
     }
