@@ -101,7 +101,7 @@ pub struct StatusArgs {
     #[arg(long, env = "KIAM_STATUS_JSON")]
     pub json: bool,
     /// The running agent's admin listener, for its request counters.
-    #[arg(long, env = "KIAM_ADMIN_LISTEN", default_value = DEFAULT_ADMIN_LISTEN)]
+    #[arg(long, env = "KIAM_ADMIN_LISTEN", default_value = kiam_ops::DEFAULT_AGENT_ADMIN_LISTEN)]
     pub admin_listen: SocketAddr,
 }
 
@@ -255,7 +255,7 @@ pub struct ApiArgs {
     /// Admin listener: `/metrics`, `/live`, `/ready`. Loopback by default; the manifests
     /// give the node's address (`status.hostIP`), which Prometheus reaches. Each source
     /// address may hold 4 connections, none for more than a minute.
-    #[arg(long, env = "KIAM_ADMIN_LISTEN", default_value = DEFAULT_ADMIN_LISTEN)]
+    #[arg(long, env = "KIAM_ADMIN_LISTEN", default_value = kiam_ops::DEFAULT_AGENT_ADMIN_LISTEN)]
     pub admin_listen: SocketAddr,
     /// Serve `/live` and `/ready` on this Unix socket too, for the kubelet's exec probes
     /// (`kiam-agent probe ready`): no pod can reach it, so none can starve the probes.
@@ -285,8 +285,6 @@ pub struct ApiArgs {
     pub idle_timeout: Duration,
 }
 
-/// Where the admin listener is, and where `status` looks for it.
-pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8182";
 /// The agent's default port: not 8181 (kiam's and kube2iam's agents, OPA), not in the
 /// NodePort range.
 pub const DEFAULT_PORT: u16 = 8186;

@@ -45,7 +45,7 @@ pub struct RunArgs {
     #[arg(
         long,
         env = "KIAM_SERVER_ADMIN_LISTEN",
-        default_value = "127.0.0.1:9620"
+        default_value = kiam_ops::DEFAULT_SERVER_ADMIN_LISTEN
     )]
     pub admin_listen: SocketAddr,
     /// `/ready` turns false once the Kubernetes watches have been failing for this long, so a

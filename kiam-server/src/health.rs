@@ -107,7 +107,7 @@ pub struct HealthArgs {
     #[arg(
         long,
         env = "KIAM_SERVER_ADMIN_LISTEN",
-        default_value = "127.0.0.1:9620"
+        default_value = kiam_ops::DEFAULT_SERVER_ADMIN_LISTEN
     )]
     pub admin_listen: SocketAddr,
     /// Print the JSON report instead of text.

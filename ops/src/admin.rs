@@ -224,6 +224,11 @@ pub struct ProbeArgs {
 /// Where the manifests put the probe socket (an emptyDir of the container).
 pub const DEFAULT_PROBE_SOCKET: &str = "/run/kiam-probe/probe.sock";
 
+/// Where each binary's admin listener is when no flag says otherwise (loopback; the
+/// manifests give the node's or the pod's address). `run`, `health` and `status` share them.
+pub const DEFAULT_AGENT_ADMIN_LISTEN: &str = "127.0.0.1:8182";
+pub const DEFAULT_SERVER_ADMIN_LISTEN: &str = "127.0.0.1:9620";
+
 /// `GET /<what>` on the probe socket: 0 when answered 200, 1 otherwise (the kubelet's exec
 /// probe), with the answer or the reason on standard output.
 pub fn probe(args: &ProbeArgs) -> std::process::ExitCode {

@@ -8,7 +8,8 @@ pub mod listen;
 pub mod logging;
 
 pub use admin::{
-    Admin, AdminLimits, DEFAULT_PROBE_SOCKET, ProbeArgs, admin_get, bind_probe, probe, serve_admin,
+    Admin, AdminLimits, DEFAULT_AGENT_ADMIN_LISTEN, DEFAULT_PROBE_SOCKET,
+    DEFAULT_SERVER_ADMIN_LISTEN, ProbeArgs, admin_get, bind_probe, probe, serve_admin,
     serve_probes,
 };
 pub use logging::{LogArgs, LogError, LogFormat, init_logging};
