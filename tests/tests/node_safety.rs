@@ -39,6 +39,21 @@ fn host_network_system_pods_get_the_nodes_metadata_verbatim_and_nobody_else_does
     let mut c = Cluster::team(&["--role-ttl", "1s"]);
     // aws-node: a host-network pod in kube-system, selected by the default policy.
     let system = c.node.add_host_network_pod();
+    // Before the servers know it, it waits as any unknown pod does: never the node's.
+    let creds_url = format!("{META}/latest/meta-data/iam/security-credentials/");
+    let early = helper(&c.node, &system, &["get", &creds_url]);
+    assert!(
+        early.starts_with("404") && early.contains("not known"),
+        "an unknown host-network pod: {early}"
+    );
+    assert!(
+        !c.node
+            .fake_imds_requests()
+            .iter()
+            .any(|r| r.contains("security-credentials")),
+        "{:#?}",
+        c.node.fake_imds_requests()
+    );
     let mut object = PodObject::new("kube-system", "aws-node-x", NODE_NAME);
     object.uid = Some(&system.uid);
     object.host_network = true;
@@ -71,7 +86,6 @@ fn host_network_system_pods_get_the_nodes_metadata_verbatim_and_nobody_else_does
         .strip_prefix("200 node-token-")
         .map(|n| format!("node-token-{n}"))
         .unwrap_or_else(|| panic!("the node's metadata service did not issue the token: {put}"));
-    let creds_url = format!("{META}/latest/meta-data/iam/security-credentials/");
     let header = format!("X-aws-ec2-metadata-token: {token}");
     let listing = helper(
         &c.node,
