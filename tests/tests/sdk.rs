@@ -269,13 +269,14 @@ fn a_server_dying_mid_run_is_invisible_and_an_outage_serves_cached_credentials()
     if !privileged("failover") {
         return;
     }
-    // Ask the servers for the role on (nearly) every request, so the run exercises them.
-    let mut c = Cluster::team(&["--role-ttl", "1ms"]);
+    // Ask the servers for the role on (nearly) every request, so the run exercises them; a
+    // connection rate this one pod's run stays under.
+    let mut c = Cluster::team(&["--role-ttl", "1ms", "--pod-connection-rate", "5000"]);
     let a = c.pod("a", role("app-a"));
     c.wait_served(&a, "app-a");
     let url = format!("{CREDS}app-a");
     assert!(c.helper(&a, &["get", &url]).starts_with("200"));
-    let run = c.node.spawn_in(
+    let mut run = c.node.spawn_in(
         &a.cgroup,
         &a.netns,
         &[
@@ -283,17 +284,22 @@ fn a_server_dying_mid_run_is_invisible_and_an_outage_serves_cached_credentials()
             "get",
             &url,
             "--count",
-            "400",
+            "2000",
             "--concurrency",
             "4",
         ],
     );
     std::thread::sleep(Duration::from_millis(300));
     c.servers[0].kill();
+    // The kill landed mid-run: the client had requests left to make.
+    assert!(
+        run.try_wait().expect("client").is_none(),
+        "the run ended before the kill: make it longer"
+    );
     let out = run.wait_with_output().expect("client");
     let text = String::from_utf8_lossy(&out.stdout);
     let failed: Vec<&str> = text.lines().filter(|l| !l.starts_with("200 ")).collect();
-    assert_eq!(text.lines().count(), 400);
+    assert_eq!(text.lines().count(), 2000);
     assert!(
         failed.is_empty(),
         "client-visible errors: {:?}",
