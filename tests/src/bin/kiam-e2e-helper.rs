@@ -66,6 +66,9 @@ enum Cmd {
     },
     /// Connect, send a request and close at once without reading; print own pid first.
     SendAndClose { url: String },
+    /// One GET on a new connection, timed here in the pod from connect to the end of the
+    /// answer (no process start in it): prints `<status> <microseconds> <body>`.
+    TimedGet { url: String },
     /// Connect to `url`, then move this process into the cgroup `to` (another container's),
     /// then send a GET on the connection made before: prints `<status> <body>`. What
     /// identity a connection carries: its connector's, or whoever sends on it.
@@ -775,6 +778,13 @@ fn main() -> anyhow::Result<()> {
         } => one_request(&url, &method, &headers),
         Cmd::Spoof { from, url, hold_ms } => spoof(from, &url, Duration::from_millis(hold_ms)),
         Cmd::SendAndClose { url } => send_and_close(&url),
+        Cmd::TimedGet { url } => {
+            let started = Instant::now();
+            let (status, body) = exchange(&url, "GET", &[])?;
+            let took = started.elapsed().as_micros();
+            println!("{status} {took} {}", body.replace('\n', " "));
+            Ok(())
+        }
         Cmd::ConnectThenMove { url, to } => connect_then_move(&url, &to),
         Cmd::FetchCredentials { base } => fetch_credentials(&base),
         Cmd::Flood {
