@@ -31,7 +31,7 @@ use crate::{
     metrics::{Metrics, RouteLabels, ScopeLabels},
     resolver::Caller,
     route::{self, Route},
-    token::{MAX_TTL, Tokens},
+    token::{MAX_TTL, TokenError, Tokens},
     upstream::{Access, Creds, Upstream},
 };
 
@@ -207,7 +207,7 @@ impl Imds {
         if !matches!(*method, Method::GET | Method::HEAD) {
             return ("other", method_not_allowed("GET, HEAD"));
         }
-        if let Some(refusal) = self.check_token(headers, subject) {
+        if let Some(refusal) = self.check_token(headers, subject, pod) {
             return ("token", refusal);
         }
         let role = || match &access {
@@ -278,12 +278,18 @@ impl Imds {
     }
 
     /// The refusal of a request whose token is not acceptable, if it is not.
-    fn check_token(&self, headers: &HeaderMap, subject: &str) -> Option<Reply> {
+    /// The refusal of a request whose token is not acceptable, if it is not. A token is
+    /// its container's (`subject`); one an agent issued before tokens were kept per
+    /// container names the pod only, and is accepted in any container of that pod until it
+    /// expires, so an agent upgrade does not turn every held token into a 401 (the role
+    /// served is the caller's own either way: the token proves a PUT, not an identity).
+    fn check_token(&self, headers: &HeaderMap, subject: &str, pod: &str) -> Option<Reply> {
         let unauthorized =
             |why: &str| Some(text(StatusCode::UNAUTHORIZED, format!("kiam: {why}\n")));
         match headers.get(TOKEN_HEADER).map(|v| v.to_str()) {
             Some(Ok(token)) => match self.tokens.check(token, subject) {
                 Ok(()) => None,
+                Err(TokenError::OtherPod) if self.tokens.check(token, pod).is_ok() => None,
                 Err(error) => unauthorized(&error.to_string()),
             },
             Some(Err(_)) => unauthorized("malformed token"),
@@ -455,6 +461,21 @@ mod tests {
         // Nor in the pod's own cgroup, outside any container.
         let outside = api.handle(with(&token), &caller("pod-a")).await;
         assert_eq!(outside.status(), StatusCode::UNAUTHORIZED);
+        // A token an agent issued before tokens were kept per container (it names the pod
+        // only) is accepted in the pod's containers, and nowhere else.
+        let put = request(Method::PUT, "/latest/api/token", &[(TTL_HEADER, "60")]);
+        let legacy = body(api.handle(put, &caller("pod-a")).await).await;
+        for container in [&app, &sidecar] {
+            assert_eq!(
+                api.handle(with(&legacy), container).await.status(),
+                StatusCode::OK
+            );
+        }
+        let elsewhere = in_container("pod-b", Some(&"a".repeat(64)));
+        assert_eq!(
+            api.handle(with(&legacy), &elsewhere).await.status(),
+            StatusCode::UNAUTHORIZED
+        );
     }
 
     fn imds(require_v2: bool) -> Imds {

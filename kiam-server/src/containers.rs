@@ -60,6 +60,14 @@ pub enum RolesError {
         "the pod shares one process namespace between its containers (shareProcessNamespace: true), so each can reach the others' processes, and their cgroups: per-container roles cannot hold there"
     )]
     SharedProcessNamespace,
+    #[error(
+        "the pod runs in the host's process namespace (hostPID: true), where each container can reach the others' processes: per-container roles cannot hold there"
+    )]
+    HostPid,
+    #[error(
+        "lists {0:?}, which is no container of the pod (containers, initContainers, ephemeralContainers): a misspelt name would leave that container the pod's role"
+    )]
+    NotInSpec(String),
 }
 
 fn kind_of(value: &Value) -> &'static str {
@@ -168,6 +176,9 @@ pub struct PodContainers {
     /// container the kubelet has reported, the last ID of each (a restarted container's
     /// previous ID is gone from the status, and with it from here).
     pub ids: Vec<(String, String, ContainerKind)>,
+    /// Whether some container or init container of the spec is not listed, and so gets the
+    /// pod's role (which is then worth prefetching).
+    pub unlisted: bool,
 }
 
 impl PodContainers {
@@ -192,11 +203,44 @@ impl PodContainers {
                 }
             }
         }
-        let roles = match spec["shareProcessNamespace"].as_bool() {
-            Some(true) => Err(RolesError::SharedProcessNamespace),
-            _ => ContainerRoles::parse(annotation),
+        let names = |list: &str| -> Vec<String> {
+            spec[list]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c["name"].as_str().map(str::to_owned))
+                .collect()
         };
-        Self { roles, ids }
+        let (app, init, ephemeral) = (
+            names("containers"),
+            names("initContainers"),
+            names("ephemeralContainers"),
+        );
+        let roles = if spec["shareProcessNamespace"].as_bool() == Some(true) {
+            Err(RolesError::SharedProcessNamespace)
+        } else if spec["hostPID"].as_bool() == Some(true) {
+            Err(RolesError::HostPid)
+        } else {
+            ContainerRoles::parse(annotation).and_then(|roles| {
+                match roles.0.keys().find(|name| {
+                    ![&app, &init, &ephemeral]
+                        .iter()
+                        .any(|list| list.contains(name))
+                }) {
+                    Some(unknown) => Err(RolesError::NotInSpec(unknown.clone())),
+                    None => Ok(roles),
+                }
+            })
+        };
+        let unlisted = match &roles {
+            Ok(roles) => app.iter().chain(&init).any(|n| !roles.0.contains_key(n)),
+            Err(_) => false,
+        };
+        Self {
+            roles,
+            ids,
+            unlisted,
+        }
     }
 
     /// The container whose ID is `id`: its name and kind.
@@ -296,7 +340,10 @@ mod tests {
             ],
             "ephemeralContainerStatuses": [{"name": "debugger", "containerID": "ddd"}]
         });
-        let pod = PodContainers::new(r#"{"app": "r"}"#, &json!({}), &status);
+        let spec = json!({"initContainers": [{"name": "setup"}],
+            "containers": [{"name": "app"}, {"name": "envoy"}, {"name": "late"}, {"name": "empty"}],
+            "ephemeralContainers": [{"name": "debugger"}]});
+        let pod = PodContainers::new(r#"{"app": "r"}"#, &spec, &status);
         assert_eq!(pod.container("aaa"), Some(("setup", ContainerKind::Init)));
         assert_eq!(pod.container("bbb"), Some(("app", ContainerKind::App)));
         assert_eq!(pod.container("ccc"), Some(("envoy", ContainerKind::App)));
@@ -308,15 +355,34 @@ mod tests {
         assert_eq!(pod.container(""), None);
         assert_eq!(pod.ids.len(), 4);
         assert!(pod.roles.is_ok());
-        let bad = PodContainers::new("nope", &json!({}), &json!({}));
+        let bad = PodContainers::new("nope", &spec, &json!({}));
         assert!(bad.roles.is_err());
         assert!(bad.ids.is_empty());
         // Containers that see each other's processes can enter each other's cgroups.
-        let shared = PodContainers::new(
-            r#"{"app": "r"}"#,
-            &json!({"shareProcessNamespace": true}),
+        let mut shared = spec.clone();
+        shared["shareProcessNamespace"] = json!(true);
+        let shared = PodContainers::new(r#"{"app": "r"}"#, &shared, &status);
+        assert_eq!(shared.roles, Err(RolesError::SharedProcessNamespace));
+        let mut host = spec.clone();
+        host["hostPID"] = json!(true);
+        let host = PodContainers::new(r#"{"app": "r"}"#, &host, &status);
+        assert_eq!(host.roles, Err(RolesError::HostPid));
+        // A name the spec does not have: a typo would leave that container the pod's role.
+        let typo = PodContainers::new(r#"{"evnoy": null}"#, &spec, &status);
+        assert_eq!(typo.roles, Err(RolesError::NotInSpec("evnoy".into())));
+        // Ephemeral containers may be listed; whether every other container is listed
+        // decides whether the pod's own role is used at all.
+        assert!(
+            PodContainers::new(r#"{"debugger": "r"}"#, &spec, &status)
+                .roles
+                .is_ok()
+        );
+        assert!(pod.unlisted);
+        let all = PodContainers::new(
+            r#"{"setup": null, "app": "r", "envoy": null, "late": null, "empty": null}"#,
+            &spec,
             &status,
         );
-        assert_eq!(shared.roles, Err(RolesError::SharedProcessNamespace));
+        assert!(!all.unlisted);
     }
 }

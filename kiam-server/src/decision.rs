@@ -179,7 +179,7 @@ pub fn decide_container(
 
 /// Every access some container of `pod` may have (prefetch and refresh): the pod's own role
 /// and each listed container's. For a pod with per-container roles, the pod's own is left
-/// out when it has none (its containers may all be listed).
+/// out when every container is listed, and when it has none.
 pub fn decide_every(
     settings: &Settings,
     pod: &PodInfo,
@@ -210,9 +210,12 @@ pub fn decide_every(
                 .map(|role| container_role(settings, pod, rules, name, role))
         })
         .collect();
-    match pod_role(settings, pod, rules) {
-        Err(Refusal::NoRole { .. } | Refusal::DefaultRoleNotPermitted { .. }) => {}
-        own => every.push(own),
+    // The pod's own role only where some container gets it.
+    if containers.unlisted {
+        match pod_role(settings, pod, rules) {
+            Err(Refusal::NoRole { .. } | Refusal::DefaultRoleNotPermitted { .. }) => {}
+            own => every.push(own),
+        }
     }
     every
 }
@@ -509,11 +512,31 @@ mod tests {
                 .collect::<Vec<_>>();
             status[*list] = serde_json::json!(entries);
         }
+        // The spec has each reported container, and each listed one (not started yet).
+        let mut spec = serde_json::json!({});
+        let listed: Vec<String> = serde_json::from_str::<serde_json::Value>(annotation)
+            .ok()
+            .and_then(|v| v.as_object().map(|o| o.keys().cloned().collect()))
+            .unwrap_or_default();
+        let in_spec = containers
+            .iter()
+            .map(|(name, _, list)| ((*name).to_owned(), *list))
+            .chain(listed.into_iter().map(|name| (name, "containerStatuses")));
+        for (name, list) in in_spec {
+            let list = match list {
+                "initContainerStatuses" => "initContainers",
+                "ephemeralContainerStatuses" => "ephemeralContainers",
+                _ => "containers",
+            };
+            let mut entries = spec[list].as_array().cloned().unwrap_or_default();
+            if !entries.iter().any(|e| e["name"] == name.as_str()) {
+                entries.push(serde_json::json!({"name": name}));
+            }
+            spec[list] = serde_json::json!(entries);
+        }
         let mut p = pod("uid-c", "team", annotations);
         p.containers = Some(Box::new(crate::containers::PodContainers::new(
-            annotation,
-            &serde_json::json!({}),
-            &status,
+            annotation, &spec, &status,
         )));
         p
     }
@@ -629,14 +652,19 @@ mod tests {
                 .collect()
         };
         let app = "containerStatuses";
-        // Listed roles (whether or not their containers have started), then the pod's own.
-        let annotated = pod_with_containers(
-            r#"{"app": "team/app", "envoy": null, "bad": "other", "shipper": "team/logs"}"#,
+        // Listed roles (whether or not their containers have started); the pod's own only
+        // where a container is not listed.
+        let roles = r#"{"app": "team/app", "envoy": null, "bad": "other", "shipper": "team/logs"}"#;
+        let annotated =
+            pod_with_containers(roles, &[(ANNOTATION_ROLE, "app")], &[("app", "aaa", app)]);
+        assert_eq!(keys(&annotated), ["app", "ROLE_NOT_PERMITTED", "logs"]);
+        let with_plain = pod_with_containers(
+            roles,
             &[(ANNOTATION_ROLE, "app")],
-            &[("app", "aaa", app)],
+            &[("app", "aaa", app), ("plain", "ppp", app)],
         );
         assert_eq!(
-            keys(&annotated),
+            keys(&with_plain),
             ["app", "ROLE_NOT_PERMITTED", "logs", "app"]
         );
         // No role of its own: only the listed ones, and no refusal for the missing one.
