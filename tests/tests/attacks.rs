@@ -496,13 +496,19 @@ fn a_pod_looping_connect_close_does_not_slow_another_down() {
         .filter(|l| l.contains("held in the kernel"))
         .count();
     eprintln!("holds in the kernel: {holds}");
+    // The same load once the flood is over: the baseline is the worse of the two quiet
+    // runs, so the machine's own noise in this run (other tenants of a 2-core VM) is in it.
+    let after = credential_load(&c, &victim, "app-a", "10");
+    eprintln!("quiet again: {after:?}");
+    let baseline = quiet.p99_us.max(after.p99_us);
     let _ = std::fs::remove_dir(&besteffort);
     assert_eq!(flooded.errors, 0, "{flooded:?}");
     assert!(
-        flooded.p99_us <= 2.0 * quiet.p99_us,
-        "p99 {} µs beside the flood, {} µs without",
+        flooded.p99_us <= 2.0 * baseline,
+        "p99 {} µs beside the flood, {} µs and {} µs without",
         flooded.p99_us,
-        quiet.p99_us
+        quiet.p99_us,
+        after.p99_us
     );
     // Control: the flood was real: the agent refused the pod over its rate, and the kernel
     // then refused its connect() calls, which never reached the agent.
