@@ -564,7 +564,9 @@ async fn kube2iam_migration_default_role_and_allowed_roles_globs() {
     );
     let metrics = env.server.metrics();
     assert!(
-        metrics.contains("kiam_server_credentials_served_total{role_source=\"default\"} 1"),
+        metrics.contains(
+            "kiam_server_credentials_served_total{role_source=\"default\",scope=\"pod\"} 1"
+        ),
         "{metrics}"
     );
     // Where the namespace does not permit it: no role, and the reason says why.
