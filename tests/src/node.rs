@@ -665,8 +665,14 @@ fn remove_cgroup_tree(path: &Path) {
         return;
     }
     let _ = fs::write(path.join("cgroup.kill"), "1");
+    let _ = remove_dirs_deepest_first(path);
+}
+
+/// Removes the cgroup directory `tree` and every one below it, deepest first, each retried
+/// for a second while its processes are still exiting; returns those that would not go.
+pub fn remove_dirs_deepest_first(tree: &Path) -> Vec<(PathBuf, std::io::Error)> {
     let mut dirs = Vec::new();
-    let mut stack = vec![path.to_owned()];
+    let mut stack = vec![tree.to_owned()];
     while let Some(dir) = stack.pop() {
         if let Ok(entries) = fs::read_dir(&dir) {
             for entry in entries.flatten() {
@@ -677,14 +683,21 @@ fn remove_cgroup_tree(path: &Path) {
         }
         dirs.push(dir);
     }
-    for dir in dirs.iter().rev() {
+    let mut left = Vec::new();
+    for dir in dirs.into_iter().rev() {
+        let mut result = fs::remove_dir(&dir);
         for _ in 0..50 {
-            match fs::remove_dir(dir) {
-                Ok(()) => break,
-                Err(_) => thread::sleep(Duration::from_millis(20)),
+            if result.is_ok() {
+                break;
             }
+            thread::sleep(Duration::from_millis(20));
+            result = fs::remove_dir(&dir);
+        }
+        if let Err(e) = result {
+            left.push((dir, e));
         }
     }
+    left
 }
 
 /// Removes what a node with this id left behind (namespaces, cgroups, pins, files), for a

@@ -902,30 +902,8 @@ pub fn remove_cgroup_everywhere(relative: &Path) {
         trees.extend(mounts.flatten().map(|m| m.path().join(relative)));
     }
     for tree in trees.into_iter().filter(|t| t.is_dir()) {
-        let mut dirs = Vec::new();
-        let mut stack = vec![tree];
-        while let Some(dir) = stack.pop() {
-            if let Ok(entries) = fs::read_dir(&dir) {
-                for entry in entries.flatten() {
-                    if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                        stack.push(entry.path());
-                    }
-                }
-            }
-            dirs.push(dir);
-        }
-        for dir in dirs.iter().rev() {
-            let mut result = fs::remove_dir(dir);
-            for _ in 0..50 {
-                if result.is_ok() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-                result = fs::remove_dir(dir);
-            }
-            if let Err(e) = result {
-                eprintln!("removing cgroup {}: {e}", dir.display());
-            }
+        for (dir, e) in crate::node::remove_dirs_deepest_first(&tree) {
+            eprintln!("removing cgroup {}: {e}", dir.display());
         }
     }
 }
