@@ -437,6 +437,16 @@ fn seccomp(profile: Option<&str>) -> Option<cri::SecurityProfile> {
     })
 }
 
+/// The pod's `securityContext.supplementalGroups`, for its sandbox and each container.
+fn supplemental_groups(pod_security: &Value) -> Vec<i64> {
+    pod_security["supplementalGroups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_i64)
+        .collect()
+}
+
 fn int64(value: &Value) -> Option<cri::Int64Value> {
     value.as_i64().map(|value| cri::Int64Value { value })
 }
@@ -498,12 +508,7 @@ pub fn sandbox_config(pod: &Value, ctx: &PodContext, attempt: u32) -> cri::PodSa
                 namespace_options: Some(namespace_options(pod)),
                 run_as_user: int64(&pod_security["runAsUser"]),
                 run_as_group: int64(&pod_security["runAsGroup"]),
-                supplemental_groups: pod_security["supplementalGroups"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(Value::as_i64)
-                    .collect(),
+                supplemental_groups: supplemental_groups(pod_security),
                 privileged: any_privileged(pod),
                 seccomp: seccomp(seccomp_type(pod_security)),
                 ..Default::default()
@@ -766,12 +771,7 @@ pub fn container_config(
                 run_as_user: int64(or_pod("runAsUser")),
                 run_as_group: int64(or_pod("runAsGroup")),
                 readonly_rootfs: security["readOnlyRootFilesystem"] == true,
-                supplemental_groups: pod_security["supplementalGroups"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(Value::as_i64)
-                    .collect(),
+                supplemental_groups: supplemental_groups(pod_security),
                 no_new_privs: security["allowPrivilegeEscalation"] == false,
                 masked_paths,
                 readonly_paths,
