@@ -158,18 +158,7 @@ fn demo_keep_runs_commands_in_a_pod_and_ends_quietly_on_ctrl_c() {
             .output()
             .expect("demo-exec")
     };
-    let whoami = exec(
-        "frontend",
-        &[
-            "aws",
-            "sts",
-            "get-caller-identity",
-            "--query",
-            "Arn",
-            "--output",
-            "text",
-        ],
-    );
+    let whoami = exec("frontend", &kiam_e2e::lab::AWS_WHOAMI);
     let arn = String::from_utf8_lossy(&whoami.stdout);
     assert!(
         arn.contains("assumed-role/app-frontend/"),

@@ -6,12 +6,13 @@
 use std::time::Duration;
 
 use kiam_e2e::{
-    lab::{Lab, LabPod, NODE_IP, WORKLOAD_IMAGE},
+    lab::{AWS_WHOAMI, Lab, LabPod, NODE_IP, WORKLOAD_IMAGE},
     node::privileged,
 };
 use serde_json::json;
 
 const TEAM: &str = "team";
+const LISTING: &str = "http://169.254.169.254/latest/meta-data/iam/security-credentials/";
 
 fn lab_with_team() -> Lab {
     let lab = Lab::start();
@@ -32,23 +33,10 @@ fn caller_identities(lab: &Lab, pod: &LabPod) -> (String, String) {
 /// [`caller_identities`] in `container` of `pod`.
 fn caller_identities_in(lab: &Lab, pod: &LabPod, container: &str) -> (String, String) {
     let endpoint = sts_endpoint(lab);
-    let (code, cli, err) = lab.exec(
-        pod,
-        container,
-        &[
-            "env",
-            "AWS_DEFAULT_REGION=us-east-1",
-            &format!("AWS_ENDPOINT_URL_STS={endpoint}"),
-            "aws",
-            "sts",
-            "get-caller-identity",
-            "--query",
-            "Arn",
-            "--output",
-            "text",
-        ],
-        Duration::from_secs(60),
-    );
+    let sts = format!("AWS_ENDPOINT_URL_STS={endpoint}");
+    let mut cli = vec!["env", "AWS_DEFAULT_REGION=us-east-1", sts.as_str()];
+    cli.extend(AWS_WHOAMI);
+    let (code, cli, err) = lab.exec(pod, container, &cli, Duration::from_secs(60));
     assert_eq!(code, 0, "aws: {cli}{err}\n{}", lab.diagnostics());
     let (code, rust, err) = lab.exec(
         pod,
@@ -104,11 +92,10 @@ fn a_kube_system_host_network_pod_is_passed_through_and_no_other_pod_is() {
     for pod in [&tenant, &system] {
         lab.wait_pod_ready(pod, Duration::from_secs(60));
     }
-    let listing = "http://169.254.169.254/latest/meta-data/iam/security-credentials/";
-    let answer = lab.get(&tenant, listing);
+    let answer = lab.get(&tenant, LISTING);
     assert!(!answer.contains("node-role"), "{answer}");
     assert_eq!(lab.node.fake_imds_connections(), 0, "{answer}");
-    let answer = lab.get(&system, listing);
+    let answer = lab.get(&system, LISTING);
     assert_eq!(answer, "200 node-role", "{}", lab.diagnostics());
     assert!(lab.node.fake_imds_connections() > 0);
 }
@@ -124,8 +111,7 @@ fn restarted_containers_keep_their_pods_role_and_a_deleted_pods_name_carries_not
     let mut lab = lab_with_team();
     let pod = lab.workload(TEAM, "worker", json!({"iam.amazonaws.com/role": "app-a"}));
     lab.wait_pod_ready(&pod, Duration::from_secs(60));
-    let listing = "http://169.254.169.254/latest/meta-data/iam/security-credentials/";
-    assert_eq!(lab.get(&pod, listing), "200 app-a");
+    assert_eq!(lab.get(&pod, LISTING), "200 app-a");
     let first = lab.container_id(&pod, "app").expect("container");
     lab.stop_container(&pod, "app", Duration::ZERO);
     // The kubelet's back-off (10 s), then a new container.
@@ -141,7 +127,7 @@ fn restarted_containers_keep_their_pods_role_and_a_deleted_pods_name_carries_not
         lab.pod(&pod)["status"]["containerStatuses"][0]["restartCount"],
         1
     );
-    assert_eq!(lab.get(&pod, listing), "200 app-a");
+    assert_eq!(lab.get(&pod, LISTING), "200 app-a");
 
     let uid = lab.pod(&pod)["metadata"]["uid"]
         .as_str()
@@ -163,7 +149,7 @@ fn restarted_containers_keep_their_pods_role_and_a_deleted_pods_name_carries_not
     let again = lab.workload(TEAM, "worker", json!({"iam.amazonaws.com/role": "app-b"}));
     lab.wait_pod_ready(&again, Duration::from_secs(60));
     assert_ne!(lab.pod(&again)["metadata"]["uid"], uid.as_str());
-    assert_eq!(lab.get(&again, listing), "200 app-b");
+    assert_eq!(lab.get(&again, LISTING), "200 app-b");
     assert_eq!(lab.node.fake_imds_connections(), 0);
 }
 
@@ -179,14 +165,13 @@ fn the_agent_killed_or_upgraded_by_the_runtime_never_lets_a_pod_reach_the_node()
     let mut lab = lab_with_team();
     let pod = lab.workload(TEAM, "worker", json!({"iam.amazonaws.com/role": "app-a"}));
     lab.wait_pod_ready(&pod, Duration::from_secs(60));
-    let listing = "http://169.254.169.254/latest/meta-data/iam/security-credentials/";
-    assert_eq!(lab.get(&pod, listing), "200 app-a");
+    assert_eq!(lab.get(&pod, LISTING), "200 app-a");
     let agent = lab.agent.clone();
     let first = lab.container_id(&agent, "agent").expect("agent container");
     lab.stop_container(&agent, "agent", Duration::ZERO);
     // While the agent is down: never the node's answer.
     for _ in 0..5 {
-        let answer = lab.get(&pod, listing);
+        let answer = lab.get(&pod, LISTING);
         assert!(!answer.contains("node-role"), "{answer}");
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -194,7 +179,7 @@ fn the_agent_killed_or_upgraded_by_the_runtime_never_lets_a_pod_reach_the_node()
         kiam_e2e::poll(Duration::from_secs(60), || {
             lab.container_id(&agent, "agent")
                 .is_some_and(|id| id != first)
-                && lab.get(&pod, listing) == "200 app-a"
+                && lab.get(&pod, LISTING) == "200 app-a"
         }),
         "the agent never came back: {}",
         lab.diagnostics()
@@ -207,7 +192,7 @@ fn the_agent_killed_or_upgraded_by_the_runtime_never_lets_a_pod_reach_the_node()
     let upgraded = lab.roll_agent(release);
     let mut answers = Vec::new();
     let served = kiam_e2e::poll(Duration::from_secs(90), || {
-        let answer = lab.get(&pod, listing);
+        let answer = lab.get(&pod, LISTING);
         let ok = answer == "200 app-a" && kiam_e2e::lab::ready(&lab.pod(&upgraded));
         answers.push(answer);
         ok
@@ -248,9 +233,8 @@ fn fifty_pods_started_at_once_each_get_their_role_on_the_first_request() {
         "{}",
         lab.diagnostics()
     );
-    let listing = "http://169.254.169.254/latest/meta-data/iam/security-credentials/";
     for (pod, role) in &pods {
-        assert_eq!(lab.get(pod, listing), format!("200 {role}"), "{}", pod.name);
+        assert_eq!(lab.get(pod, LISTING), format!("200 {role}"), "{}", pod.name);
     }
     assert_eq!(lab.node.fake_imds_connections(), 0);
 }
@@ -280,8 +264,7 @@ fn containers_of_one_pod_get_their_own_roles_and_tokens() {
         assert!(cli.starts_with(&arn), "{name}: {cli}");
         assert!(rust.starts_with(&arn), "{name}: {rust}");
     }
-    let listing = "http://169.254.169.254/latest/meta-data/iam/security-credentials/";
-    let quiet = lab.request_in(&pod, "quiet", listing, "GET", &[]);
+    let quiet = lab.request_in(&pod, "quiet", LISTING, "GET", &[]);
     assert!(
         quiet.starts_with("404") && quiet.contains("container quiet"),
         "{quiet}"
@@ -298,10 +281,10 @@ fn containers_of_one_pod_get_their_own_roles_and_tokens() {
     let token = token.strip_prefix("200 ").expect("a token").to_owned();
     let header = format!("X-aws-ec2-metadata-token: {token}");
     assert_eq!(
-        lab.request_in(&pod, "app", listing, "GET", &[&header]),
+        lab.request_in(&pod, "app", LISTING, "GET", &[&header]),
         "200 app-a"
     );
-    let elsewhere = lab.request_in(&pod, "sidecar", listing, "GET", &[&header]);
+    let elsewhere = lab.request_in(&pod, "sidecar", LISTING, "GET", &[&header]);
     assert!(elsewhere.starts_with("401"), "{elsewhere}");
 
     // The sidecar restarted: a new container ID, the same role, never the pod's.
@@ -315,7 +298,7 @@ fn containers_of_one_pod_get_their_own_roles_and_tokens() {
         {
             return false;
         }
-        let answer = lab.request_in(&pod, "sidecar", listing, "GET", &[]);
+        let answer = lab.request_in(&pod, "sidecar", LISTING, "GET", &[]);
         let served = answer == "200 app-b";
         answers.push(answer);
         served

@@ -201,20 +201,8 @@ fn demo(keep: bool) -> anyhow::Result<()> {
     for (pod, (_, role, containers)) in &pods {
         for (container, own) in *containers {
             let id = lab.container_id(pod, container).unwrap_or_default();
-            let (code, out, err) = lab.exec(
-                pod,
-                container,
-                &[
-                    "aws",
-                    "sts",
-                    "get-caller-identity",
-                    "--query",
-                    "Arn",
-                    "--output",
-                    "text",
-                ],
-                Duration::from_secs(60),
-            );
+            let (code, out, err) =
+                lab.exec(pod, container, &lab::AWS_WHOAMI, Duration::from_secs(60));
             if code != 0 {
                 bail!(
                     "the AWS CLI in {}/{container}: {}{}",

@@ -48,6 +48,17 @@ pub const NODE_IP: std::net::Ipv4Addr = AGENT_IP;
 pub const API_PORT: u16 = 6443;
 /// The lab's workload image (real SDKs).
 pub const WORKLOAD_IMAGE: &str = "kiam.rs/lab/workload";
+/// The AWS CLI printing the caller's ARN, as the demo and the suites run it in a container
+/// (region and STS endpoint from the container's environment).
+pub const AWS_WHOAMI: [&str; 7] = [
+    "aws",
+    "sts",
+    "get-caller-identity",
+    "--query",
+    "Arn",
+    "--output",
+    "text",
+];
 const PAUSE_IMAGE: &str = "kiam.rs/lab/pause";
 /// The pod network (CNI bridge, host-local).
 const POD_SUBNET: &str = "10.244.0.0/24";
