@@ -15,20 +15,19 @@
 //!    server answers. arm64 binaries run from the image's own root file system under
 //!    qemu-user (`--version`, and the server's `health` over loopback).
 //!
-//! Also here: the eBPF object is the same whichever architecture aya's bindings are chosen
-//! for (`bpf_target_arch`), so the object embedded in the arm64 agent reads the same context
-//! fields as on amd64.
+//! Before any image, `ebpf::is_architecture_independent` shows that the object embedded in
+//! the arm64 agent reads the same context fields as on amd64.
 
 use std::{
     collections::BTreeSet,
     fs,
     path::{Path, PathBuf},
-    process::{Command, Output},
+    process::Command,
 };
 
 use anyhow::{Context as _, bail};
 
-use crate::{run, workspace_root};
+use crate::{ebpf, output, run, stdout_of, workspace_root};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Arch {
@@ -119,8 +118,8 @@ pub fn images_dir() -> PathBuf {
 
 /// Builds, assembles and smoke-tests the images for `arches`.
 pub fn build(arches: &[Arch]) -> anyhow::Result<Vec<PathBuf>> {
-    crate::build_ebpf()?;
-    ebpf_is_architecture_independent()?;
+    ebpf::build()?;
+    ebpf::is_architecture_independent()?;
     let mut archives = Vec::new();
     for &arch in arches {
         build_binaries(arch)?;
@@ -168,23 +167,6 @@ fn build_binaries(arch: Arch) -> anyhow::Result<()> {
         .env("AR_aarch64_unknown_linux_gnu", "aarch64-linux-gnu-ar");
     }
     run(&mut cmd)
-}
-
-fn output(cmd: &mut Command) -> anyhow::Result<Output> {
-    cmd.output()
-        .with_context(|| format!("cannot run {}", crate::display(cmd)))
-}
-
-fn stdout_of(cmd: &mut Command) -> anyhow::Result<String> {
-    let out = output(cmd)?;
-    if !out.status.success() {
-        bail!(
-            "{} failed: {}",
-            crate::display(cmd),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// An ELF file's `DT_NEEDED` entries and program interpreter, from `readelf` (binutils reads
@@ -548,76 +530,5 @@ fn smoke(component: Component, arch: Arch, archive: &Path) -> anyhow::Result<()>
         }
     }
     let _ = fs::remove_dir_all(bundle.parent().unwrap_or(&bundle));
-    Ok(())
-}
-
-/// Where the eBPF object built with aya's aarch64 bindings goes.
-const EBPF_AARCH64_DIR: &str = "target/ebpf-aarch64";
-
-/// The programs read the context structures (`bpf_sock_addr`, `bpf_sock_ops`, `__sk_buff`)
-/// through aya's per-architecture bindings. Built with the aarch64 bindings, the object must
-/// be the same instructions, relocations and sections as the one the agent embeds: then it
-/// reads the same fields on arm64 kernels.
-pub fn ebpf_is_architecture_independent() -> anyhow::Result<()> {
-    run(crate::nightly_ebpf("build")
-        .args(["--target-dir", EBPF_AARCH64_DIR])
-        .env("AYA_BPF_TARGET_ARCH", "aarch64"))?;
-    // The comparison proves nothing unless aya's bindings really were aarch64's: their build
-    // script says which architecture it chose.
-    let build_dir = workspace_root()
-        .join(EBPF_AARCH64_DIR)
-        .join("bpfel-unknown-none/release/build");
-    let chose_aarch64 = fs::read_dir(&build_dir)
-        .with_context(|| format!("reading {}", build_dir.display()))?
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with("aya-ebpf-bindings-")
-        })
-        .filter_map(|e| fs::read_to_string(e.path().join("output")).ok())
-        .any(|out| out.contains("cargo:rustc-cfg=bpf_target_arch=\"aarch64\""));
-    if !chose_aarch64 {
-        bail!(
-            "aya-ebpf-bindings was not built for aarch64 under {} (AYA_BPF_TARGET_ARCH ignored?)",
-            build_dir.display()
-        );
-    }
-    let native = workspace_root().join(crate::EBPF_OBJECT);
-    let aarch64 = workspace_root()
-        .join(EBPF_AARCH64_DIR)
-        .join("bpfel-unknown-none/release/kiam-ebpf");
-    let dump = |object: &Path| -> anyhow::Result<String> {
-        let text = stdout_of(
-            Command::new(crate::setup::LLVM_OBJDUMP)
-                .args(["--disassemble", "--reloc", "--section-headers"])
-                .arg(object),
-        )?;
-        // The first lines name the file; the sizes of the debug and BTF sections differ by
-        // the source paths of aya's per-architecture bindings (`…/x86_64/…`, `…/aarch64/…`)
-        // in their string tables and line info.
-        Ok(text
-            .lines()
-            .filter(|l| !l.contains(&*object.to_string_lossy()))
-            .filter(|l| !(l.contains(" .debug_") || l.contains(" .BTF")))
-            .collect::<Vec<_>>()
-            .join("\n"))
-    };
-    let (a, b) = (dump(&native)?, dump(&aarch64)?);
-    if a != b {
-        let first = a
-            .lines()
-            .zip(b.lines())
-            .find(|(x, y)| x != y)
-            .map(|(x, y)| format!("x86_64: {x}\naarch64: {y}"))
-            .unwrap_or_else(|| "the dumps differ in length".into());
-        bail!(
-            "the eBPF object differs when built with aya's aarch64 bindings: the programs read an architecture-dependent context field\n{first}"
-        );
-    }
-    let instructions = a.lines().filter(|l| l.contains("\t")).count();
-    eprintln!(
-        "eBPF object: identical with aya's x86_64 and aarch64 bindings ({instructions} lines of instructions and relocations)"
-    );
     Ok(())
 }
