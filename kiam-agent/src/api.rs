@@ -468,7 +468,7 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
-    use crate::resolver::Cgroupfs;
+    use crate::cgroup::Cgroupfs;
 
     const POD_A: &str = "0f6a8c2e-3b1d-4e5f-9a7b-1c2d3e4f5a6b";
     const POD_B: &str = "7c1d2e3f-4a5b-4c6d-8e7f-9a0b1c2d3e4f";

@@ -1,11 +1,16 @@
-//! The cgroup v2 file system: where it is mounted, which cgroup to attach to, and the agent's
-//! own cgroup id (exempt from the redirect).
+//! The cgroup v2 file system: where it is mounted, which cgroup to attach to, the agent's
+//! own cgroup id (exempt from the redirect), and how a cgroup id becomes its directory
+//! ([`Cgroupfs`]: `open_by_handle_at` on the mount, or a walk of the pods cgroup).
 
 use std::{
     fs,
     io::{self, BufRead},
-    os::unix::fs::MetadataExt,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt},
     path::{Path, PathBuf},
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 /// cgroup2 super-block magic, from `linux/magic.h`.
@@ -181,6 +186,133 @@ pub fn relative_path(root: &Path, path: &Path) -> Option<String> {
     Some(format!("/{}", rel.to_str()?))
 }
 
+/// How deep below the pods cgroup a walk goes (kubepods/qos/pod/container/+nested).
+const MAX_WALK_DEPTH: usize = 8;
+
+/// What the cgroup file system says about an id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// The cgroup's directory (under the cgroup2 mount).
+    Path(PathBuf),
+    /// No such cgroup: the kernel said so, or a complete walk did not find it.
+    Gone,
+}
+
+/// Turns a cgroup id into its directory.
+pub trait CgroupLookup: Send + Sync + 'static {
+    /// `Err` when it could not tell (a walk that could not read everything).
+    fn find(&self, id: u64) -> Result<Found, String>;
+}
+
+/// The cgroup2 file system: `open_by_handle_at`, then walks when that is not permitted.
+pub struct Cgroupfs {
+    mount: fs::File,
+    search_root: PathBuf,
+    by_handle: AtomicBool,
+    walking: Mutex<()>,
+}
+
+impl Cgroupfs {
+    /// `mount`: the cgroup2 mount point; `search_root`: where walks start (the pods cgroup).
+    pub fn new(mount: &Path, search_root: PathBuf, by_handle: bool) -> io::Result<Self> {
+        Ok(Self {
+            mount: fs::File::open(mount)?,
+            search_root,
+            by_handle: AtomicBool::new(by_handle),
+            walking: Mutex::new(()),
+        })
+    }
+
+    fn by_handle(&self, id: u64) -> Option<Result<Found, String>> {
+        if !self.by_handle.load(Ordering::Relaxed) {
+            return None;
+        }
+        match kiam_common::sys::open_cgroup(&self.mount, id) {
+            Ok(fd) => {
+                let link = fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+                Some(match link {
+                    // Removed between the open and the read.
+                    Ok(path) if path.to_string_lossy().ends_with(" (deleted)") => Ok(Found::Gone),
+                    Ok(path) => Ok(Found::Path(path)),
+                    Err(e) => Err(format!("reading the cgroup's path: {e}")),
+                })
+            }
+            Err(e) if e.raw_os_error() == Some(libc_estale()) => Some(Ok(Found::Gone)),
+            Err(error) => {
+                // Not permitted (no CAP_DAC_READ_SEARCH) or not supported: walk from now on.
+                tracing::warn!(%error, "cannot open cgroups by id (the agent needs CAP_DAC_READ_SEARCH); walking the pods cgroup instead");
+                self.by_handle.store(false, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+}
+
+/// `ESTALE`: the file handle names nothing (the cgroup is gone).
+fn libc_estale() -> i32 {
+    nix::errno::Errno::ESTALE as i32
+}
+
+impl CgroupLookup for Cgroupfs {
+    fn find(&self, id: u64) -> Result<Found, String> {
+        if let Some(found) = self.by_handle(id) {
+            return found;
+        }
+        let _one_at_a_time = self.walking.lock().unwrap_or_else(|e| e.into_inner());
+        walk_for(&self.search_root, id)
+    }
+}
+
+pub fn inode(path: &Path) -> Option<u64> {
+    fs::metadata(path).ok().map(|m| m.ino())
+}
+
+/// Looks for cgroup `id` below `root`. `Err` when a directory could not be read, so the
+/// absence of `id` proves nothing.
+fn walk_for(root: &Path, id: u64) -> Result<Found, String> {
+    let mut stack = vec![(root.to_owned(), 0usize)];
+    let mut incomplete = None;
+    while let Some((dir, depth)) = stack.pop() {
+        match fs::metadata(&dir) {
+            Ok(meta) if meta.ino() == id => return Ok(Found::Path(dir)),
+            Ok(_) => {}
+            // Removed while walking: nothing below it is anyone's any more.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                incomplete = Some(format!("{}: {e}", dir.display()));
+                continue;
+            }
+        }
+        if depth >= MAX_WALK_DEPTH {
+            continue;
+        }
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                incomplete = Some(format!("{}: {e}", dir.display()));
+                continue;
+            }
+        };
+        for entry in entries {
+            match entry {
+                Ok(entry) if entry.file_type().is_ok_and(|t| t.is_dir()) => {
+                    stack.push((entry.path(), depth + 1));
+                }
+                Ok(_) => {}
+                Err(e) => incomplete = Some(format!("{}: {e}", dir.display())),
+            }
+        }
+    }
+    match incomplete {
+        Some(why) => Err(format!(
+            "the walk of {} was incomplete ({why})",
+            root.display()
+        )),
+        None => Ok(Found::Gone),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,5 +351,22 @@ mod tests {
             "{err}"
         );
         assert_eq!(find_root(None).expect("detected"), root.join("unified"));
+    }
+
+    #[test]
+    fn a_complete_walk_proves_absence_an_incomplete_one_does_not() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let container = dir
+            .path()
+            .join("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-podx.slice/c.scope");
+        fs::create_dir_all(&container).expect("mkdir");
+        let id = inode(&container).expect("inode");
+        let root = dir.path().join("kubepods.slice");
+        assert_eq!(walk_for(&root, id), Ok(Found::Path(container.clone())));
+        assert_eq!(walk_for(&root, u64::MAX), Ok(Found::Gone));
+        // A search root that is not a directory cannot be read.
+        let file = dir.path().join("file");
+        fs::write(&file, "").expect("file");
+        assert!(walk_for(&file, u64::MAX).is_err());
     }
 }

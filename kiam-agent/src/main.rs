@@ -122,7 +122,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         start_kernel_logs(&installed);
-        let lookup = resolver::Cgroupfs::new(&root, attach.clone(), true)
+        let lookup = cgroup::Cgroupfs::new(&root, attach.clone(), true)
             .with_context(|| format!("opening the cgroup root {}", root.display()))?;
         let throttle = Arc::new(rate::KernelThrottle::new(installed.throttle));
         let resolver = Arc::new(resolver::Resolver::new(

@@ -2,7 +2,7 @@
 //! cgroup path → pod UID and container. Never the peer IP.
 //!
 //! The hot path is one map lookup and delete (by socket cookie) plus a cache hit keyed by
-//! cgroup id. A miss asks the cgroup file system ([`CgroupLookup`]):
+//! cgroup id. A miss asks the cgroup file system ([`CgroupLookup`], in `cgroup`):
 //! - `open_by_handle_at` on the cgroup2 mount turns the id (a kernfs node id) into the
 //!   cgroup's directory in one system call, whatever the number of cgroups (it needs
 //!   `CAP_DAC_READ_SEARCH`; no `hostPID`, no `/proc/<pid>` of the caller);
@@ -17,13 +17,8 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    fs, io,
-    os::{fd::AsRawFd as _, unix::fs::MetadataExt},
-    path::{Path, PathBuf},
-    sync::{
-        Arc, Mutex, RwLock,
-        atomic::{AtomicBool, Ordering},
-    },
+    path::PathBuf,
+    sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
 
@@ -32,14 +27,12 @@ use kiam_common::{ConnRecord, RECORD_POISONED};
 use tokio::time::Instant;
 
 use crate::{
-    cgroup,
+    cgroup::{self, CgroupLookup, Found, inode},
     identity::{self, ParseError, PodCgroup},
 };
 
 /// Cgroups remembered at once (a node has far fewer).
 const MAX_CACHED: usize = 65_536;
-/// How deep below the pods cgroup a walk goes (kubepods/qos/pod/container/+nested).
-const MAX_WALK_DEPTH: usize = 8;
 /// How long an id known to be gone is refused without asking again.
 pub const GONE_TTL: Duration = Duration::from_secs(30);
 
@@ -70,130 +63,6 @@ impl RecordSource for AcceptedMap {
             Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e),
         }
-    }
-}
-
-/// What the cgroup file system says about an id.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Found {
-    /// The cgroup's directory (under the cgroup2 mount).
-    Path(PathBuf),
-    /// No such cgroup: the kernel said so, or a complete walk did not find it.
-    Gone,
-}
-
-/// Turns a cgroup id into its directory.
-pub trait CgroupLookup: Send + Sync + 'static {
-    /// `Err` when it could not tell (a walk that could not read everything).
-    fn find(&self, id: u64) -> Result<Found, String>;
-}
-
-/// The cgroup2 file system: `open_by_handle_at`, then walks when that is not permitted.
-pub struct Cgroupfs {
-    mount: fs::File,
-    search_root: PathBuf,
-    by_handle: AtomicBool,
-    walking: Mutex<()>,
-}
-
-impl Cgroupfs {
-    /// `mount`: the cgroup2 mount point; `search_root`: where walks start (the pods cgroup).
-    pub fn new(mount: &Path, search_root: PathBuf, by_handle: bool) -> io::Result<Self> {
-        Ok(Self {
-            mount: fs::File::open(mount)?,
-            search_root,
-            by_handle: AtomicBool::new(by_handle),
-            walking: Mutex::new(()),
-        })
-    }
-
-    fn by_handle(&self, id: u64) -> Option<Result<Found, String>> {
-        if !self.by_handle.load(Ordering::Relaxed) {
-            return None;
-        }
-        match kiam_common::sys::open_cgroup(&self.mount, id) {
-            Ok(fd) => {
-                let link = fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()));
-                Some(match link {
-                    // Removed between the open and the read.
-                    Ok(path) if path.to_string_lossy().ends_with(" (deleted)") => Ok(Found::Gone),
-                    Ok(path) => Ok(Found::Path(path)),
-                    Err(e) => Err(format!("reading the cgroup's path: {e}")),
-                })
-            }
-            Err(e) if e.raw_os_error() == Some(libc_estale()) => Some(Ok(Found::Gone)),
-            Err(error) => {
-                // Not permitted (no CAP_DAC_READ_SEARCH) or not supported: walk from now on.
-                tracing::warn!(%error, "cannot open cgroups by id (the agent needs CAP_DAC_READ_SEARCH); walking the pods cgroup instead");
-                self.by_handle.store(false, Ordering::Relaxed);
-                None
-            }
-        }
-    }
-}
-
-/// `ESTALE`: the file handle names nothing (the cgroup is gone).
-fn libc_estale() -> i32 {
-    nix::errno::Errno::ESTALE as i32
-}
-
-impl CgroupLookup for Cgroupfs {
-    fn find(&self, id: u64) -> Result<Found, String> {
-        if let Some(found) = self.by_handle(id) {
-            return found;
-        }
-        let _one_at_a_time = self.walking.lock().unwrap_or_else(|e| e.into_inner());
-        walk_for(&self.search_root, id)
-    }
-}
-
-fn inode(path: &Path) -> Option<u64> {
-    fs::metadata(path).ok().map(|m| m.ino())
-}
-
-/// Looks for cgroup `id` below `root`. `Err` when a directory could not be read, so the
-/// absence of `id` proves nothing.
-fn walk_for(root: &Path, id: u64) -> Result<Found, String> {
-    let mut stack = vec![(root.to_owned(), 0usize)];
-    let mut incomplete = None;
-    while let Some((dir, depth)) = stack.pop() {
-        match fs::metadata(&dir) {
-            Ok(meta) if meta.ino() == id => return Ok(Found::Path(dir)),
-            Ok(_) => {}
-            // Removed while walking: nothing below it is anyone's any more.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => {
-                incomplete = Some(format!("{}: {e}", dir.display()));
-                continue;
-            }
-        }
-        if depth >= MAX_WALK_DEPTH {
-            continue;
-        }
-        let entries = match fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => {
-                incomplete = Some(format!("{}: {e}", dir.display()));
-                continue;
-            }
-        };
-        for entry in entries {
-            match entry {
-                Ok(entry) if entry.file_type().is_ok_and(|t| t.is_dir()) => {
-                    stack.push((entry.path(), depth + 1));
-                }
-                Ok(_) => {}
-                Err(e) => incomplete = Some(format!("{}: {e}", dir.display())),
-            }
-        }
-    }
-    match incomplete {
-        Some(why) => Err(format!(
-            "the walk of {} was incomplete ({why})",
-            root.display()
-        )),
-        None => Ok(Found::Gone),
     }
 }
 
@@ -478,7 +347,10 @@ impl<S: RecordSource> Resolver<S> {
 
 #[cfg(test)]
 mod tests {
+    use std::{fs, path::Path, sync::atomic::Ordering};
+
     use super::*;
+    use crate::cgroup::Cgroupfs;
 
     #[test]
     fn the_identity_a_pod_sees_is_its_own_and_says_nothing_of_the_node() {
@@ -752,18 +624,5 @@ mod tests {
         assert!(cache.contains_key(&live), "the live entry stays");
         assert!(cache.contains_key(&3));
         assert_eq!(cache.len(), 2);
-    }
-
-    #[test]
-    fn a_complete_walk_proves_absence_an_incomplete_one_does_not() {
-        let (dir, container) = tree();
-        let id = inode(&container).expect("inode");
-        let root = dir.path().join("kubepods.slice");
-        assert_eq!(walk_for(&root, id), Ok(Found::Path(container.clone())));
-        assert_eq!(walk_for(&root, u64::MAX), Ok(Found::Gone));
-        // A search root that is not a directory cannot be read.
-        let file = dir.path().join("file");
-        fs::write(&file, "").expect("file");
-        assert!(walk_for(&file, u64::MAX).is_err());
     }
 }
