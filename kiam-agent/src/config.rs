@@ -9,6 +9,8 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 use kiam_common::{CONFIG_LOG_CONNECTIONS, Config, addr};
 
+use crate::{api, client, upstream};
+
 /// kiam node agent: sends pods' instance-metadata connections to itself with eBPF and answers
 /// them for the pod that made them.
 #[derive(Debug, Parser)]
@@ -331,19 +333,49 @@ pub enum ConfigError {
     Rate(&'static str),
 }
 
-/// Checks the metadata API settings that do not touch the system.
-pub fn api(args: &ApiArgs) -> Result<regex::Regex, ConfigError> {
-    if !args.servers.is_empty()
-        && (args.node_name.is_none()
-            || args.tls_cert.is_none()
-            || args.tls_key.is_none()
-            || args.tls_ca.is_none())
-    {
-        return Err(ConfigError::ServerWithoutIdentity);
-    }
-    if args.remove_startup_taint && args.node_name.is_none() {
-        return Err(ConfigError::TaintWithoutNode);
-    }
+/// The metadata API's settings once checked: what `run` and `health` use, never the raw
+/// flags again.
+#[derive(Debug, Clone)]
+pub struct Api {
+    /// Paths forwarded to the node's real metadata service.
+    pub allow: regex::Regex,
+    /// How to reach the servers; `None` without `--server` (credential requests are refused).
+    pub servers: Option<client::Options>,
+    /// How answers are asked for and held.
+    pub upstream: upstream::Settings,
+    /// The node whose start-up taint is removed once ready (`--remove-startup-taint`).
+    pub remove_taint_of: Option<String>,
+    /// The metadata listener's connection limits.
+    pub limits: api::Limits,
+}
+
+/// Checks the metadata API settings that do not touch the system, and returns them typed.
+pub fn api(args: &ApiArgs) -> Result<Api, ConfigError> {
+    let servers = match &args.servers[..] {
+        [] => None,
+        servers => {
+            let (Some(_), Some(cert), Some(key), Some(ca)) =
+                (&args.node_name, &args.tls_cert, &args.tls_key, &args.tls_ca)
+            else {
+                return Err(ConfigError::ServerWithoutIdentity);
+            };
+            Some(client::Options {
+                servers: servers.to_vec(),
+                server_name: args.server_tls_name.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+                hedge_after: args.hedge_after,
+                resolve_every: args.resolve_interval,
+                token_file: Some(args.token_file.clone()),
+            })
+        }
+    };
+    let remove_taint_of = match (args.remove_startup_taint, &args.node_name) {
+        (false, _) => None,
+        (true, Some(node)) => Some(node.clone()),
+        (true, None) => return Err(ConfigError::TaintWithoutNode),
+    };
     if !(Duration::from_millis(100)..=Duration::from_secs(5)).contains(&args.request_deadline) {
         return Err(ConfigError::Deadline);
     }
@@ -370,8 +402,27 @@ pub fn api(args: &ApiArgs) -> Result<regex::Regex, ConfigError> {
             return Err(ConfigError::Rate(flag));
         }
     }
-    regex::Regex::new(&args.allow_route_regexp).map_err(|e| {
+    let allow = regex::Regex::new(&args.allow_route_regexp).map_err(|e| {
         ConfigError::AllowRoute(e.to_string().lines().last().unwrap_or("").trim().to_owned())
+    })?;
+    Ok(Api {
+        allow,
+        servers,
+        upstream: upstream::Settings {
+            node: args.node_name.clone().unwrap_or_default(),
+            deadline: args.request_deadline,
+            min_validity: args.min_validity,
+            role_ttl: args.role_ttl,
+            refusal_ttl: args.refusal_ttl,
+            refresh_wait: args.refresh_wait,
+        },
+        remove_taint_of,
+        limits: api::Limits {
+            connections_per_second: args.pod_connection_rate,
+            max_connections: args.max_connections,
+            max_per_pod: args.max_connections_per_pod,
+            idle_timeout: args.idle_timeout,
+        },
     })
 }
 
@@ -533,7 +584,36 @@ mod tests {
             let err = api(&args(extra).api).expect_err("invalid");
             assert!(err.to_string().contains(flag), "{extra:?}: {err}");
         }
-        let re = api(&run.api).expect("default");
+        let settings = api(&run.api).expect("default");
+        assert!(settings.servers.is_none());
+        assert!(settings.remove_taint_of.is_none());
+        let connected = api(&args(&[
+            "--server",
+            "kiam-server:8443",
+            "--node-name",
+            "node-a",
+            "--tls-cert",
+            "/c",
+            "--tls-key",
+            "/k",
+            "--tls-ca",
+            "/ca",
+            "--remove-startup-taint",
+            "--request-deadline",
+            "500ms",
+        ])
+        .api)
+        .expect("valid");
+        let options = connected.servers.expect("servers");
+        assert_eq!(options.servers, ["kiam-server:8443"]);
+        assert_eq!(
+            (options.cert, options.key, options.ca),
+            ("/c".into(), "/k".into(), "/ca".into())
+        );
+        assert_eq!(connected.upstream.node, "node-a");
+        assert_eq!(connected.upstream.deadline, Duration::from_millis(500));
+        assert_eq!(connected.remove_taint_of.as_deref(), Some("node-a"));
+        let re = settings.allow;
         assert!(re.is_match("/latest/meta-data/placement/region"));
         assert!(re.is_match("/latest/meta-data/placement/availability-zone/"));
         assert!(re.is_match("/latest/dynamic/instance-identity/document"));

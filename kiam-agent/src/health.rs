@@ -59,13 +59,16 @@ pub fn run(args: &HealthArgs) -> anyhow::Result<ExitCode> {
 
     programs(args, &mut report);
 
-    if args.api.servers.is_empty() {
-        report.warn(
-            "servers",
-            "none configured (--server): pods' credential requests are refused",
-        );
-    } else {
-        runtime.block_on(servers(args, &mut report))?;
+    // The settings `run` would refuse make the agent fail, whatever it answers now.
+    match crate::config::api(&args.api) {
+        Err(error) => report.fail("settings", error),
+        Ok(settings) => match settings.servers {
+            None => report.warn(
+                "servers",
+                "none configured (--server): pods' credential requests are refused",
+            ),
+            Some(options) => runtime.block_on(servers(options, args, &mut report)),
+        },
     }
 
     Ok(ExitCode::from(match report.failed {
@@ -151,40 +154,20 @@ fn programs(args: &HealthArgs, report: &mut Report) {
 }
 
 /// Each server's Health, over the agent's mutual TLS.
-async fn servers(args: &HealthArgs, report: &mut Report) -> anyhow::Result<()> {
-    let api = &args.api;
-    let (Some(cert), Some(key), Some(ca)) = (
-        api.tls_cert.clone(),
-        api.tls_key.clone(),
-        api.tls_ca.clone(),
-    ) else {
-        report.fail("servers", crate::config::ConfigError::ServerWithoutIdentity);
-        return Ok(());
-    };
-    let servers = match client::Servers::new(client::Options {
-        servers: api.servers.clone(),
-        server_name: api.server_tls_name.clone(),
-        cert,
-        key,
-        ca,
-        hedge_after: api.hedge_after,
-        resolve_every: api.resolve_interval,
-        token_file: Some(api.token_file.clone()),
-    }) {
+async fn servers(options: client::Options, args: &HealthArgs, report: &mut Report) {
+    let names = options.servers.join(",");
+    let servers = match client::Servers::new(options) {
         Ok(servers) => servers,
         Err(error) => {
             report.fail("servers", error);
-            return Ok(());
+            return;
         }
     };
     servers.resolve().await;
     let answers = servers.health_each(args.timeout).await;
     if answers.is_empty() {
-        report.fail(
-            "servers",
-            format!("{} resolved to no address", api.servers.join(",")),
-        );
-        return Ok(());
+        report.fail("servers", format!("{names} resolved to no address"));
+        return;
     }
     let mut ready = 0;
     for (addr, answer) in &answers {
@@ -207,5 +190,4 @@ async fn servers(args: &HealthArgs, report: &mut Report) -> anyhow::Result<()> {
         ),
         (n, _) => report.ok("servers", format!("{n} of {total} ready")),
     }
-    Ok(())
 }

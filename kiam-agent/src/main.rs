@@ -54,7 +54,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut net = config::network(&args)?;
     net.kernel.agent_netns_cookie = own_netns_cookie();
-    let allow = config::api(&args.api)?;
+    let settings = config::api(&args.api)?;
     // Before anything is attached: refused here, nothing is left half done.
     if port::ensure_reserved(args.port)? == port::Reservation::Reserved {
         tracing::info!(
@@ -131,29 +131,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             root,
         ));
 
-        let servers = match args.api.servers.is_empty() {
-            true => {
+        let servers = match settings.servers {
+            None => {
                 tracing::warn!("no --server: pods' credential requests will be refused");
                 None
             }
-            false => {
-                let (Some(cert), Some(key), Some(ca)) = (
-                    args.api.tls_cert.clone(),
-                    args.api.tls_key.clone(),
-                    args.api.tls_ca.clone(),
-                ) else {
-                    anyhow::bail!(config::ConfigError::ServerWithoutIdentity);
-                };
-                let servers = client::Servers::new(client::Options {
-                    servers: args.api.servers.clone(),
-                    server_name: args.api.server_tls_name.clone(),
-                    cert,
-                    key,
-                    ca,
-                    hedge_after: args.api.hedge_after,
-                    resolve_every: args.api.resolve_interval,
-                    token_file: Some(args.api.token_file.clone()),
-                })?;
+            Some(options) => {
+                let servers = client::Servers::new(options)?;
                 if !args.api.token_file.exists() {
                     tracing::warn!(
                         path = %args.api.token_file.display(),
@@ -170,14 +154,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 .clone()
                 .map(|s| s as Arc<dyn upstream::RoleServer>),
             Arc::new(upstream::SystemClock),
-            upstream::Settings {
-                node: args.api.node_name.clone().unwrap_or_default(),
-                deadline: args.api.request_deadline,
-                min_validity: args.api.min_validity,
-                role_ttl: args.api.role_ttl,
-                refusal_ttl: args.api.refusal_ttl,
-                refresh_wait: args.api.refresh_wait,
-            },
+            settings.upstream,
         );
         {
             // Forget removed cgroups, and with them what was held for pods no longer here.
@@ -201,7 +178,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             forward_rate: kiam_agent::rate::PodRate::new(args.api.pod_forward_rate),
             tokens,
             upstream,
-            allow,
+            allow: settings.allow,
             allow_user_data: args.api.allow_user_data,
             require_v2: args.api.require_imdsv2,
             forwarder: Some(forward::Forwarder::new(&args.api.imds_endpoint)),
@@ -226,9 +203,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
             });
         }
-        if args.api.remove_startup_taint
-            && let Some(node) = args.api.node_name.clone()
-        {
+        if let Some(node) = settings.remove_taint_of {
             tokio::spawn(taint::remove_when_ready(node, server_ok.clone()));
         }
         tokio::spawn(
@@ -255,12 +230,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         ));
         tracing::info!(listen = ?net.listen, pin_dir = %args.bpffs_dir.display(), "kiam-agent ready");
         tokio::select! {
-            () = api::serve(listeners, resolver, imds, api::Limits {
-                connections_per_second: args.api.pod_connection_rate,
-                max_connections: args.api.max_connections,
-                max_per_pod: args.api.max_connections_per_pod,
-                idle_timeout: args.api.idle_timeout,
-            }, throttle) => {}
+            () = api::serve(listeners, resolver, imds, settings.limits, throttle) => {}
             () = kiam_ops::shutdown_signal() => tracing::info!("shutting down; the pinned redirect stays in place"),
         }
         // The rest of `installed` (links, maps) is dropped here; the pins keep the programs

@@ -132,6 +132,7 @@ impl std::fmt::Debug for Creds {
     }
 }
 
+#[derive(Debug, Clone)]
 pub struct Settings {
     pub node: String,
     /// Per-request deadline: below botocore's default 1 s metadata timeout.
