@@ -156,20 +156,14 @@ pub struct KernelSnapshot {
 }
 
 impl KernelSnapshot {
-    pub fn from_status(status: &pins::Status) -> Self {
+    pub fn from_sample(sample: pins::Sample) -> Self {
         Self {
-            events: status
-                .counters
-                .iter()
-                .map(|(k, v)| (k.clone(), *v))
-                .collect(),
-            map_entries: status
-                .map_entries
-                .iter()
-                .map(|(k, v)| (k.clone(), *v))
-                .collect(),
-            programs_attached: status.links.len(),
-            configured: status.config.as_ref().is_some_and(|c| c.ready),
+            events: sample.counters.into_iter().collect(),
+            map_entries: sample.map_entries.into_iter().collect(),
+            programs_attached: sample.links_pinned,
+            configured: sample
+                .config
+                .is_some_and(|c| c.flags & kiam_common::CONFIG_READY != 0),
         }
     }
 }
@@ -206,16 +200,28 @@ impl Kernel {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Reads the pins every `every` (off the async threads: counting map entries is one
-    /// syscall per entry), until the process ends.
+    /// Reads the pins every `every` with a [`pins::Sampler`] (off the async threads:
+    /// counting map entries is one syscall per entry), until the process ends.
     pub async fn refresh(self: Arc<Self>, pin_dir: PathBuf, every: Duration) {
         let mut tick = tokio::time::interval(every);
+        let mut sampler = Some(pins::Sampler::new(&pin_dir));
         loop {
             tick.tick().await;
-            let dir = pin_dir.clone();
-            match tokio::task::spawn_blocking(move || pins::status(&dir)).await {
-                Ok(Ok(status)) => self.set(KernelSnapshot::from_status(&status)),
-                Ok(Err(error)) => {
+            let mut taken = sampler
+                .take()
+                .unwrap_or_else(|| pins::Sampler::new(&pin_dir));
+            let read = tokio::task::spawn_blocking(move || {
+                let sample = taken.sample();
+                (taken, sample)
+            })
+            .await;
+            match read {
+                Ok((taken, Ok(sample))) => {
+                    sampler = Some(taken);
+                    self.set(KernelSnapshot::from_sample(sample));
+                }
+                Ok((taken, Err(error))) => {
+                    sampler = Some(taken);
                     self.failed();
                     tracing::warn!(%error, "cannot read the pinned kernel counters");
                 }

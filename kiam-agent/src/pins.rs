@@ -1,7 +1,8 @@
 //! The pins under `--bpffs-dir`: where each lives, and read-only inspection of what is pinned
 //! (links, the programs behind them, configuration, map fill, kernel counters) for
 //! `kiam-agent status`, `kiam-agent health` and the agent's metrics. Nothing here loads,
-//! attaches or changes anything; that is [`crate::loader`].
+//! attaches or changes anything; that is [`crate::loader`]. The metrics read through a lean
+//! [`Sampler`] that keeps its maps open; `status` is the full picture, made on demand.
 //!
 //! Layout: `<pin dir>/maps-v<layout>/KIAM_*` and `<pin dir>/links/kiam_*`.
 
@@ -165,31 +166,17 @@ pub fn status(pin_dir: &Path) -> Result<Status, PinsError> {
         });
     }
 
-    let open = |name: &'static str| -> Result<Option<MapData>, PinsError> {
-        let path = maps_dir.join(name);
-        if !path.exists() {
-            return Ok(None);
-        }
-        MapData::from_pin(&path).map(Some).map_err(map_err(name))
-    };
-    let config = match open(map_names::CONFIG)? {
-        Some(data) => {
-            let array: Array<MapData, Config> =
-                Array::try_from(Map::Array(data)).map_err(map_err(map_names::CONFIG))?;
-            let c = array.get(&0, 0).map_err(map_err(map_names::CONFIG))?;
-            Some(ConfigStatus {
-                attach_cgroup_id: c.attach_cgroup_id,
-                agent_addr4: kiam_common::addr::from_words(kiam_common::v4_mapped(c.agent_addr4))
-                    .to_string(),
-                agent_addr6: kiam_common::addr::from_words(c.agent_addr6).to_string(),
-                agent_port: c.agent_port,
-                agent_netns_cookie: c.agent_netns_cookie,
-                ready: c.flags & CONFIG_READY != 0,
-            })
-        }
-        None => None,
-    };
-    let exempt_cgroups = match open(map_names::EXEMPT)? {
+    let sample = Sampler::new(pin_dir).sample()?;
+    let config = sample.config.map(|c| ConfigStatus {
+        attach_cgroup_id: c.attach_cgroup_id,
+        agent_addr4: kiam_common::addr::from_words(kiam_common::v4_mapped(c.agent_addr4))
+            .to_string(),
+        agent_addr6: kiam_common::addr::from_words(c.agent_addr6).to_string(),
+        agent_port: c.agent_port,
+        agent_netns_cookie: c.agent_netns_cookie,
+        ready: c.flags & CONFIG_READY != 0,
+    });
+    let exempt_cgroups = match open_pinned(&maps_dir, map_names::EXEMPT)? {
         Some(data) => {
             let map: HashMap<MapData, u64, u32> =
                 HashMap::try_from(Map::HashMap(data)).map_err(map_err(map_names::EXEMPT))?;
@@ -197,30 +184,7 @@ pub fn status(pin_dir: &Path) -> Result<Status, PinsError> {
         }
         None => Vec::new(),
     };
-    let mut map_entries = BTreeMap::new();
-    for name in [map_names::CONNECT, map_names::ACCEPTED] {
-        if let Some(data) = open(name)? {
-            let map: HashMap<MapData, u64, ConnRecord> =
-                HashMap::try_from(Map::LruHashMap(data)).map_err(map_err(name))?;
-            map_entries.insert(name.to_owned(), map.keys().flatten().count());
-        }
-    }
-    if let Some(data) = open(map_names::TUPLES)? {
-        let map: HashMap<MapData, kiam_common::TupleKey, ConnRecord> =
-            HashMap::try_from(Map::LruHashMap(data)).map_err(map_err(map_names::TUPLES))?;
-        map_entries.insert(map_names::TUPLES.to_owned(), map.keys().flatten().count());
-    }
-    let mut counters = BTreeMap::new();
-    if let Some(data) = open(map_names::STATS)? {
-        let stats: PerCpuArray<MapData, u64> =
-            PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_err(map_names::STATS))?;
-        for (index, name) in stat::NAMES.iter().enumerate() {
-            let values = stats
-                .get(&(index as u32), 0)
-                .map_err(map_err(map_names::STATS))?;
-            counters.insert((*name).to_owned(), values.iter().sum());
-        }
-    }
+    let (map_entries, counters) = (sample.map_entries, sample.counters);
     Ok(Status {
         pin_dir: pin_dir.to_owned(),
         links,
@@ -230,6 +194,132 @@ pub fn status(pin_dir: &Path) -> Result<Status, PinsError> {
         map_entries,
         counters,
     })
+}
+
+fn open_pinned(maps_dir: &Path, name: &'static str) -> Result<Option<MapData>, PinsError> {
+    let path = maps_dir.join(name);
+    if !path.exists() {
+        return Ok(None);
+    }
+    MapData::from_pin(&path).map(Some).map_err(map_err(name))
+}
+
+/// What the agent's metrics read of the pins every `--kernel-metrics-interval`.
+#[derive(Debug, Default)]
+pub struct Sample {
+    /// The pinned configuration, when there is one.
+    pub config: Option<Config>,
+    /// `KIAM_STATS` by name, summed over CPUs.
+    pub counters: BTreeMap<String, u64>,
+    /// Entries of the per-connection maps, by map name.
+    pub map_entries: BTreeMap<String, usize>,
+    /// Links pinned, of [`program_names::ALL`].
+    pub links_pinned: usize,
+}
+
+/// The maps a [`Sample`] reads, opened once.
+struct Opened {
+    config: Option<Array<MapData, Config>>,
+    stats: Option<PerCpuArray<MapData, u64>>,
+    connections: Vec<(&'static str, HashMap<MapData, u64, ConnRecord>)>,
+    tuples: Option<HashMap<MapData, kiam_common::TupleKey, ConnRecord>>,
+}
+
+/// The lean reader behind the metrics: the maps are opened on the first sample and kept
+/// (opened again after a failed read, as after an uninstall and a new install); links are
+/// counted by their pins, without opening them or walking the host's programs. Counting a
+/// map's entries is still one system call per entry (at most the maps' capacities, 16,384).
+pub struct Sampler {
+    pin_dir: PathBuf,
+    opened: Option<Opened>,
+}
+
+impl Sampler {
+    pub fn new(pin_dir: &Path) -> Self {
+        Self {
+            pin_dir: pin_dir.to_owned(),
+            opened: None,
+        }
+    }
+
+    fn open(&self) -> Result<Opened, PinsError> {
+        let dir = maps_dir(&self.pin_dir);
+        let config = open_pinned(&dir, map_names::CONFIG)?
+            .map(|data| Array::try_from(Map::Array(data)).map_err(map_err(map_names::CONFIG)))
+            .transpose()?;
+        let stats = open_pinned(&dir, map_names::STATS)?
+            .map(|data| {
+                PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_err(map_names::STATS))
+            })
+            .transpose()?;
+        let mut connections = Vec::new();
+        for name in [map_names::CONNECT, map_names::ACCEPTED] {
+            if let Some(data) = open_pinned(&dir, name)? {
+                let map = HashMap::try_from(Map::LruHashMap(data)).map_err(map_err(name))?;
+                connections.push((name, map));
+            }
+        }
+        let tuples = open_pinned(&dir, map_names::TUPLES)?
+            .map(|data| {
+                HashMap::try_from(Map::LruHashMap(data)).map_err(map_err(map_names::TUPLES))
+            })
+            .transpose()?;
+        Ok(Opened {
+            config,
+            stats,
+            connections,
+            tuples,
+        })
+    }
+
+    /// Reads the pins; after an error the maps are opened again on the next call.
+    pub fn sample(&mut self) -> Result<Sample, PinsError> {
+        let opened = match self.opened.take() {
+            Some(opened) => opened,
+            None => self.open()?,
+        };
+        let sample = Self::read(&opened, &self.pin_dir)?;
+        self.opened = Some(opened);
+        Ok(sample)
+    }
+
+    fn read(opened: &Opened, pin_dir: &Path) -> Result<Sample, PinsError> {
+        let config = opened
+            .config
+            .as_ref()
+            .map(|array| array.get(&0, 0).map_err(map_err(map_names::CONFIG)))
+            .transpose()?;
+        let mut counters = BTreeMap::new();
+        if let Some(stats) = &opened.stats {
+            for (index, name) in stat::NAMES.iter().enumerate() {
+                let values = stats
+                    .get(&(index as u32), 0)
+                    .map_err(map_err(map_names::STATS))?;
+                counters.insert((*name).to_owned(), values.iter().sum());
+            }
+        }
+        let mut map_entries = BTreeMap::new();
+        for (name, map) in &opened.connections {
+            map_entries.insert((*name).to_owned(), map.keys().flatten().count());
+        }
+        if let Some(tuples) = &opened.tuples {
+            map_entries.insert(
+                map_names::TUPLES.to_owned(),
+                tuples.keys().flatten().count(),
+            );
+        }
+        let links = links_dir(pin_dir);
+        let links_pinned = program_names::ALL
+            .iter()
+            .filter(|name| links.join(name).exists())
+            .count();
+        Ok(Sample {
+            config,
+            counters,
+            map_entries,
+            links_pinned,
+        })
+    }
 }
 
 #[cfg(test)]
