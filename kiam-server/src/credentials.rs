@@ -12,7 +12,7 @@ use std::{
     collections::{HashMap, HashSet},
     fmt,
     sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 
 use futures::{
@@ -20,7 +20,12 @@ use futures::{
     future::{BoxFuture, Shared},
 };
 
-use crate::metrics::{Metrics, ResultLabels};
+use tokio::time::Instant;
+
+use crate::{
+    clock::Clock,
+    metrics::{Metrics, ResultLabels},
+};
 
 /// What AssumeRole is asked with.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -52,9 +57,10 @@ impl fmt::Debug for Credentials {
 }
 
 impl Credentials {
-    pub fn remaining(&self) -> Duration {
+    /// What is left of them at `now`.
+    pub fn remaining(&self, now: SystemTime) -> Duration {
         self.expiration
-            .duration_since(SystemTime::now())
+            .duration_since(now)
             .unwrap_or(Duration::ZERO)
     }
 }
@@ -141,6 +147,8 @@ pub trait CredentialSource: Send + Sync + 'static {
 pub struct StsSource {
     pub client: aws_sdk_sts::Client,
     pub duration: Duration,
+    /// When the credentials were issued is read from it.
+    pub clock: Arc<dyn Clock>,
 }
 
 impl CredentialSource for StsSource {
@@ -157,13 +165,14 @@ impl CredentialSource for StsSource {
             .iter()
             .map(|(k, v)| aws_sdk_sts::types::Tag::builder().key(k).value(v).build())
             .collect();
+        let clock = self.clock.clone();
         async move {
             let tags = tags.map_err(|e| StsError::Invalid(format!("session tag: {e}").into()))?;
             let request = match tags.is_empty() {
                 true => request,
                 false => request.set_tags(Some(tags)),
             };
-            let issued = SystemTime::now();
+            let issued = clock.now();
             let output = request.send().await.map_err(classify)?;
             let c = output
                 .credentials
@@ -234,6 +243,7 @@ struct Inner {
     slots: Mutex<HashMap<CacheKey, Slot>>,
     min_validity: Duration,
     metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
 }
 
 #[derive(Clone)]
@@ -244,13 +254,20 @@ impl CredentialCache {
         source: impl CredentialSource,
         min_validity: Duration,
         metrics: Arc<Metrics>,
+        clock: Arc<dyn Clock>,
     ) -> Self {
         Self(Arc::new(Inner {
             source: Box::new(source),
             slots: Mutex::new(HashMap::new()),
             min_validity,
             metrics,
+            clock,
         }))
+    }
+
+    /// What is left of `creds` now.
+    fn remaining(&self, creds: &Credentials) -> Duration {
+        creds.remaining(self.0.clock.now())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CacheKey, Slot>> {
@@ -299,7 +316,7 @@ impl CredentialCache {
             slot.retry_after = result.is_err().then(|| Instant::now() + RETRY_PAUSE);
             match result {
                 Ok(creds) => {
-                    tracing::info!(role = %key.role_arn, expires_in_s = creds.remaining().as_secs(), "assumed role");
+                    tracing::info!(role = %key.role_arn, expires_in_s = this.remaining(&creds).as_secs(), "assumed role");
                     let creds = Arc::new(creds);
                     slot.current = Some(creds.clone());
                     Ok(creds)
@@ -332,11 +349,11 @@ impl CredentialCache {
             let mut slots = self.lock();
             let slot = slots.entry(key.clone()).or_default();
             match slot.current.clone() {
-                Some(creds) if creds.remaining() >= self.refresh_below(&creds) => {
+                Some(creds) if self.remaining(&creds) >= self.refresh_below(&creds) => {
                     self.0.metrics.cache_hits.inc();
                     return Ok(creds);
                 }
-                Some(creds) if creds.remaining() >= self.0.min_validity => {
+                Some(creds) if self.remaining(&creds) >= self.0.min_validity => {
                     // Good enough to serve; refresh in the background (driven by `flight`).
                     self.0.metrics.cache_hits.inc();
                     if Self::may_refresh(slot) {
@@ -351,7 +368,7 @@ impl CredentialCache {
             }
         };
         let fresh = flight.await?;
-        let left = fresh.remaining();
+        let left = self.remaining(&fresh);
         if left < self.0.min_validity {
             return Err(StsError::TooShort(left.as_secs()));
         }
@@ -365,7 +382,7 @@ impl CredentialCache {
         let usable = slot
             .current
             .as_ref()
-            .is_some_and(|c| c.remaining() >= self.refresh_below(c));
+            .is_some_and(|c| self.remaining(c) >= self.refresh_below(c));
         (!usable).then(|| self.flight(key, slot))
     }
 
@@ -380,7 +397,7 @@ impl CredentialCache {
             let due = slot
                 .current
                 .as_ref()
-                .is_none_or(|c| c.remaining() < self.refresh_below(c));
+                .is_none_or(|c| self.remaining(c) < self.refresh_below(c));
             if due && Self::may_refresh(slot) {
                 started.push(self.flight(&key, slot));
             }
@@ -404,13 +421,16 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
+    use crate::clock::ManualClock;
 
-    /// Issues credentials valid for `lifetime`, counting calls; fails while `fail` is set.
+    /// Issues credentials valid for `lifetime` from `clock`'s now, counting calls; fails
+    /// while `fail` is set.
     struct Fake {
         calls: Arc<AtomicUsize>,
         lifetime: Duration,
         fail: Arc<Mutex<Option<StsError>>>,
         delay: Duration,
+        clock: ManualClock,
     }
 
     impl CredentialSource for Fake {
@@ -418,12 +438,13 @@ mod tests {
             let n = self.calls.fetch_add(1, Ordering::SeqCst);
             let (lifetime, delay) = (self.lifetime, self.delay);
             let fail = self.fail.lock().expect("lock").clone();
+            let clock = self.clock.clone();
             async move {
                 tokio::time::sleep(delay).await;
                 if let Some(e) = fail {
                     return Err(e);
                 }
-                let now = SystemTime::now();
+                let now = clock.now();
                 Ok(Credentials {
                     access_key_id: format!("AKIA{n}{}", key.role_arn.len()),
                     secret_access_key: "secret".into(),
@@ -445,28 +466,43 @@ mod tests {
         }
     }
 
-    fn new_cache(
-        lifetime: Duration,
-    ) -> (
-        CredentialCache,
-        Arc<AtomicUsize>,
-        Arc<Mutex<Option<StsError>>>,
-    ) {
+    /// A cache in front of a [`Fake`], and the handles that steer it.
+    struct Harness {
+        cache: CredentialCache,
+        calls: Arc<AtomicUsize>,
+        fail: Arc<Mutex<Option<StsError>>>,
+        clock: ManualClock,
+    }
+
+    /// The minimum validity is 30 minutes.
+    fn harness(lifetime: Duration) -> Harness {
         let calls = Arc::new(AtomicUsize::new(0));
         let fail = Arc::new(Mutex::new(None));
+        let clock = ManualClock::new();
         let fake = Fake {
             calls: calls.clone(),
             lifetime,
             fail: fail.clone(),
             delay: Duration::from_millis(20),
+            clock: clock.clone(),
         };
-        let cache = CredentialCache::new(fake, Duration::from_secs(1800), Arc::default());
-        (cache, calls, fail)
+        let cache = CredentialCache::new(
+            fake,
+            Duration::from_secs(1800),
+            Arc::default(),
+            Arc::new(clock.clone()),
+        );
+        Harness {
+            cache,
+            calls,
+            fail,
+            clock,
+        }
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn concurrent_callers_share_one_call_per_key() {
-        let (cache, calls, _) = new_cache(Duration::from_secs(3600));
+        let Harness { cache, calls, .. } = harness(Duration::from_secs(3600));
         let gets: Vec<_> = (0..50)
             .map(|i| {
                 let cache = cache.clone();
@@ -483,9 +519,9 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 3);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn external_id_is_part_of_the_key() {
-        let (cache, calls, _) = new_cache(Duration::from_secs(3600));
+        let Harness { cache, calls, .. } = harness(Duration::from_secs(3600));
         let mut with_id = key("a");
         with_id.external_id = Some("xyz".into());
         cache.get(&key("a")).await.expect("ok");
@@ -493,16 +529,22 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn never_serves_less_than_min_validity_and_refreshes_ahead() {
         // 2 s above the 30-minute minimum: refreshed below 30 min + 1 s, i.e. a second after
         // they are issued.
-        let (cache, calls, _) = new_cache(Duration::from_secs(1802));
+        let Harness {
+            cache,
+            calls,
+            clock,
+            ..
+        } = harness(Duration::from_secs(1802));
         let first = cache.get(&key("a")).await.expect("ok");
         let in_use = HashSet::from([key("a")]);
+        clock.advance(Duration::from_millis(999));
         assert!(cache.maintain(&in_use).is_empty(), "not due yet");
         assert_eq!(calls.load(Ordering::SeqCst), 1);
-        tokio::time::sleep(Duration::from_millis(1100)).await;
+        clock.advance(Duration::from_millis(2));
         // Due: refreshed ahead, while the held ones could still be served.
         let flights = cache.maintain(&in_use);
         assert_eq!(flights.len(), 1);
@@ -512,24 +554,29 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 2);
         let refreshed = cache.get(&key("a")).await.expect("ok");
         assert_ne!(refreshed.access_key_id, first.access_key_id);
-        assert!(refreshed.remaining() > Duration::from_secs(1801));
+        assert_eq!(refreshed.remaining(clock.now()), Duration::from_secs(1802));
 
         // Credentials that are already below the minimum are never served: the call fails
         // with TooShort, whatever the source says.
-        let (short, _, _) = new_cache(Duration::from_secs(600));
+        let short = harness(Duration::from_secs(600)).cache;
         assert!(matches!(
             short.get(&key("a")).await,
             Err(StsError::TooShort(_))
         ));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn failed_refreshes_keep_serving_valid_credentials_then_say_why() {
         // 2 s above the 30-minute minimum: due for refresh (below 30 min + 1 s) a second
         // later, and still servable for another second.
-        let (cache, calls, fail) = new_cache(Duration::from_secs(1802));
+        let Harness {
+            cache,
+            calls,
+            fail,
+            clock,
+        } = harness(Duration::from_secs(1802));
         let held = cache.get(&key("a")).await.expect("first");
-        tokio::time::sleep(Duration::from_millis(1100)).await;
+        clock.advance(Duration::from_millis(1100));
         *fail.lock().expect("lock") = Some(StsError::Throttled("slow down".into()));
         // Due for refresh, and the refresh fails.
         let flights = cache.maintain(&HashSet::from([key("a")]));
@@ -539,19 +586,20 @@ mod tests {
         }
         assert_eq!(calls.load(Ordering::SeqCst), 2);
         // The held credentials, still above the minimum, are served meanwhile.
+        clock.advance(Duration::from_millis(899));
         let again = cache.get(&key("a")).await.expect("still valid");
         assert_eq!(again.access_key_id, held.access_key_id);
         // Once they are below it, the caller gets STS's reason, never them.
-        tokio::time::sleep(Duration::from_millis(1000)).await;
+        clock.advance(Duration::from_millis(2));
         assert_eq!(
             cache.get(&key("a")).await.expect_err("no longer servable"),
             StsError::Throttled("slow down".into())
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn unused_keys_are_dropped_and_no_longer_refreshed() {
-        let (cache, calls, _) = new_cache(Duration::from_secs(3600));
+        let Harness { cache, calls, .. } = harness(Duration::from_secs(3600));
         cache.get(&key("a")).await.expect("ok");
         cache.get(&key("b")).await.expect("ok");
         assert_eq!(cache.len(), 2);

@@ -18,8 +18,10 @@ use std::{
         Arc, Mutex, RwLock,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
+
+use tokio::time::Instant;
 
 use futures::StreamExt as _;
 use kube::{
@@ -563,21 +565,26 @@ mod tests {
         assert!(index.static_pods("h2").is_empty());
     }
 
-    #[test]
-    fn readiness_drops_after_the_grace_period_of_failing_watches() {
-        let index = Index::with_grace(Duration::from_millis(50), Vec::new());
+    #[tokio::test(start_paused = true)]
+    async fn readiness_drops_after_the_grace_period_of_failing_watches() {
+        let index = Index::with_grace(Duration::from_secs(30), Vec::new());
         index.replace_pods(Vec::new());
         index.replace_namespaces(Vec::new());
         assert!(index.ready());
         index.watch_health(Resource::Pods, false);
-        assert!(index.ready(), "within the grace period");
-        std::thread::sleep(Duration::from_millis(60));
+        tokio::time::advance(Duration::from_millis(29_999)).await;
+        index.watch_health(Resource::Pods, false);
+        assert!(
+            index.ready(),
+            "a failure goes on: still within the grace period"
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
         index.watch_health(Resource::Pods, false);
         assert!(!index.ready(), "failing for longer than the grace period");
         index.watch_health(Resource::Pods, true);
         assert!(index.ready(), "the watch recovered");
         index.watch_health(Resource::Namespaces, false);
-        std::thread::sleep(Duration::from_millis(60));
+        tokio::time::advance(Duration::from_secs(30)).await;
         assert!(!index.ready());
     }
 

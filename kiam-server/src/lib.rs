@@ -6,8 +6,9 @@
 //! [`containers`] (per-container roles), [`index`] (kube-rs watchers, pods by UID), [`credentials`] (STS and the cache),
 //! [`identity`] (which node an agent proved: tokens reviewed, certificates),
 //! [`service`] (the thin gRPC layer), [`events`] (Kubernetes Events), [`tls`] (mutual TLS),
-//! [`metrics`].
+//! [`metrics`], [`clock`] (the clocks tests control).
 
+pub mod clock;
 pub mod config;
 pub mod containers;
 pub mod credentials;

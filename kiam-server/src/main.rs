@@ -11,6 +11,7 @@ use std::{
 use anyhow::Context as _;
 use clap::{CommandFactory as _, Parser as _};
 use kiam_server::{
+    clock::{Clock, SystemClock},
     config::{self, Cli, Command, RunArgs},
     credentials::{CacheKey, CredentialCache, StsSource},
     decision::{self, Access, Settings},
@@ -158,13 +159,16 @@ async fn run(cli: RunArgs) -> anyhow::Result<()> {
             cli.role_annotation
         );
     }
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let cache = CredentialCache::new(
         StsSource {
             client: sts.clone(),
             duration: validated.session_duration,
+            clock: clock.clone(),
         },
         validated.min_validity,
         metrics.clone(),
+        clock,
     );
     let recorder = kube::runtime::events::Recorder::new(
         client.clone(),
