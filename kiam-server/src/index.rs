@@ -13,7 +13,7 @@
 //! what it has: the Service stops sending new agents its way).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{
         Arc, Mutex, RwLock,
         atomic::{AtomicBool, Ordering},
@@ -81,6 +81,38 @@ pub struct Index {
     failing: Mutex<[Option<Instant>; 2]>,
     grace: Duration,
     on_pod: RwLock<Option<PodHook>>,
+    changes: Mutex<Changes>,
+}
+
+/// What changed since the last [`Index::take_changes`], so the upkeep re-decides only those
+/// pods: pods applied or deleted (by UID), namespaces whose rules came, changed or went, and
+/// whether a relist replaced everything.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub pods: HashSet<String>,
+    pub namespaces: HashSet<String>,
+    pub everything: bool,
+}
+
+impl Changes {
+    fn pod(&mut self, uid: &str) {
+        if !self.everything {
+            self.pods.insert(uid.to_owned());
+        }
+    }
+
+    fn namespace(&mut self, name: &str) {
+        if !self.everything {
+            self.namespaces.insert(name.to_owned());
+        }
+    }
+
+    fn everything(&mut self) {
+        *self = Self {
+            everything: true,
+            ..Self::default()
+        };
+    }
 }
 
 /// Pods by UID, and mirror pods by the UID of their static pod.
@@ -154,7 +186,17 @@ impl Index {
             failing: Mutex::new([None, None]),
             grace,
             on_pod: RwLock::new(None),
+            changes: Mutex::new(Changes::default()),
         }
+    }
+
+    fn changed(&self) -> std::sync::MutexGuard<'_, Changes> {
+        self.changes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What changed since the last call (the first call after a list: everything).
+    pub fn take_changes(&self) -> Changes {
+        std::mem::take(&mut *self.changed())
     }
 
     /// Records how a watch is doing: `ok` clears its failure, a failure starts one.
@@ -288,6 +330,7 @@ impl Index {
             previous.as_deref() != Some(&pod)
         };
         if changed {
+            self.changed().pod(&pod.uid);
             self.notify(&pod);
         }
     }
@@ -298,6 +341,7 @@ impl Index {
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(uid);
+            self.changed().pod(uid);
         }
     }
 
@@ -318,6 +362,7 @@ impl Index {
             *pods = fresh;
             added
         };
+        self.changed().everything();
         self.pods_synced.store(true, Ordering::Release);
         for pod in added {
             self.notify(&pod);
@@ -338,7 +383,9 @@ impl Index {
             self.namespaces
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(name, rules);
+                .insert(name.clone(), rules);
+            // Its rules may have changed (they are not compared: namespaces change rarely).
+            self.changed().namespace(&name);
         }
     }
 
@@ -348,6 +395,7 @@ impl Index {
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(name);
+            self.changed().namespace(name);
         }
     }
 
@@ -355,6 +403,7 @@ impl Index {
     pub fn replace_namespaces(&self, namespaces: Vec<(String, Arc<NamespaceRules>)>) {
         let fresh = namespaces.into_iter().collect();
         *self.namespaces.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        self.changed().everything();
         self.namespaces_synced.store(true, Ordering::Release);
     }
 }

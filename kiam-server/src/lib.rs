@@ -5,7 +5,7 @@
 //! typed reasons, codes, labels),
 //! [`containers`] (per-container roles), [`index`] (kube-rs watchers, pods by UID), [`credentials`] (STS and the cache),
 //! [`identity`] (which node an agent proved: tokens reviewed, certificates),
-//! [`service`] (the thin gRPC layer), [`events`] (Kubernetes Events), [`tls`] (mutual TLS),
+//! [`service`] (the thin gRPC layer), [`upkeep`] (prefetch and refresh: which credentials are held), [`events`] (Kubernetes Events), [`tls`] (mutual TLS),
 //! [`metrics`], [`clock`] (the clocks tests control).
 
 pub mod clock;
@@ -23,6 +23,7 @@ pub mod refusal;
 pub mod service;
 pub mod sessions;
 pub mod tls;
+pub mod upkeep;
 
 /// The gRPC API, generated in `kiam-proto`.
 pub use kiam_proto as proto;

@@ -2,19 +2,15 @@
 //! listener together. See the library modules for what each part owns.
 #![forbid(unsafe_code)]
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::Arc,
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::{CommandFactory as _, Parser as _};
 use kiam_server::{
     clock::{Clock, SystemClock},
     config::{self, Cli, Command, RunArgs},
-    credentials::{CacheKey, CredentialCache, StsSource},
-    decision::{self, Access, Settings},
+    credentials::{CredentialCache, StsSource},
+    decision::Settings,
     events::Events,
     health,
     identity::{self, AgentAuth, KubeReviewer},
@@ -25,6 +21,7 @@ use kiam_server::{
     service::KiamService,
     sessions::SessionBudget,
     tls,
+    upkeep::Upkeep,
 };
 
 fn main() -> std::process::ExitCode {
@@ -180,98 +177,18 @@ async fn run(cli: RunArgs) -> anyhow::Result<()> {
     let events = Arc::new(Events::new(Some(recorder), metrics.clone()));
 
     let sessions = Arc::new(SessionBudget::new(cli.max_sessions_per_namespace));
-    // Prefetch: every pod with a permitted role queues its key; a few workers fetch.
-    let (prefetch_tx, prefetch_rx) = tokio::sync::mpsc::channel::<CacheKey>(cli.prefetch_queue);
-    {
-        let (index_ref, settings, events, metrics, sessions) = (
-            Arc::downgrade(&index),
-            settings.clone(),
-            events.clone(),
-            metrics.clone(),
-            sessions.clone(),
-        );
-        index.set_pod_hook(Box::new(move |pod| {
-            let Some(index) = index_ref.upgrade() else {
-                return;
-            };
-            // The pod's role and, with per-container roles, each listed container's.
-            for decided in decision::decide_every_indexed(&index, &settings, pod) {
-                let admitted = decided.and_then(|access| {
-                    match &access {
-                        Access::Role { key, .. } => sessions.admit(&pod.namespace, key),
-                        Access::PassThrough => Ok(()),
-                    }
-                    .map(|()| access)
-                });
-                match admitted {
-                    Ok(Access::Role { key, .. }) => {
-                        match prefetch_tx.try_send(key) {
-                            Ok(()) => metrics.prefetch_queued.inc(),
-                            Err(_) => metrics.prefetch_dropped.inc(),
-                        };
-                    }
-                    Ok(Access::PassThrough) => {}
-                    Err(refusal) => events.refusal(pod, &refusal),
-                }
-            }
-        }));
+    Upkeep {
+        index: index.clone(),
+        settings: settings.clone(),
+        cache: cache.clone(),
+        metrics: metrics.clone(),
+        sessions: sessions.clone(),
+        events: events.clone(),
+        every: cli.refresh_interval,
+        queue: cli.prefetch_queue,
+        workers: cli.prefetch_workers,
     }
-    let prefetch_rx = Arc::new(tokio::sync::Mutex::new(prefetch_rx));
-    for _ in 0..cli.prefetch_workers {
-        let (rx, cache) = (prefetch_rx.clone(), cache.clone());
-        tokio::spawn(async move {
-            loop {
-                let Some(key) = rx.lock().await.recv().await else {
-                    return;
-                };
-                if let Some(flight) = cache.prefetch(&key) {
-                    let _ = flight.await;
-                }
-            }
-        });
-    }
-
-    // Refresh ahead and evict what no pod uses.
-    {
-        let (index, settings, cache, metrics, sessions) = (
-            index.clone(),
-            settings.clone(),
-            cache.clone(),
-            metrics.clone(),
-            sessions.clone(),
-        );
-        let every = cli.refresh_interval;
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                if !index.synced() {
-                    continue;
-                }
-                let pods = index.pods();
-                metrics.pods_indexed.set(pods.len() as i64);
-                // Keys pods use, by namespace; only those within their namespace's bound are
-                // kept and refreshed.
-                let mut by_namespace: HashMap<String, HashSet<CacheKey>> = HashMap::new();
-                for pod in &pods {
-                    for decided in decision::decide_every_indexed(&index, &settings, pod) {
-                        if let Ok(Access::Role { key, .. }) = decided {
-                            by_namespace
-                                .entry(pod.namespace.clone())
-                                .or_default()
-                                .insert(key);
-                        }
-                    }
-                }
-                let in_use = sessions.keys_in_use(&by_namespace);
-                for flight in cache.maintain(&in_use) {
-                    tokio::spawn(async move {
-                        let _ = flight.await;
-                    });
-                }
-            }
-        });
-    }
+    .start();
 
     tokio::spawn(index::run(client.clone(), index.clone()));
     tokio::spawn(tls.clone().watch(cli.tls_reload_interval));
