@@ -1185,6 +1185,27 @@ pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> b
     check()
 }
 
+/// Makes `attempt` (a gRPC call, say: the closure may borrow a client mutably) every 25 ms
+/// until `done` accepts its result or `timeout` has passed. `Ok` with the accepted result,
+/// `Err` with the last one.
+pub async fn retry_until<T>(
+    timeout: Duration,
+    mut attempt: impl AsyncFnMut() -> T,
+    done: impl Fn(&T) -> bool,
+) -> Result<T, T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let result = attempt().await;
+        if done(&result) {
+            return Ok(result);
+        }
+        if Instant::now() >= deadline {
+            return Err(result);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 /// Like [`eventually`], for a check that is itself asynchronous (a gRPC call, say).
 pub async fn eventually_async<F: std::future::Future<Output = bool>>(
     timeout: Duration,

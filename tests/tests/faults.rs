@@ -19,7 +19,7 @@ use kiam_e2e::{
     metric,
     node::{HELPER, IMDS, LOAD_TEST_ARGS, Node, Pod, privileged},
     poll,
-    stack::{Certs, Kube, PodObject, Server, Sts, eventually},
+    stack::{Certs, Kube, PodObject, Server, Sts, eventually, retry_until},
 };
 use kiam_proto::{GetCredentialsRequest, Reason, reason_of};
 use serde_json::json;
@@ -252,15 +252,13 @@ async fn an_api_server_restart_is_recovered_without_a_restart_and_deletions_are_
         container_id: String::new(),
     };
     for (uid, role) in [(&kept, "app-kept"), (&gone, "app-gone")] {
-        let mut ok = false;
-        for _ in 0..200 {
-            if agent.get_credentials(creds(uid, role)).await.is_ok() {
-                ok = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        assert!(ok, "{role} never served");
+        let served = retry_until(
+            Duration::from_secs(5),
+            async || agent.get_credentials(creds(uid, role)).await,
+            Result::is_ok,
+        )
+        .await;
+        assert!(served.is_ok(), "{role} never served");
     }
     let ready = |server: &Server| {
         let (status, _) = kiam_e2e::stack::http(server.admin_port, "GET", "/ready", None);
@@ -281,18 +279,14 @@ async fn an_api_server_restart_is_recovered_without_a_restart_and_deletions_are_
         "not ready again:\n{}",
         server.log_text()
     );
-    let mut refused = None;
-    for _ in 0..200 {
-        match agent.get_credentials(creds(&gone, "app-gone")).await {
-            Err(status) if reason_of(&status) == Reason::PodNotKnown => {
-                refused = Some(status);
-                break;
-            }
-            _ => tokio::time::sleep(Duration::from_millis(25)).await,
-        }
-    }
+    let refused = retry_until(
+        Duration::from_secs(5),
+        async || agent.get_credentials(creds(&gone, "app-gone")).await,
+        |r| matches!(r, Err(status) if reason_of(status) == Reason::PodNotKnown),
+    )
+    .await;
     assert!(
-        refused.is_some(),
+        refused.is_ok(),
         "a pod deleted during the outage is still served"
     );
     agent

@@ -9,7 +9,7 @@ use kiam_e2e::{
     cluster::{Cluster, NODE_NAME},
     metric,
     node::{HELPER, privileged},
-    stack::{AgentClient, ServerStack, TokenSpec, eventually},
+    stack::{AgentClient, ServerStack, TokenSpec, eventually, retry_until},
 };
 use kiam_proto::{GetCredentialsRequest, GetPodRoleRequest, Reason, reason_of};
 use serde_json::json;
@@ -55,18 +55,13 @@ impl Env {
             json!({"iam.amazonaws.com/role": "app-web"}),
         );
         let mut trusted = self.agent(Some(self.kube.agent_token(node))).await;
-        let known = async {
-            loop {
-                let r = trusted.get_pod_role(role_request(&uid, node)).await;
-                if r.as_ref()
-                    .map_or_else(|s| reason_of(s) != Reason::PodNotKnown, |_| true)
-                {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
-        };
-        tokio::time::timeout(WAIT, known).await.expect("pod known");
+        let known = retry_until(
+            WAIT,
+            async || trusted.get_pod_role(role_request(&uid, node)).await,
+            |r| !matches!(r, Err(s) if reason_of(s) == Reason::PodNotKnown),
+        )
+        .await;
+        assert!(known.is_ok(), "pod {uid} never known");
         assert!(eventually(WAIT, || self.sts.calls() >= 1).await);
         uid
     }

@@ -6,7 +6,9 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use kiam_e2e::stack::{ACCOUNT, AgentClient, Certs, ServerStack, eventually};
+use kiam_e2e::stack::{
+    ACCOUNT, AgentClient, Certs, ServerStack, eventually, eventually_async, retry_until,
+};
 use kiam_proto::{GetCredentialsRequest, GetPodRoleRequest, HealthRequest};
 use serde_json::json;
 use tonic::Code;
@@ -66,22 +68,20 @@ fn creds_request(uid: &str, node: &str, role: &str) -> GetCredentialsRequest {
 /// Waits until the server's index has the pod (its watch delivers it asynchronously), as an
 /// agent's retries would.
 async fn wait_known(client: &mut AgentClient, uid: &str) {
-    for _ in 0..200 {
-        let status = client
-            .get_pod_role(GetPodRoleRequest {
-                pod_uid: uid.into(),
-                node_name: "node-1".into(),
-                container_id: String::new(),
-            })
-            .await;
-        match status {
-            Err(s) if kiam_proto::reason_of(&s) == kiam_proto::Reason::PodNotKnown => {
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
-            _ => return,
-        }
-    }
-    panic!("pod {uid} never reached the server's index");
+    let request = GetPodRoleRequest {
+        pod_uid: uid.into(),
+        node_name: "node-1".into(),
+        container_id: String::new(),
+    };
+    let known = retry_until(
+        Duration::from_secs(5),
+        async || client.get_pod_role(request.clone()).await,
+        |status| {
+            !matches!(status, Err(s) if kiam_proto::reason_of(s) == kiam_proto::Reason::PodNotKnown)
+        },
+    )
+    .await;
+    assert!(known.is_ok(), "pod {uid} never reached the server's index");
 }
 
 fn now() -> i64 {
@@ -307,20 +307,17 @@ async fn deleted_pods_other_nodes_and_other_roles_are_refused() {
     assert_eq!(status.code(), Code::NotFound);
     // Deleted: refused as soon as the watch delivers it.
     env.kube.delete_pod("team", "web");
-    let mut refused = false;
-    for _ in 0..100 {
-        match agent
-            .get_credentials(creds_request(&uid, "node-1", "app-web"))
-            .await
-        {
-            Err(status) if status.code() == Code::NotFound => {
-                refused = true;
-                break;
-            }
-            _ => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
-    assert!(refused, "deleted pod still served");
+    let refused = retry_until(
+        Duration::from_secs(5),
+        async || {
+            agent
+                .get_credentials(creds_request(&uid, "node-1", "app-web"))
+                .await
+        },
+        |r| matches!(r, Err(status) if status.code() == Code::NotFound),
+    )
+    .await;
+    assert!(refused.is_ok(), "deleted pod still served");
 }
 
 #[tokio::test]
@@ -352,20 +349,18 @@ async fn the_index_recovers_from_dropped_watches_and_410_gone() {
     env.kube.control("compact");
     env.kube.control("drop-watches");
     let uid = env.kube.pod("team", "late", "node-1", role("app-late"));
-    let mut served = false;
-    for _ in 0..200 {
-        if client
-            .get_credentials(creds_request(&uid, "node-1", "app-late"))
-            .await
-            .is_ok()
-        {
-            served = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let served = retry_until(
+        Duration::from_secs(10),
+        async || {
+            client
+                .get_credentials(creds_request(&uid, "node-1", "app-late"))
+                .await
+        },
+        Result::is_ok,
+    )
+    .await;
     assert!(
-        served,
+        served.is_ok(),
         "new pod not served after the watch expired:\n{}",
         env.server.log_text()
     );
@@ -421,20 +416,19 @@ async fn sts_throttling_is_retried_denials_are_reported_and_cached_credentials_s
     env.sts.faults.lock().expect("lock").clear();
     env.sts.inject(&[(403, "AccessDenied"); 8]);
     let denied = env.kube.pod("team", "nope", "node-1", role("app-denied"));
-    let mut status = None;
-    for _ in 0..100 {
-        match client
-            .get_credentials(creds_request(&denied, "node-1", "app-denied"))
-            .await
-        {
-            Err(s) if s.code() == Code::PermissionDenied => {
-                status = Some(s);
-                break;
-            }
-            _ => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
-    let status = status.expect("STS denial reported as permission denied");
+    let status = retry_until(
+        Duration::from_secs(5),
+        async || {
+            client
+                .get_credentials(creds_request(&denied, "node-1", "app-denied"))
+                .await
+        },
+        |r| matches!(r, Err(s) if s.code() == Code::PermissionDenied),
+    )
+    .await
+    .ok()
+    .and_then(Result::err)
+    .expect("STS denial reported as permission denied");
     assert!(
         status.message().contains("AccessDenied"),
         "{}",
@@ -511,16 +505,13 @@ async fn rotated_certificates_are_picked_up_without_a_restart() {
     client.health(HealthRequest {}).await.expect("health");
     // cert-manager rotates everything, CA included, in place.
     let rotated = Certs::new(&env.certs.dir);
-    let mut switched = false;
-    for _ in 0..100 {
-        if let Ok(mut c) = env.server.client(&rotated, Some("agent-node-1")).await
-            && c.health(HealthRequest {}).await.is_ok()
-        {
-            switched = true;
-            break;
+    let switched = eventually_async(Duration::from_secs(10), || async {
+        match env.server.client(&rotated, Some("agent-node-1")).await {
+            Ok(mut c) => c.health(HealthRequest {}).await.is_ok(),
+            Err(_) => false,
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     assert!(
         switched,
         "rotated certificates not loaded:\n{}",
