@@ -6,7 +6,7 @@
 
 use std::{
     io::{BufRead as _, BufReader},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use kiam_e2e::{
@@ -14,7 +14,7 @@ use kiam_e2e::{
     cluster::Cluster,
     metric,
     node::{HELPER, LOAD_TEST_ARGS, Node, privileged},
-    stack::{ServerStack, eventually},
+    stack::{ServerStack, eventually, retry_until},
 };
 use kiam_proto::{GetCredentialsRequest, Reason, reason_of};
 use serde_json::json;
@@ -30,6 +30,26 @@ fn one_pod_holding_20000_connections_cannot_slow_another_down() {
     let victim = c.pod("victim", json!({"iam.amazonaws.com/role": "app-v"}));
     let attacker = c.pod("attacker", json!({"iam.amazonaws.com/role": "app-a"}));
     assert!(c.node.served(&victim, "app-v"));
+    // The other pod's credentials, a new connection per request, for 3 s.
+    let victim_load = |c: &Cluster| -> Stats {
+        in_pod(
+            &c.node,
+            &victim,
+            &[
+                "load",
+                "--target",
+                "169.254.169.254:80",
+                "--path",
+                "/latest/meta-data/iam/security-credentials/app-v",
+                "--seconds",
+                "3",
+            ],
+        )
+        .expect("victim load")
+    };
+    // The baseline, on this machine, in this run, with nobody flooding.
+    let quiet = victim_load(&c);
+    assert_eq!(quiet.errors, 0, "{quiet:?}");
     // Two processes of 10,000 (the open files limit here is 20,000 a process).
     let url = "http://169.254.169.254/latest/meta-data/iam/security-credentials/";
     let mut floods: Vec<_> = (0..2)
@@ -62,22 +82,28 @@ fn one_pod_holding_20000_connections_cannot_slow_another_down() {
             .unwrap_or(0);
     }
     assert!(held >= 19_000, "the attacker held only {held} connections");
-    // While they are held: the other pod's credentials, a new connection per request.
-    let stats: Stats = in_pod(
-        &c.node,
-        &victim,
-        &[
-            "load",
-            "--target",
-            "169.254.169.254:80",
-            "--path",
-            "/latest/meta-data/iam/security-credentials/app-v",
-            "--seconds",
-            "3",
-        ],
-    )
-    .expect("victim load");
-    eprintln!("the other pod, while 20,000 connections were held: {stats:?}");
+    let refused_total = |c: &Cluster| {
+        metric(
+            &c.node.agent_metrics(),
+            "kiam_agent_refused_connections_total{reason=\"pod_connection_limit\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    // Measured once the agent has refused what it will refuse (the count stands still for
+    // half a second): what is compared is a pod among 20,000 held connections, not the
+    // agent's work of refusing them.
+    let mut last = refused_total(&c);
+    assert!(
+        kiam_e2e::poll(Duration::from_secs(10), || {
+            std::thread::sleep(Duration::from_millis(500));
+            let now = refused_total(&c);
+            std::mem::replace(&mut last, now) == now
+        }),
+        "the agent was still refusing the flood's connections after 10 s"
+    );
+    // While they are held: the other pod's credentials, as before.
+    let stats = victim_load(&c);
+    eprintln!("the other pod, quiet: {quiet:?}\nwhile 20,000 connections were held: {stats:?}");
     let refused = |metrics: &str| {
         metrics
             .lines()
@@ -91,11 +117,21 @@ fn one_pod_holding_20000_connections_cannot_slow_another_down() {
         "{stats:?}\n{}",
         refused(&c.node.agent_metrics())
     );
-    assert!(stats.requests > 100, "{stats:?}");
+    // Against the same pod's quiet run: the same order of latency (20,000 sockets held on a
+    // 2-core machine cost the kernel something: 0.46 ms quiet became 3.2 ms on one run), and
+    // at least half the rate.
+    let bound = 10.0 * quiet.p99_us + 2_000.0;
     assert!(
-        stats.p99_us < 10_000.0,
-        "the victim's p99 was {} µs while another pod held 20,000 connections",
-        stats.p99_us
+        stats.p99_us < bound,
+        "the victim's p99 was {} µs while another pod held 20,000 connections ({} µs quiet; bound {bound} µs)",
+        stats.p99_us,
+        quiet.p99_us
+    );
+    assert!(
+        stats.per_second > quiet.per_second / 2.0,
+        "the victim's rate fell from {:.0}/s to {:.0}/s",
+        quiet.per_second,
+        stats.per_second
     );
     assert!(c.node.agent_alive(), "the agent died");
     let (rss, _) = memory_mib(c.node.agent_pid());
@@ -168,20 +204,20 @@ async fn pods_choosing_unique_session_names_cost_at_most_the_bound() {
             role_name: "app-x".into(),
             container_id: String::new(),
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match agent.get_credentials(request.clone()).await {
-                Ok(_) => break,
-                Err(s) if reason_of(&s) == Reason::TooManySessions => {
-                    assert_eq!(s.code(), tonic::Code::ResourceExhausted);
-                    refused += 1;
-                    break;
-                }
-                Err(s) if reason_of(&s) == Reason::PodNotKnown && Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(s) => panic!("{}", s.message()),
+        let answer = retry_until(
+            Duration::from_secs(10),
+            async || agent.get_credentials(request.clone()).await,
+            |r| !matches!(r, Err(s) if reason_of(s) == Reason::PodNotKnown),
+        )
+        .await;
+        match answer {
+            Ok(Ok(_)) => {}
+            Ok(Err(s)) if reason_of(&s) == Reason::TooManySessions => {
+                assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+                refused += 1;
             }
+            Ok(Err(s)) | Err(Err(s)) => panic!("{}", s.message()),
+            Err(Ok(_)) => unreachable!("an answer is accepted"),
         }
     }
     assert_eq!(refused, 490);

@@ -100,7 +100,7 @@ pub struct Ordinary {
 impl Ordinary {
     pub fn table(&self) -> String {
         let mut out = String::from(
-            "\n2. ordinary pod traffic: the programs' own time (bpf_stats), per operation\n",
+            "\n2. ordinary pod traffic: the programs' own time (bpf_stats) per connection, per exchange, per second of bulk\n",
         );
         for f in &self.figures {
             out.push_str(&format!(
