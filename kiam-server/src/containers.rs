@@ -57,6 +57,10 @@ pub enum RolesError {
     #[error("container {name}: {why}")]
     BadEntry { name: String, why: String },
     #[error(
+        "names {0:?} twice in one object: JSON parsers keep one or the other, so which role was meant is unclear"
+    )]
+    Repeated(String),
+    #[error(
         "the pod shares one process namespace between its containers (shareProcessNamespace: true), so each can reach the others' processes, and their cgroups: per-container roles cannot hold there"
     )]
     SharedProcessNamespace,
@@ -91,8 +95,73 @@ fn valid_name(name: &str) -> bool {
         && !name.ends_with('-')
 }
 
+/// The first key an object of a JSON document repeats, at any depth. serde_json's `Value`
+/// keeps the last of them; the annotation's author may have meant the first.
+struct Repeated(Option<String>);
+
+impl<'de> serde::Deserialize<'de> for Repeated {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(RepeatedVisitor)
+    }
+}
+
+struct RepeatedVisitor;
+
+impl<'de> serde::de::Visitor<'de> for RepeatedVisitor {
+    type Value = Repeated;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Repeated, E> {
+        Ok(Repeated(None))
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Repeated, E> {
+        Ok(Repeated(None))
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Repeated, E> {
+        Ok(Repeated(None))
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Repeated, E> {
+        Ok(Repeated(None))
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Repeated, E> {
+        Ok(Repeated(None))
+    }
+    fn visit_unit<E>(self) -> Result<Repeated, E> {
+        Ok(Repeated(None))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Repeated, A::Error> {
+        let mut first = None;
+        while let Some(Repeated(inner)) = seq.next_element()? {
+            first = first.or(inner);
+        }
+        Ok(Repeated(first))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Repeated, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        let mut first = None;
+        while let Some(key) = map.next_key::<String>()? {
+            let Repeated(inner) = map.next_value()?;
+            if !seen.insert(key.clone()) {
+                first = first.or(Some(key));
+            }
+            first = first.or(inner);
+        }
+        Ok(Repeated(first))
+    }
+}
+
 impl ContainerRoles {
     pub fn parse(raw: &str) -> Result<Self, RolesError> {
+        let Repeated(repeated) =
+            serde_json::from_str(raw).map_err(|e| RolesError::NotJson(e.to_string()))?;
+        if let Some(key) = repeated {
+            return Err(RolesError::Repeated(key));
+        }
         let value: Value =
             serde_json::from_str(raw).map_err(|e| RolesError::NotJson(e.to_string()))?;
         let Value::Object(entries) = value else {
@@ -320,6 +389,11 @@ mod tests {
             (
                 r#"{"app": {"role": "r", "externalId": ""}}"#,
                 "externalId: is empty",
+            ),
+            (r#"{"app": "a", "app": "b"}"#, r#"names "app" twice"#),
+            (
+                r#"{"app": {"role": "a", "role": "b"}}"#,
+                r#"names "role" twice"#,
             ),
         ] {
             let got = ContainerRoles::parse(raw).expect_err(raw).to_string();
