@@ -9,11 +9,12 @@ use anyhow::Context as _;
 use crate::{ebpf, run, setup};
 
 /// The cargo-fuzz targets in fuzz/.
-const FUZZ_TARGETS: [&str; 5] = [
+const FUZZ_TARGETS: [&str; 6] = [
     "route",
     "cgroup_path",
     "token",
     "namespace_rules",
+    "container_roles",
     "http_request",
 ];
 
