@@ -60,7 +60,7 @@ pub fn test(options: Options) -> anyhow::Result<()> {
         (
             "fuzz smoke",
             Box::new(move || {
-                fuzz::run_targets(10, &[])?;
+                fuzz::run_targets(10, &[], fuzz::Build::Dev)?;
                 prune_target(prune, &["fuzz"])
             }),
         ),

@@ -211,7 +211,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench { args } => dev::bench(args),
         Cmd::Fuzz { seconds, targets } => {
             setup::setup()?;
-            fuzz::run_targets(seconds, &targets)
+            fuzz::run_targets(seconds, &targets, fuzz::Build::Release)
         }
         Cmd::Certs { args } => dev::certs(args),
         Cmd::Docs => dev::docs(),
