@@ -84,20 +84,29 @@ pub struct Index {
     changes: Mutex<Changes>,
 }
 
+/// A pod's state before and after (`None`: not there).
+pub type Transition = (Option<Arc<PodInfo>>, Option<Arc<PodInfo>>);
+
 /// What changed since the last [`Index::take_changes`], so the upkeep re-decides only those
-/// pods: pods applied or deleted (by UID), namespaces whose rules came, changed or went, and
-/// whether a relist replaced everything.
-#[derive(Debug, Default, PartialEq, Eq)]
+/// pods: pods applied or deleted, namespaces whose rules came, changed or went, and whether a
+/// relist replaced everything. The states it carries are consistent with one another: taken
+/// under the same lock the pods are changed under, so no change is seen twice or missed.
+#[derive(Debug, Default)]
 pub struct Changes {
-    pub pods: HashSet<String>,
+    /// Pods applied or deleted, by UID: what each was at the last take (`None`: it was not
+    /// there), so its old part can be taken away without being remembered per pod, and what
+    /// it is now.
+    pub pods: HashMap<String, Transition>,
     pub namespaces: HashSet<String>,
     pub everything: bool,
+    /// Every pod when `everything`; else the pods of `namespaces`.
+    pub current: Vec<Arc<PodInfo>>,
 }
 
 impl Changes {
-    fn pod(&mut self, uid: &str) {
+    fn pod(&mut self, uid: &str, before: Option<Arc<PodInfo>>) {
         if !self.everything {
-            self.pods.insert(uid.to_owned());
+            self.pods.entry(uid.to_owned()).or_insert((before, None));
         }
     }
 
@@ -139,10 +148,11 @@ impl Pods {
         previous
     }
 
-    fn remove(&mut self, uid: &str) {
-        if let Some(old) = self.by_uid.remove(uid) {
-            self.unlink_static(&old);
-        }
+    /// Removes a pod; returns it.
+    fn remove(&mut self, uid: &str) -> Option<Arc<PodInfo>> {
+        let old = self.by_uid.remove(uid)?;
+        self.unlink_static(&old);
+        Some(old)
     }
 
     fn unlink_static(&mut self, pod: &PodInfo) {
@@ -194,9 +204,24 @@ impl Index {
         self.changes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// What changed since the last call (the first call after a list: everything).
+    /// What changed since the last call (the first call after a list: everything), with the
+    /// pods' states as of now. Pods change with the pods lock held for writing and record the
+    /// change before letting it go; this reads under the same lock.
     pub fn take_changes(&self) -> Changes {
-        std::mem::take(&mut *self.changed())
+        let pods = self.pods.read().unwrap_or_else(|e| e.into_inner());
+        let mut changes = std::mem::take(&mut *self.changed());
+        for (uid, (_, now)) in changes.pods.iter_mut() {
+            *now = pods.by_uid.get(uid).cloned();
+        }
+        if changes.everything || !changes.namespaces.is_empty() {
+            changes.current = pods
+                .by_uid
+                .values()
+                .filter(|p| changes.everything || changes.namespaces.contains(&p.namespace))
+                .cloned()
+                .collect();
+        }
+        changes
     }
 
     /// Records how a watch is doing: `ok` clears its failure, a failure starts one.
@@ -327,21 +352,23 @@ impl Index {
         let changed = {
             let mut pods = self.pods.write().unwrap_or_else(|e| e.into_inner());
             let previous = pods.insert(Arc::new(pod.clone()));
-            previous.as_deref() != Some(&pod)
+            let changed = previous.as_deref() != Some(&pod);
+            if changed {
+                self.changed().pod(&pod.uid, previous);
+            }
+            changed
         };
         if changed {
-            self.changed().pod(&pod.uid);
             self.notify(&pod);
         }
     }
 
     pub fn delete_pod(&self, obj: &DynamicObject) {
         if let Some(uid) = &obj.metadata.uid {
-            self.pods
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(uid);
-            self.changed().pod(uid);
+            let mut pods = self.pods.write().unwrap_or_else(|e| e.into_inner());
+            if let Some(removed) = pods.remove(uid) {
+                self.changed().pod(uid, Some(removed));
+            }
         }
     }
 
@@ -360,9 +387,9 @@ impl Index {
                 .cloned()
                 .collect();
             *pods = fresh;
+            self.changed().everything();
             added
         };
-        self.changed().everything();
         self.pods_synced.store(true, Ordering::Release);
         for pod in added {
             self.notify(&pod);

@@ -4,10 +4,10 @@
 //!   per-container roles, each container's) are queued and a few workers fetch them, so a
 //!   pod's first request finds credentials waiting.
 //! - **Upkeep**: every `--refresh-interval` the keys in use are refreshed ahead of expiry and
-//!   the others dropped. Which keys each pod uses is kept in [`InUse`], updated from what the
-//!   index says changed ([`Index::take_changes`]): a tick re-decides only pods that changed
-//!   or whose namespace did, never every pod (100,000 pods would be 100,000 regex checks every
-//!   tick).
+//!   the others dropped. How many pods use each key is kept in [`InUse`], updated from what
+//!   the index says changed ([`Index::take_changes`]): a tick re-decides only pods that
+//!   changed (their old and new states) or whose namespace did, never every pod (100,000 pods
+//!   would be 100,000 regex checks every tick), and nothing is kept per pod.
 //! - Each namespace keeps only the keys its session budget admits ([`SessionBudget`]).
 
 use std::{
@@ -25,98 +25,80 @@ use crate::{
     sessions::SessionBudget,
 };
 
-/// A pod's namespace and the keys it uses.
-type PodKeys = (Arc<str>, Box<[Arc<CacheKey>]>);
-
-/// The keys each pod uses, and how many pods use each key in each namespace. Pods without a
-/// permitted role take no room; the others about 150 bytes (their UID, and pointers to a
-/// namespace name and keys shared by all the pods using them).
+/// How many pods of each namespace use each key. Nothing is kept per pod: a changed pod's old
+/// part is taken away by deciding its old state again ([`Changes::pods`] carries it), and a
+/// namespace whose rules changed is counted again from its pods.
 #[derive(Debug, Default)]
 pub struct InUse {
-    by_pod: HashMap<Box<str>, PodKeys>,
-    by_namespace: HashMap<Arc<str>, HashMap<Arc<CacheKey>, usize>>,
+    by_namespace: HashMap<String, HashMap<CacheKey, usize>>,
 }
 
 impl InUse {
-    /// Applies what changed; returns how many pods were decided.
+    /// Applies what changed; returns how many pod states were decided.
     pub fn update(&mut self, index: &Index, settings: &Settings, changes: Changes) -> usize {
-        if changes.everything {
-            *self = Self::default();
-            let pods = index.pods();
-            for pod in &pods {
-                self.set(&pod.uid, Some(pod), index, settings);
-            }
-            return pods.len();
-        }
         let mut decided = 0;
-        for uid in &changes.pods {
-            let pod = index.pod(uid);
-            decided += usize::from(pod.is_some());
-            self.set(uid, pod.as_deref(), index, settings);
+        if changes.everything {
+            self.by_namespace.clear();
         }
-        if !changes.namespaces.is_empty() {
-            for pod in index.pods() {
-                if changes.namespaces.contains(&pod.namespace) && !changes.pods.contains(&pod.uid) {
+        // Namespaces whose rules changed are counted again from their pods, as they are now:
+        // what their pods' old states counted was decided under the old rules.
+        for namespace in &changes.namespaces {
+            self.by_namespace.remove(namespace);
+        }
+        for pod in &changes.current {
+            decided += 1;
+            self.count(index, settings, pod, 1);
+        }
+        if changes.everything {
+            return decided;
+        }
+        for (before, now) in changes.pods.values() {
+            for (state, delta) in [(before, -1), (now, 1)] {
+                if let Some(pod) = state
+                    && !changes.namespaces.contains(&pod.namespace)
+                {
                     decided += 1;
-                    self.set(&pod.uid, Some(&pod), index, settings);
+                    self.count(index, settings, pod, delta);
                 }
             }
         }
         decided
     }
 
-    /// Records the keys of the pod with this UID (`None`: it is gone).
-    fn set(&mut self, uid: &str, pod: Option<&PodInfo>, index: &Index, settings: &Settings) {
-        if let Some((namespace, keys)) = self.by_pod.remove(uid) {
-            let counts = self.by_namespace.entry(namespace.clone()).or_default();
-            for key in keys.iter() {
-                if let Some(n) = counts.get_mut(key) {
-                    *n -= 1;
-                    if *n == 0 {
-                        counts.remove(key);
-                    }
-                }
-            }
-            if counts.is_empty() {
-                self.by_namespace.remove(&namespace);
-            }
-        }
-        let Some(pod) = pod else {
-            return;
-        };
+    /// Adds (`delta` 1) or takes away (-1) what `pod` uses.
+    fn count(&mut self, index: &Index, settings: &Settings, pod: &PodInfo, delta: isize) {
         let keys = permitted_keys(index, settings, pod);
         if keys.is_empty() {
             return;
         }
-        let namespace: Arc<str> = match self.by_namespace.get_key_value(pod.namespace.as_str()) {
-            Some((shared, _)) => shared.clone(),
-            None => pod.namespace.as_str().into(),
+        let counts = match self.by_namespace.get_mut(&pod.namespace) {
+            Some(counts) => counts,
+            None if delta < 0 => return,
+            None => self.by_namespace.entry(pod.namespace.clone()).or_default(),
         };
-        let counts = self.by_namespace.entry(namespace.clone()).or_default();
-        let keys: Box<[Arc<CacheKey>]> = keys
-            .into_iter()
-            .map(|key| {
-                let shared = match counts.get_key_value(&key) {
-                    Some((shared, _)) => shared.clone(),
-                    None => Arc::new(key),
-                };
-                *counts.entry(shared.clone()).or_default() += 1;
-                shared
-            })
-            .collect();
-        self.by_pod.insert(uid.into(), (namespace, keys));
+        for key in keys {
+            match (counts.get_mut(&key), delta > 0) {
+                (Some(n), true) => *n += 1,
+                (None, true) => {
+                    counts.insert(key, 1);
+                }
+                (Some(n), false) if *n > 1 => *n -= 1,
+                (Some(_), false) => {
+                    counts.remove(&key);
+                }
+                (None, false) => {}
+            }
+        }
+        if counts.is_empty() {
+            self.by_namespace.remove(&pod.namespace);
+        }
     }
 
     /// The keys in use, by namespace, for the session budget.
     pub fn by_namespace(&self) -> HashMap<String, HashSet<CacheKey>> {
         self.by_namespace
             .iter()
-            .map(|(namespace, counts)| {
-                (
-                    namespace.to_string(),
-                    counts.keys().map(|key| (**key).clone()).collect(),
-                )
-            })
+            .map(|(namespace, counts)| (namespace.clone(), counts.keys().cloned().collect()))
             .collect()
     }
 }
@@ -308,15 +290,24 @@ mod tests {
         let mut in_use = InUse::default();
         assert_eq!(in_use.update(&index, &settings, index.take_changes()), 100);
         assert_eq!(roles(&in_use, "team"), ["app-a"]);
-        // Only the pods refused take no room.
-        assert_eq!(in_use.by_pod.len(), 50);
+        assert_eq!(in_use.by_namespace["team"].values().sum::<usize>(), 50);
 
         // Nothing changed: nothing is decided again.
         assert_eq!(in_use.update(&index, &settings, index.take_changes()), 0);
 
-        // One pod arrives with another role: one pod decided.
+        // One pod arrives with another role: one pod state decided.
         index.apply_pod(&pod("new", "team", Some("app-b")));
         assert_eq!(in_use.update(&index, &settings, index.take_changes()), 1);
+        // It changes role: its old state and its new one.
+        index.apply_pod(&pod("new", "team", Some("app-c")));
+        index.apply_pod(&pod("new", "team", Some("app-b")));
+        assert_eq!(in_use.update(&index, &settings, index.take_changes()), 2);
+        assert_eq!(roles(&in_use, "team"), ["app-a", "app-b"]);
+        index.apply_pod(&pod("new", "team", Some("app-c")));
+        in_use.update(&index, &settings, index.take_changes());
+        assert_eq!(roles(&in_use, "team"), ["app-a", "app-c"]);
+        index.apply_pod(&pod("new", "team", Some("app-b")));
+        in_use.update(&index, &settings, index.take_changes());
         assert_eq!(roles(&in_use, "team"), ["app-a", "app-b"]);
 
         // Its key stays while another pod uses it; goes with the last one.
@@ -325,20 +316,20 @@ mod tests {
         in_use.update(&index, &settings, index.take_changes());
         assert_eq!(roles(&in_use, "team"), ["app-a", "app-b"]);
         index.delete_pod(&pod("new2", "team", Some("app-b")));
-        assert_eq!(in_use.update(&index, &settings, index.take_changes()), 0);
+        assert_eq!(in_use.update(&index, &settings, index.take_changes()), 1);
         assert_eq!(roles(&in_use, "team"), ["app-a"]);
 
         // The namespace's rule changes: its pods are decided again, and now refused.
         index.apply_namespace(&namespace("team", "other-.*"));
         assert_eq!(in_use.update(&index, &settings, index.take_changes()), 100);
         assert!(roles(&in_use, "team").is_empty());
-        assert!(in_use.by_pod.is_empty() && in_use.by_namespace.is_empty());
+        assert!(in_use.by_namespace.is_empty());
 
         // And permitted again.
         index.apply_namespace(&namespace("team", "app-.*"));
         in_use.update(&index, &settings, index.take_changes());
         assert_eq!(roles(&in_use, "team"), ["app-a"]);
-        assert_eq!(in_use.by_pod.len(), 50);
+        assert_eq!(in_use.by_namespace["team"].values().sum::<usize>(), 50);
     }
 
     #[test]
