@@ -448,7 +448,7 @@ fn static_pod(index: &Index, hash: &str) -> Result<Arc<PodInfo>, Refusal> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::BTreeMap;
 
     use tonic::Code;
@@ -457,7 +457,9 @@ mod tests {
     use crate::policy::ANNOTATION_ROLE;
     use crate::proto::Reason;
 
-    fn settings() -> Settings {
+    /// Settings as the tests of other modules want them too: account 123456789012, the role
+    /// annotation, kube-system host-network pods passed through.
+    pub(crate) fn settings() -> Settings {
         Settings {
             base: BaseArn::parse("123456789012").expect("base"),
             role_annotation: ANNOTATION_ROLE.into(),

@@ -296,17 +296,6 @@ impl Index {
             .len()
     }
 
-    /// Every pod, for deciding which credentials are still in use.
-    pub fn pods(&self) -> Vec<Arc<PodInfo>> {
-        self.pods
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .by_uid
-            .values()
-            .cloned()
-            .collect()
-    }
-
     pub fn pod_info(&self, obj: &DynamicObject) -> Option<PodInfo> {
         let uid = obj.metadata.uid.clone()?;
         let annotations = self

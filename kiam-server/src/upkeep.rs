@@ -47,46 +47,48 @@ impl InUse {
         }
         for pod in &changes.current {
             decided += 1;
-            self.count(index, settings, pod, 1);
+            self.add(index, settings, pod);
         }
         if changes.everything {
             return decided;
         }
+        let counted = |pod: &&Arc<PodInfo>| !changes.namespaces.contains(&pod.namespace);
         for (before, now) in changes.pods.values() {
-            for (state, delta) in [(before, -1), (now, 1)] {
-                if let Some(pod) = state
-                    && !changes.namespaces.contains(&pod.namespace)
-                {
-                    decided += 1;
-                    self.count(index, settings, pod, delta);
-                }
+            if let Some(pod) = before.as_ref().filter(counted) {
+                decided += 1;
+                self.take_away(index, settings, pod);
+            }
+            if let Some(pod) = now.as_ref().filter(counted) {
+                decided += 1;
+                self.add(index, settings, pod);
             }
         }
         decided
     }
 
-    /// Adds (`delta` 1) or takes away (-1) what `pod` uses.
-    fn count(&mut self, index: &Index, settings: &Settings, pod: &PodInfo, delta: isize) {
+    /// Counts what `pod` uses.
+    fn add(&mut self, index: &Index, settings: &Settings, pod: &PodInfo) {
         let keys = permitted_keys(index, settings, pod);
         if keys.is_empty() {
             return;
         }
-        let counts = match self.by_namespace.get_mut(&pod.namespace) {
-            Some(counts) => counts,
-            None if delta < 0 => return,
-            None => self.by_namespace.entry(pod.namespace.clone()).or_default(),
-        };
+        let counts = self.by_namespace.entry(pod.namespace.clone()).or_default();
         for key in keys {
-            match (counts.get_mut(&key), delta > 0) {
-                (Some(n), true) => *n += 1,
-                (None, true) => {
-                    counts.insert(key, 1);
-                }
-                (Some(n), false) if *n > 1 => *n -= 1,
-                (Some(_), false) => {
+            *counts.entry(key).or_default() += 1;
+        }
+    }
+
+    /// Takes away what `pod` used, as [`Self::add`] counted it.
+    fn take_away(&mut self, index: &Index, settings: &Settings, pod: &PodInfo) {
+        let Some(counts) = self.by_namespace.get_mut(&pod.namespace) else {
+            return;
+        };
+        for key in permitted_keys(index, settings, pod) {
+            if let Some(n) = counts.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
                     counts.remove(&key);
                 }
-                (None, false) => {}
             }
         }
         if counts.is_empty() {
@@ -127,7 +129,7 @@ pub struct Upkeep {
     pub events: Arc<Events>,
     /// `--refresh-interval`.
     pub every: Duration,
-    /// `--prefetch-queue` and `--prefetch-workers`.
+    /// `--prefetch-queue` and `--prefetch-workers` (both more than 0: `config::validate`).
     pub queue: usize,
     pub workers: usize,
 }
@@ -146,7 +148,7 @@ impl Upkeep {
             queue,
             workers,
         } = self;
-        let (prefetch_tx, prefetch_rx) = tokio::sync::mpsc::channel::<CacheKey>(queue.max(1));
+        let (prefetch_tx, prefetch_rx) = tokio::sync::mpsc::channel::<CacheKey>(queue);
         {
             let (index_ref, settings, events, metrics, sessions) = (
                 Arc::downgrade(&index),
@@ -220,18 +222,10 @@ mod tests {
     use kube::api::DynamicObject;
 
     use super::*;
-    use crate::policy::{ANNOTATION_PERMITTED, ANNOTATION_ROLE, BaseArn};
-
-    fn settings() -> Settings {
-        Settings {
-            base: BaseArn::parse("123456789012").expect("base"),
-            role_annotation: ANNOTATION_ROLE.into(),
-            default_session_name: "kiam".into(),
-            session_tags: false,
-            passthrough: Vec::new(),
-            default_role: None,
-        }
-    }
+    use crate::{
+        decision::tests::settings,
+        policy::{ANNOTATION_PERMITTED, ANNOTATION_ROLE},
+    };
 
     fn pod(uid: &str, namespace: &str, role: Option<&str>) -> DynamicObject {
         let annotations = match role {
