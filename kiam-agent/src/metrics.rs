@@ -161,9 +161,7 @@ impl KernelSnapshot {
             events: sample.counters.into_iter().collect(),
             map_entries: sample.map_entries.into_iter().collect(),
             programs_attached: sample.links_pinned,
-            configured: sample
-                .config
-                .is_some_and(|c| c.flags & kiam_common::CONFIG_READY != 0),
+            configured: sample.config.as_ref().is_some_and(pins::is_ready),
         }
     }
 }
@@ -204,24 +202,17 @@ impl Kernel {
     /// counting map entries is one syscall per entry), until the process ends.
     pub async fn refresh(self: Arc<Self>, pin_dir: PathBuf, every: Duration) {
         let mut tick = tokio::time::interval(every);
-        let mut sampler = Some(pins::Sampler::new(&pin_dir));
+        let sampler = Arc::new(Mutex::new(pins::Sampler::new(&pin_dir)));
         loop {
             tick.tick().await;
-            let mut taken = sampler
-                .take()
-                .unwrap_or_else(|| pins::Sampler::new(&pin_dir));
+            let sampler = sampler.clone();
             let read = tokio::task::spawn_blocking(move || {
-                let sample = taken.sample();
-                (taken, sample)
+                sampler.lock().unwrap_or_else(|e| e.into_inner()).sample()
             })
             .await;
             match read {
-                Ok((taken, Ok(sample))) => {
-                    sampler = Some(taken);
-                    self.set(KernelSnapshot::from_sample(sample));
-                }
-                Ok((taken, Err(error))) => {
-                    sampler = Some(taken);
+                Ok(Ok(sample)) => self.set(KernelSnapshot::from_sample(sample)),
+                Ok(Err(error)) => {
                     self.failed();
                     tracing::warn!(%error, "cannot read the pinned kernel counters");
                 }

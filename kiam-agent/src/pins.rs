@@ -174,7 +174,7 @@ pub fn status(pin_dir: &Path) -> Result<Status, PinsError> {
         agent_addr6: kiam_common::addr::from_words(c.agent_addr6).to_string(),
         agent_port: c.agent_port,
         agent_netns_cookie: c.agent_netns_cookie,
-        ready: c.flags & CONFIG_READY != 0,
+        ready: is_ready(&c),
     });
     let exempt_cgroups = match open_pinned(&maps_dir, map_names::EXEMPT)? {
         Some(data) => {
@@ -194,6 +194,11 @@ pub fn status(pin_dir: &Path) -> Result<Status, PinsError> {
         map_entries,
         counters,
     })
+}
+
+/// Whether the pinned configuration says the agent finished configuring the programs.
+pub fn is_ready(config: &Config) -> bool {
+    config.flags & CONFIG_READY != 0
 }
 
 fn open_pinned(maps_dir: &Path, name: &'static str) -> Result<Option<MapData>, PinsError> {
