@@ -6,13 +6,13 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
-use crate::{cargo, display, ebpf, image, lab, run, setup, workspace_root};
+use crate::{cargo, display, ebpf, image, lab, run, setup, stdout_of, workspace_root};
 
-/// The debug binaries: the agent, the server and the test crate's tools.
-pub fn build_all() -> anyhow::Result<()> {
+/// The eBPF object, then the agent, the server and the test crate's tools (`--release` for
+/// the bench).
+fn build_binaries(profile: &[&str]) -> anyhow::Result<()> {
     ebpf::build()?;
-    run(cargo().args([
-        "build",
+    run(cargo().arg("build").args(profile).args([
         "--package",
         "kiam-agent",
         "--package",
@@ -23,20 +23,19 @@ pub fn build_all() -> anyhow::Result<()> {
     ]))
 }
 
+/// The debug binaries, which the tests and the lab use.
+pub fn build_all() -> anyhow::Result<()> {
+    build_binaries(&[])
+}
+
+/// `target/debug/kiam-dev`, the test crate's developer tool.
+fn kiam_dev() -> Command {
+    Command::new(workspace_root().join("target/debug/kiam-dev"))
+}
+
 pub fn bench(args: Vec<String>) -> anyhow::Result<()> {
     setup::setup()?;
-    ebpf::build()?;
-    run(cargo().args([
-        "build",
-        "--release",
-        "--package",
-        "kiam-agent",
-        "--package",
-        "kiam-server",
-        "--package",
-        "kiam-e2e",
-        "--bins",
-    ]))?;
+    build_binaries(&["--release"])?;
     run(
         Command::new(workspace_root().join("target/release/kiam-bench"))
             .arg("run")
@@ -51,7 +50,7 @@ pub fn demo(keep: bool) -> anyhow::Result<()> {
     // The node lab runs kiam from its images, and pods from the lab's.
     image::build(&[image::Arch::Amd64])?;
     lab::images()?;
-    let mut cmd = Command::new(workspace_root().join("target/debug/kiam-dev"));
+    let mut cmd = kiam_dev();
     cmd.arg("demo");
     if keep {
         cmd.arg("--keep");
@@ -72,7 +71,7 @@ pub fn demo(keep: bool) -> anyhow::Result<()> {
 }
 
 pub fn demo_exec(pod: &str, container: Option<&str>, command: &[String]) -> anyhow::Result<()> {
-    let mut cmd = Command::new(workspace_root().join("target/debug/kiam-dev"));
+    let mut cmd = kiam_dev();
     cmd.args(["demo-exec", pod]);
     if let Some(container) = container {
         cmd.args(["--container", container]);
@@ -88,26 +87,15 @@ pub fn demo_exec(pod: &str, container: Option<&str>, command: &[String]) -> anyh
 
 pub fn docs() -> anyhow::Result<()> {
     build_all()?;
-    let out = Command::new(workspace_root().join("target/debug/kiam-dev"))
-        .arg("flags-doc")
-        .output()
-        .context("running kiam-dev flags-doc")?;
-    if !out.status.success() {
-        bail!(
-            "kiam-dev flags-doc: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let flags = stdout_of(kiam_dev().arg("flags-doc"))?;
     let path = workspace_root().join("docs/flags.md");
     std::fs::create_dir_all(workspace_root().join("docs"))?;
-    std::fs::write(&path, out.stdout)?;
+    std::fs::write(&path, flags)?;
     eprintln!("wrote {}", path.display());
     Ok(())
 }
 
 pub fn certs(args: Vec<String>) -> anyhow::Result<()> {
     run(cargo().args(["build", "--package", "kiam-e2e", "--bin", "kiam-dev"]))?;
-    run(Command::new(workspace_root().join("target/debug/kiam-dev"))
-        .arg("certs")
-        .args(args))
+    run(kiam_dev().arg("certs").args(args))
 }
