@@ -1185,6 +1185,12 @@ pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> b
     check()
 }
 
+/// Whether a server's answer says it knows the pod: anything but "not known yet", which it
+/// says until its watch has delivered the pod. For [`retry_until`].
+pub fn known<T>(answer: &Result<T, tonic::Status>) -> bool {
+    !matches!(answer, Err(s) if kiam_proto::reason_of(s) == kiam_proto::Reason::PodNotKnown)
+}
+
 /// Makes `attempt` (a gRPC call, say: the closure may borrow a client mutably) every 25 ms
 /// until `done` accepts its result or `timeout` has passed. `Ok` with the accepted result,
 /// `Err` with the last one.

@@ -9,7 +9,7 @@ use kiam_e2e::{
     cluster::{Cluster, NODE_NAME},
     metric,
     node::{HELPER, privileged},
-    stack::{AgentClient, ServerStack, TokenSpec, eventually, retry_until},
+    stack::{AgentClient, ServerStack, TokenSpec, eventually, known, retry_until},
 };
 use kiam_proto::{GetCredentialsRequest, GetPodRoleRequest, Reason, reason_of};
 use serde_json::json;
@@ -58,7 +58,7 @@ impl Env {
         let known = retry_until(
             WAIT,
             async || trusted.get_pod_role(role_request(&uid, node)).await,
-            |r| !matches!(r, Err(s) if reason_of(s) == Reason::PodNotKnown),
+            known,
         )
         .await;
         assert!(known.is_ok(), "pod {uid} never known");

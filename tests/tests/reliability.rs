@@ -14,7 +14,7 @@ use kiam_e2e::{
     cluster::Cluster,
     metric,
     node::{HELPER, LOAD_TEST_ARGS, Node, privileged},
-    stack::{ServerStack, eventually, retry_until},
+    stack::{ServerStack, eventually, known, retry_until},
 };
 use kiam_proto::{GetCredentialsRequest, Reason, reason_of};
 use serde_json::json;
@@ -207,7 +207,7 @@ async fn pods_choosing_unique_session_names_cost_at_most_the_bound() {
         let answer = retry_until(
             Duration::from_secs(10),
             async || agent.get_credentials(request.clone()).await,
-            |r| !matches!(r, Err(s) if reason_of(s) == Reason::PodNotKnown),
+            known,
         )
         .await;
         match answer {

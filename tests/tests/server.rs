@@ -7,7 +7,7 @@ use std::{
 };
 
 use kiam_e2e::stack::{
-    ACCOUNT, AgentClient, Certs, ServerStack, eventually, eventually_async, retry_until,
+    ACCOUNT, AgentClient, Certs, ServerStack, eventually, eventually_async, known, retry_until,
 };
 use kiam_proto::{GetCredentialsRequest, GetPodRoleRequest, HealthRequest};
 use serde_json::json;
@@ -76,9 +76,7 @@ async fn wait_known(client: &mut AgentClient, uid: &str) {
     let known = retry_until(
         Duration::from_secs(5),
         async || client.get_pod_role(request.clone()).await,
-        |status| {
-            !matches!(status, Err(s) if kiam_proto::reason_of(s) == kiam_proto::Reason::PodNotKnown)
-        },
+        known,
     )
     .await;
     assert!(known.is_ok(), "pod {uid} never reached the server's index");
